@@ -1,0 +1,170 @@
+"""Check backward passes against central finite differences in float64.
+
+A layer's output is reduced to a scalar with a fixed random projection, L = sum(r * y), so
+one backward pass (with dy = r) gives the analytic gradient of L for the input and every
+trainable weight; each entry is then compared with (L(w + h) - L(w - h)) / 2h.
+
+The error of one quantity is  max|a - n| / max(floor, max|a| + max|n|): scale-free, and
+unlike a per-element ratio it does not blow up on entries that are legitimately near zero.
+With h = 1e-6 in float64 the central difference is exact to about 1e-9 relative for smooth
+functions, so the default tolerance 1e-6 fails real bugs (errors of order 1) and passes
+round-off. Inputs must keep away from kinks (ReLU at 0, max-pool ties) by more than h.
+"""
+import numpy as np
+
+from .backend import to_numpy
+
+DEFAULT_EPS = 1e-6
+DEFAULT_TOLERANCE = 1e-6
+_FLOOR = 1e-12
+
+
+class GradientCheckResult:
+    """Per checked quantity: its relative error, and where the worst entry is."""
+
+    def __init__(self, tolerance):
+        self.tolerance = tolerance
+        self.entries = []
+
+    def add(self, name, analytic, numeric, indices):
+        diff = np.abs(analytic - numeric)
+        scale = max(_FLOOR, float(np.abs(analytic).max(initial=0)) + float(np.abs(numeric).max(initial=0)))
+        k = int(np.argmax(diff)) if diff.size else 0
+        self.entries.append({
+            "name": name,
+            "error": float(diff.max(initial=0)) / scale,
+            "index": indices[k] if diff.size else None,
+            "analytic": float(analytic[k]) if diff.size else 0.0,
+            "numeric": float(numeric[k]) if diff.size else 0.0,
+            "checked": int(diff.size),
+        })
+
+    @property
+    def worst(self):
+        return max(self.entries, key=lambda e: e["error"])
+
+    @property
+    def ok(self):
+        return all(e["error"] <= self.tolerance for e in self.entries)
+
+    def __str__(self):
+        lines = [f"gradient check (tolerance {self.tolerance:g}): {'passed' if self.ok else 'FAILED'}"]
+        for e in self.entries:
+            mark = "ok" if e["error"] <= self.tolerance else "FAIL"
+            lines.append(
+                f"  {mark:4} {e['name']}: relative error {e['error']:.2e} over {e['checked']} entries; "
+                f"worst at {e['index']}: analytic {e['analytic']:.8g} vs numeric {e['numeric']:.8g}"
+            )
+        return "\n".join(lines)
+
+    def assert_ok(self):
+        if not self.ok:
+            raise AssertionError(str(self))
+        return self
+
+
+def _pick(size, max_checks, rng):
+    if max_checks is None or size <= max_checks:
+        return np.arange(size)
+    return np.sort(rng.choice(size, size=max_checks, replace=False))
+
+
+def _numeric(f, array, flat_indices, eps):
+    """Central differences of scalar f() w.r.t. entries of `array`, perturbed in place."""
+    flat = array.reshape(-1)  # a view: arrays passed here are contiguous
+    out = np.empty(len(flat_indices))
+    for j, i in enumerate(flat_indices):
+        i = int(i)
+        original = flat[i].item()
+        flat[i] = original + eps
+        up = f()
+        flat[i] = original - eps
+        down = f()
+        flat[i] = original
+        out[j] = (up - down) / (2 * eps)
+    return out
+
+
+def _compare(result, name, array, analytic, f, eps, max_checks, rng):
+    idx = _pick(array.size, max_checks, rng)
+    numeric = _numeric(f, array, idx, eps)
+    analytic = np.asarray(to_numpy(analytic), dtype=np.float64).reshape(-1)[idx]
+    result.add(name, analytic, numeric, [tuple(int(v) for v in np.unravel_index(i, array.shape)) for i in idx])
+
+
+def check_layer(layer, x, training=True, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE, seed=0,
+                before_forward=None, max_checks=None, check_input=True):
+    """Check `layer.backward` (input and weight gradients) at input `x`.
+
+    The layer is built in float64 on the CPU if it is not built yet. `before_forward()` runs
+    before every forward pass: use it to replay the same random stream (e.g. Dropout's mask).
+    `max_checks` limits the entries checked per quantity (a random subset)."""
+    rng = np.random.default_rng(seed)
+    if not layer.built:
+        layer.build(x.shape[1:], backend="cpu", dtype="float64", seed=seed)
+    if layer.dtype != np.float64:
+        raise TypeError("gradient checks need a float64 layer (build it with dtype='float64')")
+    xp = layer.xp
+    x = xp.array(x, dtype=np.float64)
+    hook = before_forward or (lambda: None)
+
+    hook()
+    y = layer.forward(x, training)
+    projection = xp.asarray(rng.standard_normal(y.shape))
+
+    def f():
+        hook()
+        return float((layer.forward(x, training) * projection).sum())
+
+    hook()
+    layer.forward(x, training)
+    layer.needs_input_grad = True
+    dx = layer.backward(projection)
+    grads = {name: to_numpy(g).copy() for name, g in layer.grads.items()}
+
+    result = GradientCheckResult(tolerance)
+    if check_input:
+        _compare(result, "input", x, dx, f, eps, max_checks, rng)
+    for name in layer.trainable_names:
+        _compare(result, name, layer.weights[name], grads[name], f, eps, max_checks, rng)
+    return result
+
+
+def check_loss(loss, output, targets, from_logits=True, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE):
+    """Check a loss's gradient (of its batch mean) w.r.t. its input, logits or probabilities."""
+    output = np.array(output, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+
+    def f():
+        return float(loss.compute(output, targets, from_logits)[1].mean())
+
+    _, _, grad = loss.compute(output, targets, from_logits)
+    result = GradientCheckResult(tolerance)
+    _compare(result, f"{loss.name} w.r.t. {'logits' if from_logits else 'probabilities'}",
+             output, grad / output.shape[0], f, eps, None, np.random.default_rng(0))
+    return result
+
+
+def check_model(model, x, y, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE, max_checks=None, seed=0):
+    """Check the gradient of a compiled float64 model's training loss against every trainable weight.
+    Dropout replays the same masks on every pass, so the loss is a fixed function of the weights."""
+    if model.dtype != np.float64:
+        raise TypeError("gradient checks need a float64 model (Sequential(..., dtype='float64'))")
+    rng = np.random.default_rng(seed)
+
+    def replay():
+        model._epoch_seeds(0)
+
+    def f():
+        replay()
+        return model.loss_and_gradients(x, y)[0]
+
+    replay()
+    _, grads = model.loss_and_gradients(x, y)
+    result = GradientCheckResult(tolerance)
+    k = 0
+    for layer in model.layers:
+        for name in layer.trainable_names:
+            _compare(result, f"{layer.name}/{name}", layer.weights[name], grads[k], f, eps, max_checks, rng)
+            k += 1
+    return result
