@@ -1,0 +1,209 @@
+import io
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+import tinycnn as tc
+from tinycnn import layers as L
+from tinycnn.backend import get_backend, to_numpy
+from conftest import DATA
+
+
+def _seed_log():
+    with open(os.path.join(DATA, "week2_seed_log.json")) as f:
+        return json.load(f)["log"]
+
+
+def test_adam_step_equals_hand_computation(device):
+    be = get_backend(device)
+    p0 = np.array([0.5, -1.0, 2.0, 0.0])
+    grads = [np.array([0.1, -0.2, 0.3, 0.0]), np.array([-0.4, 0.5, 0.6, 1e-3])]
+    opt = tc.optimizers.Adam(0.003)
+    params = be.asarray(p0.copy())
+    opt.build(params, be)
+    m = np.zeros(4)
+    v = np.zeros(4)
+    p = p0.copy()
+    for t, g in enumerate(grads, start=1):
+        opt.apply(params, be.asarray(g))
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        lr_t = 0.003 * math.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+        p = p - lr_t * m / (np.sqrt(v) + 1e-7)
+        np.testing.assert_allclose(to_numpy(params), p, rtol=1e-12, atol=1e-15)
+    assert opt.iterations == 2
+    # The first Adam step moves every parameter with a non-zero gradient by about lr.
+    np.testing.assert_allclose(np.abs(p0 - (p0 - 0.003 * np.sign(grads[0])))[:3], 0.003)
+
+
+def test_sgd_momentum_step_equals_hand_computation():
+    be = get_backend("cpu")
+    for nesterov in (False, True):
+        opt = tc.optimizers.SGD(0.1, momentum=0.9, nesterov=nesterov)
+        params = np.array([1.0, 2.0])
+        opt.build(params, be)
+        vel, p = np.zeros(2), params.copy()
+        for g in (np.array([0.5, -1.0]), np.array([0.25, 0.5])):
+            opt.apply(params, g)
+            vel = 0.9 * vel - 0.1 * g
+            p = p + (0.9 * vel - 0.1 * g if nesterov else vel)
+        np.testing.assert_allclose(params, p, rtol=1e-14)
+
+
+def test_schedule_gives_the_seeds_twenty_learning_rates_to_the_last_digit():
+    schedule = tc.schedules.InverseTimeDecay(0.003, decay_steps=1, decay_rate=0.319)
+    log = _seed_log()
+    assert len(log) == 20
+    for entry in log:
+        assert repr(schedule(entry["epoch"] - 1)) == entry["lr_text"]
+    assert repr(0.003 / (1 + 0.319 * 1)) == "0.002274450341167551"
+    stairs = tc.schedules.InverseTimeDecay(1.0, decay_steps=10, decay_rate=1.0, staircase=True)
+    assert [stairs(s) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 1 / 3]
+
+
+def test_schedule_works_as_a_per_step_learning_rate():
+    schedule = tc.schedules.InverseTimeDecay(0.01, decay_steps=2, decay_rate=1.0)
+    opt = tc.optimizers.Adam(schedule)
+    params = np.zeros(3)
+    opt.build(params, get_backend("cpu"))
+    seen = []
+    for _ in range(3):
+        seen.append(opt.current_learning_rate())
+        opt.apply(params, np.ones(3))
+    assert seen == [0.01, 0.01 / 1.5, 0.01 / 2]
+
+
+def _tiny_problem(n=48, seed=0):
+    """Which quadrant of an 8x8 image holds a bright 3x3 square: 4 classes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    x = rng.random((n, 8, 8, 1), dtype=np.float32) * 0.2
+    for i, c in enumerate(labels):
+        r, col = (c // 2) * 4 + rng.integers(0, 2), (c % 2) * 4 + rng.integers(0, 2)
+        x[i, r : r + 3, col : col + 3, 0] += 1.0
+    return x, np.eye(4, dtype=np.float32)[labels], labels
+
+
+def _tiny_cnn(device, seed=0):
+    model = tc.Sequential([L.Conv2D(8, 3, activation="relu", padding="same", input_shape=(8, 8, 1)),
+                           L.BatchNormalization(), L.Dropout(0.1), L.MaxPooling2D(2),
+                           L.Conv2D(8, 3, activation="relu", padding="same"), L.Flatten(),
+                           L.Dense(4), L.Activation("softmax")], device=device, seed=seed)
+    model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy", ["accuracy"])
+    return model
+
+
+def test_tiny_cnn_learns_a_synthetic_problem_to_100_percent(device):
+    x, y, labels = _tiny_problem()
+    model = _tiny_cnn(device)
+    history = model.fit(x, y, batch_size=16, epochs=40, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0] / 5
+    assert model.evaluate(x, y, verbose=0)[1] == 1.0
+    assert np.array_equal(model.predict(x).argmax(axis=1), labels)
+
+
+def test_inference_is_deterministic_and_leaves_statistics_alone(device):
+    x, y, _ = _tiny_problem()
+    model = _tiny_cnn(device)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    before = model.get_weights()
+    p1, p2 = model.predict(x), model.predict(x, batch_size=5)
+    assert np.array_equal(p1, model.predict(x))
+    np.testing.assert_allclose(p1, p2, rtol=1e-5, atol=1e-7)  # batch size changes only GEMM blocking
+    np.testing.assert_allclose(p1.sum(axis=1), 1.0, rtol=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_batchnorm_moving_statistics_follow_keras(device):
+    layer = L.BatchNormalization(momentum=0.9)
+    layer.build((3,), backend=device)
+    x = np.random.default_rng(0).standard_normal((16, 3)).astype(np.float32) * 2 + 5
+    layer.forward(layer.xp.asarray(x), training=True)
+    mean, var = layer.get_weights()[2:]
+    np.testing.assert_allclose(mean, 0.1 * x.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(var, 0.9 + 0.1 * x.var(axis=0), rtol=1e-5)  # biased batch variance, as Keras 3
+
+
+def test_same_seed_same_training(device):
+    x, y, _ = _tiny_problem()
+    runs = []
+    for _ in range(2):
+        model = _tiny_cnn(device, seed=11)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        runs.append(model.get_weights())
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, device):
+    x, y, _ = _tiny_problem()
+    straight = _tiny_cnn(device, seed=4)
+    straight.fit(x, y, batch_size=16, epochs=3, verbose=0)
+
+    first = _tiny_cnn(device, seed=4)
+    first.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    tc.saving.save_checkpoint(first, tmp_path / "ckpt.npz", epoch=2, history={"loss": [1.0, 0.5]})
+    resumed = _tiny_cnn(device, seed=4)
+    done, history = tc.saving.load_checkpoint(resumed, tmp_path / "ckpt.npz")
+    assert (done, history) == (2, {"loss": [1.0, 0.5]})
+    resumed.fit(x, y, batch_size=16, epochs=3, verbose=0, initial_epoch=done)
+    assert all(np.array_equal(a, b) for a, b in zip(straight.get_weights(), resumed.get_weights()))
+
+
+LINE = re.compile(
+    r"^(\d+)/\1 \[={30}\] - \d+s \d+(us|ms|s)/step - loss: \d\.\d{4} - acc: \d\.\d{4} - val_loss: \d\.\d{4} - val_acc: \d\.\d{4}$"
+)
+
+
+def test_fit_prints_the_keras_2_log(capsys):
+    x, y, _ = _tiny_problem(n=40)
+    model = _tiny_cnn("cpu")
+    sched = tc.callbacks.LearningRateScheduler(lambda epoch: 0.003 / (1 + 0.319 * epoch), verbose=1)
+    history = model.fit(x, y, batch_size=16, epochs=2, validation_data=(x[:8], y[:8]), callbacks=[sched])
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[:5] == ["Train on 40 samples, validate on 8 samples", "Epoch 1/2", "",
+                         "Epoch 00001: LearningRateScheduler setting learning rate to 0.003.", lines[4]]
+    assert LINE.match(lines[4]), lines[4]
+    assert lines[5:8] == ["Epoch 2/2", "", "Epoch 00002: LearningRateScheduler setting learning rate to 0.002274450341167551."]
+    assert LINE.match(lines[8]) and lines[9:] == [""]
+    assert history.history["lr"] == [0.003, 0.002274450341167551]
+    assert set(history.history) >= {"loss", "acc", "val_loss", "val_acc", "seconds"}
+    assert f"loss: {history.history['loss'][1]:.4f}" in lines[8]
+
+
+def test_verbose_0_is_silent_and_verbose_2_prints_one_line_per_epoch(capsys):
+    x, y, _ = _tiny_problem(n=32)
+    model = _tiny_cnn("cpu")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert capsys.readouterr().out == ""
+    model.fit(x, y, batch_size=16, epochs=2, verbose=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Epoch 1/2" and lines[2] == "Epoch 2/2"
+    assert re.match(r"^ - \d+s - loss: \d\.\d{4} - acc: \d\.\d{4}$", lines[1]), lines[1]
+
+
+def test_progbar_moves_in_place_on_a_terminal():
+    out = io.StringIO()
+    bar = tc.callbacks.Progbar(100, stream=out, dynamic=True, interval=0)
+    bar.update(30, lambda: {"loss": 0.5})
+    bar.update(100, lambda: {"loss": 0.25, "acc": 0.0001}, finalize=True)
+    text = out.getvalue()
+    assert text.startswith("\r 30/100 [========>.....................] - ETA:")
+    assert "\r100/100 [==============================] - 0s" in text
+    assert text.endswith(" - loss: 0.2500 - acc: 1.0000e-04\n")
+
+
+def test_metric_formatting_switches_to_exponent_below_1e_3():
+    assert tc.callbacks.format_metrics({"loss": 0.0009, "acc": 0.99}) == " - loss: 9.0000e-04 - acc: 0.9900"
+
+
+def test_divergence_is_reported_not_hidden():
+    x, y, _ = _tiny_problem(n=32)
+    model = _tiny_cnn("cpu")
+    model.compile(tc.optimizers.SGD(1e30), "categorical_crossentropy", ["accuracy"])
+    with pytest.raises(FloatingPointError, match="diverged"):
+        with np.errstate(all="ignore"):
+            model.fit(x, y, batch_size=16, epochs=3, verbose=0)
