@@ -13,6 +13,8 @@ from .backend import get_array_module
 KERNELS = (
     "im2col",
     "col2im",
+    "conv2d_forward",
+    "conv2d_backward",
     "maxpool_forward",
     "maxpool_backward",
     "relu_forward",
@@ -72,6 +74,22 @@ def col2im(cols, x_shape, kh, kw, stride, pads):
         for j in range(kw):
             dx[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :] += cols[:, :, :, i, j, :]
     return dx[:, top : top + h, left : left + w, :]
+
+
+def conv2d_forward(x, kernel2d, kh, kw, stride, pads):
+    """Convolution as im2col + one GEMM. Returns (z as (N*OH*OW, F), what backward needs)."""
+    cols = im2col(x, kh, kw, stride, pads)
+    return cols @ kernel2d, cols
+
+
+def conv2d_backward(dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
+    """Writes the kernel gradient into dkernel2d (K, F); returns the input gradient (or None)."""
+    xp = get_array_module(dz)
+    cols = saved
+    xp.matmul(cols.T, dz, out=dkernel2d)
+    if not need_dx:
+        return None
+    return col2im(dz @ kernel2d.T, x_shape, kh, kw, stride, pads)
 
 
 def _windows(x, pool, stride):
@@ -145,11 +163,41 @@ def batchnorm_backward_train(dy2d, xhat, gamma, inv_std):
     return dx, dgamma, dbeta
 
 
-def dropout_forward(x, rate, rng):
-    """Inverted dropout: keep with probability 1 - rate and scale by 1/(1 - rate).
+_HASH_MASK = 0xFFFFFFFF
+
+
+def _lowbias32(h, xp):
+    """A 32-bit integer hash (bijective, good avalanche) on uint64 arrays holding 32-bit values.
+    Written with explicit masking so NumPy, numba and CUDA compute the same bits."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _HASH_MASK
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & _HASH_MASK
+    return h ^ (h >> 16)
+
+
+def dropout_keep_threshold(rate):
+    """Entries whose 24-bit hash is below this are dropped: P(drop) = rate to within 2**-24."""
+    return min(int(round(rate * (1 << 24))), (1 << 24) - 1)
+
+
+def dropout_key(seed):
+    """The per-call key mixed into every element's hash (seed: a Python int drawn by the layer)."""
+    import numpy
+
+    return int(_lowbias32(numpy.array([seed & _HASH_MASK], dtype=numpy.uint64), numpy)[0]) ^ ((seed >> 32) & _HASH_MASK)
+
+
+def dropout_forward(x, rate, seed):
+    """Inverted dropout with a counter-based mask: element i is kept when
+    hash(i ^ key(seed)) >> 8 >= threshold. The mask depends only on (seed, i), so every
+    implementation (NumPy, numba, CuPy) draws the same mask for the same seed, in parallel.
     Returns y and the scaled mask (what backward multiplies by)."""
-    u = rng.random(x.shape, dtype=x.dtype)
-    mask = (u >= rate).astype(x.dtype) * x.dtype.type(1.0 / (1.0 - rate))
+    xp = get_array_module(x)
+    index = xp.arange(x.size, dtype=xp.uint64)
+    bits = _lowbias32(index ^ xp.uint64(dropout_key(seed)), xp) >> 8
+    keep = (bits >= dropout_keep_threshold(rate)).reshape(x.shape)
+    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - rate))
     return x * mask, mask
 
 

@@ -166,9 +166,15 @@ class _ActivationMixin:
     def _bind_activation(self):
         self._act_forward, self._act_backward = activations.get(self.activation, self.kernels)
 
+    # Conv2D and Dense activate a product they just computed, so ReLU may overwrite it;
+    # the Activation layer's input belongs to the layer before and must not change.
+    _owns_input = True
+
     def _activate(self, z):
         if self.activation == "softmax" and self.output_logits:
             return z  # the model's loss applies the softmax, fused with cross-entropy
+        if self.activation == "relu" and self._owns_input:
+            return self.xp.maximum(z, 0, out=z)
         return self._act_forward(z)
 
     def _activation_grad(self, dy, y):
@@ -232,32 +238,31 @@ class Conv2D(_ActivationMixin, Layer):
     def call(self, x, training):
         kh, kw = self.kernel_size
         n = x.shape[0]
-        if self._pointwise:
-            cols = x.reshape(-1, x.shape[3])
-        else:
-            cols = self.kernels.im2col(x, kh, kw, self.strides, self._pad_tuple)
         kernel2d = self.weights["kernel"].reshape(-1, self.filters)
-        z = cols @ kernel2d
+        if self._pointwise:
+            saved = x.reshape(-1, x.shape[3])
+            z = saved @ kernel2d
+        else:
+            z, saved = self.kernels.conv2d_forward(x, kernel2d, kh, kw, self.strides, self._pad_tuple)
         if self.use_bias:
             z += self.weights["bias"]
         y = self._activate(z.reshape((n,) + self.output_shape))
-        self._cache = (cols, y, x.shape)
+        self._cache = (saved, y, x.shape)
         return y
 
     def backward(self, dy):
-        cols, y, x_shape = self._cache
+        saved, y, x_shape = self._cache
         dz = self._activation_grad(dy, y).reshape(-1, self.filters)
         kernel2d = self.weights["kernel"].reshape(-1, self.filters)
-        self.xp.matmul(cols.T, dz, out=self.grads["kernel"].reshape(kernel2d.shape))
+        dkernel2d = self.grads["kernel"].reshape(kernel2d.shape)
         if self.use_bias:
             dz.sum(axis=0, out=self.grads["bias"])
-        if not self.needs_input_grad:
-            return None
-        dcols = dz @ kernel2d.T
         if self._pointwise:
-            return dcols.reshape(x_shape)
+            self.xp.matmul(saved.T, dz, out=dkernel2d)
+            return (dz @ kernel2d.T).reshape(x_shape) if self.needs_input_grad else None
         kh, kw = self.kernel_size
-        return self.kernels.col2im(dcols, x_shape, kh, kw, self.strides, self._pad_tuple)
+        return self.kernels.conv2d_backward(dz, saved, x_shape, kernel2d, kh, kw, self.strides, self._pad_tuple,
+                                            dkernel2d, self.needs_input_grad)
 
 
 class Dense(_ActivationMixin, Layer):
@@ -378,13 +383,15 @@ class Dropout(Layer):
         self.reseed(self.seed if self.seed is not None else int(rng.integers(2**31)))
 
     def reseed(self, seed):
-        self._rng = self.backend.random_generator(int(seed))
+        # Host-side: each training call draws one 63-bit seed from here; the mask itself is a
+        # counter-based hash of (seed, element index), computed on the device in parallel.
+        self._seeds = np.random.default_rng(int(seed))
 
     def call(self, x, training):
         if not training or self.rate == 0.0:
             self._cache = None
             return x
-        y, self._cache = self.kernels.dropout_forward(x, self.rate, self._rng)
+        y, self._cache = self.kernels.dropout_forward(x, self.rate, int(self._seeds.integers(2**63)))
         return y
 
     def backward(self, dy):
@@ -463,6 +470,7 @@ class Activation(_ActivationMixin, Layer):
     """An elementwise (or softmax over the last axis) activation by name."""
 
     base_name = "activation"
+    _owns_input = False
 
     def __init__(self, activation, **kwargs):
         super().__init__(**kwargs)

@@ -1,0 +1,107 @@
+"""Time one training step (forward, backward, Adam) of the Week2 model at batch 128.
+
+    python benchmarks/step_time.py [--device cpu] [--repeats 3] [--steps 50] [--layers]
+
+Median over `repeats` runs of `steps` steps each, after a warm-up that also pays numba's
+compile (or cache load) cost, which is reported separately. `--layers` adds a per-layer
+forward/backward breakdown.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from week2_model import build_week2_model  # noqa: E402
+
+import tinycnn as tc  # noqa: E402
+
+
+def make_model(device, seed=0):
+    model = build_week2_model(device=device, seed=seed)
+    model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["accuracy"])
+    return model
+
+
+def batch(model, n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    x = model.backend.asarray(rng.random((n, 28, 28, 1), dtype=np.float32))
+    y = model.backend.asarray(np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)])
+    return x, y
+
+
+def sync(model):
+    if model.backend.name == "gpu":
+        model.xp.cuda.Device().synchronize()
+
+
+def step(model, x, y):
+    model._loss_and_backward(x, y)
+    model.optimizer.apply(model._flat_params, model._flat_grads)
+
+
+def time_steps(model, x, y, repeats, steps):
+    runs = []
+    for _ in range(repeats):
+        sync(model)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(model, x, y)
+        sync(model)
+        runs.append((time.perf_counter() - start) / steps * 1e3)
+    return runs
+
+
+def layer_breakdown(model, x, y, steps=20):
+    fwd = {l.name: 0.0 for l in model.layers}
+    bwd = dict(fwd)
+    for _ in range(steps):
+        out = x
+        for layer in model.layers:
+            t = time.perf_counter()
+            out = layer.forward(out, True)
+            fwd[layer.name] += time.perf_counter() - t
+        _, _, d = model.loss.compute(out, y, True, model.backend.kernels)
+        for layer in reversed(model.layers):
+            t = time.perf_counter()
+            d = layer.backward(d)
+            bwd[layer.name] += time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        model.optimizer.apply(model._flat_params, model._flat_grads)
+    adam = (time.perf_counter() - t) / steps * 1e3
+    print(f"{'layer':28} {'fwd ms':>8} {'bwd ms':>8}")
+    for name in fwd:
+        print(f"{name:28} {fwd[name] / steps * 1e3:8.2f} {bwd[name] / steps * 1e3:8.2f}")
+    print(f"{'adam':28} {adam:8.2f}")
+    print(f"{'total':28} {sum(fwd.values()) / steps * 1e3:8.2f} {sum(bwd.values()) / steps * 1e3:8.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--layers", action="store_true")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    model = make_model(args.device)
+    x, y = batch(model)
+    step(model, x, y)
+    first = time.perf_counter() - start
+    for _ in range(3):
+        step(model, x, y)
+    runs = time_steps(model, x, y, args.repeats, args.steps)
+    median = statistics.median(runs)
+    print(f"backend: {model.backend.describe()}")
+    print(f"Week2 training step, batch 128: median {median:.1f} ms (runs: {', '.join(f'{r:.1f}' for r in runs)}); "
+          f"first step incl. build and compile/cache load: {first:.2f} s")
+    if args.layers:
+        layer_breakdown(model, x, y)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Every fast kernel (numba on the CPU, CuPy on the GPU) against the plain reference."""
+import numpy as np
+import pytest
+
+from tinycnn import backend as B
+from tinycnn import kernels_reference as R
+
+RTOL = {np.float32: 2e-5, np.float64: 1e-12}  # float32: GEMM/summation order differs
+
+
+def fast_kernels(device):
+    return B.get_backend(device).kernels
+
+
+def _same(a, b, dtype):
+    np.testing.assert_allclose(B.to_numpy(a), B.to_numpy(b), rtol=RTOL[dtype], atol=RTOL[dtype])
+
+
+CONVS = [  # (input shape, kh, kw, stride, pads): the Week2 shapes and the awkward ones
+    ((4, 28, 28, 1), 3, 3, (1, 1), (0, 0, 0, 0)),
+    ((4, 26, 26, 16), 3, 3, (1, 1), (0, 0, 0, 0)),
+    ((3, 4, 4, 16), 4, 4, (1, 1), (0, 0, 0, 0)),
+    ((2, 7, 8, 3), 3, 3, (2, 2), (1, 1, 1, 1)),
+    ((2, 7, 7, 2), 4, 4, (2, 2), (1, 2, 1, 2)),
+    ((2, 9, 8, 2), 3, 2, (2, 1), (0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
+def test_im2col_col2im_and_conv(device, dtype, shape, kh, kw, stride, pads):
+    k = fast_kernels(device)
+    be = B.get_backend(device)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    cols_ref = R.im2col(x, kh, kw, stride, pads)
+    xd = be.asarray(x)
+    assert np.array_equal(B.to_numpy(k.im2col(xd, kh, kw, stride, pads)), cols_ref)  # a pure copy: exact
+    dcols = rng.standard_normal(cols_ref.shape).astype(dtype)
+    _same(k.col2im(be.asarray(dcols), shape, kh, kw, stride, pads), R.col2im(dcols, shape, kh, kw, stride, pads), dtype)
+
+    kernel2d = rng.standard_normal((cols_ref.shape[1], 5)).astype(dtype)
+    z_ref, saved_ref = R.conv2d_forward(x, kernel2d, kh, kw, stride, pads)
+    z, saved = k.conv2d_forward(xd, be.asarray(kernel2d), kh, kw, stride, pads)
+    _same(z, z_ref, dtype)
+    dz = rng.standard_normal(z_ref.shape).astype(dtype)
+    dk_ref, dk = np.empty_like(kernel2d), be.xp.empty(kernel2d.shape, dtype=dtype)
+    dx_ref = R.conv2d_backward(dz, saved_ref, shape, kernel2d, kh, kw, stride, pads, dk_ref, True)
+    dx = k.conv2d_backward(be.asarray(dz), saved, shape, be.asarray(kernel2d), kh, kw, stride, pads, dk, True)
+    _same(dx, dx_ref, dtype)
+    _same(dk, dk_ref, dtype)
+    assert k.conv2d_backward(be.asarray(dz), saved, shape, be.asarray(kernel2d), kh, kw, stride, pads, dk, False) is None
+    _same(dk, dk_ref, dtype)
+
+
+@pytest.mark.parametrize("shape, pool, stride", [((4, 24, 24, 10), (2, 2), (2, 2)), ((2, 7, 7, 3), (3, 3), (2, 2)), ((2, 5, 7, 2), (2, 3), (1, 2))])
+def test_maxpool(device, shape, pool, stride):
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[0, :2, :2, 0] = 1.5  # a tie: both must pick the first maximum
+    y_ref, arg_ref = R.maxpool_forward(x, pool, stride)
+    y, arg = k.maxpool_forward(be.asarray(x), pool, stride)
+    assert np.array_equal(B.to_numpy(y), y_ref) and np.array_equal(B.to_numpy(arg), arg_ref)
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    _same(k.maxpool_backward(be.asarray(dy), arg, shape, pool, stride), R.maxpool_backward(dy, arg_ref, shape, pool, stride), np.float32)
+
+
+@pytest.mark.parametrize("rows", [40, 128 * 26 * 26])  # below and above the small-array cut-over
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batchnorm(device, rows, dtype):
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((rows, 16)) * 3 + 2).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 2, 16).astype(dtype), rng.standard_normal(16).astype(dtype)
+    ref = R.batchnorm_forward_train(x, gamma, beta, 1e-3)
+    out = k.batchnorm_forward_train(be.asarray(x), be.asarray(gamma), be.asarray(beta), 1e-3)
+    # The fast kernels sum in float64, NumPy in float32: normalized values agree to ~1e-5.
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(B.to_numpy(a), b, rtol=tol, atol=tol)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    back_ref = R.batchnorm_backward_train(dy, ref[1], gamma, ref[4])
+    back = k.batchnorm_backward_train(be.asarray(dy), out[1], be.asarray(gamma), out[4])
+    for a, b in zip(back, back_ref):
+        np.testing.assert_allclose(B.to_numpy(a), b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("size", [(3, 5, 5, 2), (128, 26, 26, 16)])
+def test_dropout_masks_are_identical_across_implementations(device, size):
+    k, be = fast_kernels(device), B.get_backend(device)
+    x = np.random.default_rng(3).standard_normal(size).astype(np.float32)
+    y_ref, mask_ref = R.dropout_forward(x, 0.1, 2**40 + 17)
+    y, mask = k.dropout_forward(be.asarray(x), 0.1, 2**40 + 17)
+    assert np.array_equal(B.to_numpy(y), y_ref)
+    dy = np.ones(size, np.float32)
+    assert np.array_equal(B.to_numpy(k.dropout_backward(be.asarray(dy), mask)), R.dropout_backward(dy, mask_ref))
+    drop = (y_ref == 0).mean()
+    if x.size > 10**5:
+        assert abs(drop - 0.1) < 0.002  # 1.4 M draws: the mask has the right rate
+    y2, _ = k.dropout_forward(be.asarray(x), 0.1, 2**40 + 18)
+    assert not np.array_equal(B.to_numpy(y2), y_ref)  # another seed, another mask
