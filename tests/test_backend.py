@@ -63,3 +63,12 @@ def test_seeded_randomness_is_reproducible(device):
     b = B.to_numpy(be.random_generator(3).random(10))
     c = B.to_numpy(be.random_generator(4).random(10))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_permutation_is_a_seeded_shuffle(device):
+    be = B.get_backend(device)
+    p = B.to_numpy(be.permutation(1000, 5))
+    assert sorted(p) == list(range(1000))
+    assert np.array_equal(p, B.to_numpy(be.permutation(1000, 5)))
+    assert not np.array_equal(p, B.to_numpy(be.permutation(1000, 6)))
+    assert np.abs(p - np.arange(1000)).mean() > 200  # really shuffled

@@ -1,5 +1,5 @@
 """tinycnn: a from-scratch CNN framework on a swappable NumPy (numba) / CuPy backend."""
-from . import activations, backend, callbacks, gradcheck, layers, losses, optimizers, schedules
+from . import activations, backend, callbacks, datasets, gradcheck, layers, losses, optimizers, saving, schedules
 from .backend import DeviceError, get_backend
 from .layers import ShapeError
 from .model import Sequential

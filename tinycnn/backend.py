@@ -64,8 +64,17 @@ class Backend:
         return self.xp.asarray(array, dtype=dtype)
 
     def random_generator(self, seed):
-        """A device-side generator: dropout masks and shuffling never leave the device."""
+        """A device-side generator of this backend's array module."""
         return self.xp.random.default_rng(seed)
+
+    def permutation(self, n, seed):
+        """A random permutation of range(n), computed on the device: the order of the
+        counter-based hashes of the indices (a bijection, so no ties). The same seed gives
+        the same permutation on every backend."""
+        from .kernels_reference import _lowbias32, dropout_key
+
+        keys = _lowbias32(self.xp.arange(n, dtype=self.xp.uint64) ^ self.xp.uint64(dropout_key(seed)), self.xp)
+        return self.xp.argsort(keys)
 
     def describe(self):
         if self.name == "gpu":

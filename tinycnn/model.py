@@ -268,7 +268,7 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             base = getattr(layer, "seed", None)
             layer.reseed(derive_seed(self.seed if base is None else base, 1, epoch, i))
-        return self.backend.random_generator(derive_seed(self.seed, 2, epoch))
+        return derive_seed(self.seed, 2, epoch)
 
     # -- fit / evaluate / predict ---------------------------------------------------------------
     def fit(self, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validation_data=None,
@@ -300,8 +300,8 @@ class Sequential:
         for cb in cbs:
             cb.on_train_begin()
         for epoch in range(initial_epoch, epochs):
-            rng = self._epoch_seeds(epoch)
-            order = rng.permutation(n) if shuffle else self.xp.arange(n)
+            shuffle_seed = self._epoch_seeds(epoch)
+            order = self.backend.permutation(n, shuffle_seed) if shuffle else self.xp.arange(n)
             for cb in cbs:
                 cb.on_epoch_begin(epoch)
             metrics = _EpochMetrics(self.metric_names)

@@ -1,0 +1,237 @@
+"""Reproduce the Week2 Keras MNIST model and its training log with tinycnn.
+
+    python examples/week2_mnist.py [--device auto|cpu|gpu] [--epochs 20] [--batch-size 128]
+                                   [--seed 0] [--train-limit N] [--out runs/week2] [--summary] [--resume]
+
+Prints the model summary and the Keras 2 training log, then this run's validation accuracy
+beside the seed's for every epoch. Writes to --out: log.txt, history.json, weights.npz,
+checkpoint.npz (after every epoch, atomically; --resume continues from it), curves.png and
+misclassified.png (with matplotlib installed).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from week2_model import build_week2_model  # noqa: E402
+
+import tinycnn as tc  # noqa: E402
+from tinycnn.datasets import DatasetError, mnist  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET_BEST, TARGET_FINAL = 0.9940, 0.9935
+
+
+def learning_rate(epoch):
+    """The seed's per-epoch schedule: 0.003 / (1 + 0.319 * epoch), epoch counted from 0."""
+    return 0.003 / (1 + 0.319 * epoch)
+
+
+class TeeLog:
+    """Writes to the terminal and to log.txt; the file gets each line as it finally reads
+    (a progress bar redrawn in place with \\r appears once, finished)."""
+
+    def __init__(self, stream, path, mode):
+        self.stream, self.file, self.pending = stream, open(path, mode), ""
+
+    def write(self, text):
+        self.stream.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.file.write(line.rsplit("\r", 1)[-1].replace("\b", "") + "\n")
+        self.file.flush()
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def close(self):
+        self.file.close()
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def write_json_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class EpochRecorder(tc.callbacks.Callback):
+    """After every epoch: the history so far to history.json and a checkpoint to resume from."""
+
+    def __init__(self, out, run_info, records):
+        super().__init__()
+        self.out, self.run_info, self.records = out, run_info, records
+
+    def on_epoch_end(self, epoch, logs=None):
+        entry = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        self.records.append(entry)
+        tc.saving.save_checkpoint(self.model, os.path.join(self.out, "checkpoint.npz"), epoch + 1, self.records)
+        write_json_atomic(os.path.join(self.out, "history.json"), {**self.run_info, "epochs": self.records})
+
+
+def load_mnist(limit):
+    (x_train, y_train), (x_test, y_test) = mnist.load_data()
+    if limit:
+        x_train, y_train = x_train[:limit], y_train[:limit]
+
+    def prepare(x, y):  # [0, 1] floats with a channel axis, one-hot labels
+        return (x.astype(np.float32) / 255.0)[..., None], np.eye(10, dtype=np.float32)[y]
+
+    return prepare(x_train, y_train), prepare(x_test, y_test), y_test
+
+
+def comparison_table(records, seed_log):
+    lines = ["", "epoch  val_acc (tinycnn)  val_acc (seed)"]
+    seed = {e["epoch"]: e["val_acc"] for e in seed_log}
+    for r in records:
+        s = seed.get(r["epoch"])
+        lines.append(f"{r['epoch']:5d}  {r['val_acc']:17.4f}  {'' if s is None else f'{s:14.4f}'}")
+    accs = [r["val_acc"] for r in records]
+    best = int(np.argmax(accs))
+    lines.append(f"best val_acc {accs[best]:.4f} (epoch {records[best]['epoch']}), final {accs[-1]:.4f}; "
+                 f"seed: best {max(seed.values()):.4f}, final {seed[max(seed)]:.4f}")
+    return "\n".join(lines)
+
+
+def plot(out, records, seed_log, x_test, labels, predicted):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('(matplotlib is not installed: no curves.png / misclassified.png; pip install -e ".[plot]")')
+        return
+    epochs = [r["epoch"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(epochs, [r["loss"] for r in records], label="train")
+    ax1.plot(epochs, [r["val_loss"] for r in records], label="validation")
+    ax1.plot([e["epoch"] for e in seed_log], [e["val_loss"] for e in seed_log], "k--", label="seed (Keras) validation")
+    ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax2.plot(epochs, [r["acc"] for r in records], label="train")
+    ax2.plot(epochs, [r["val_acc"] for r in records], label="validation")
+    ax2.plot([e["epoch"] for e in seed_log], [e["val_acc"] for e in seed_log], "k--", label="seed (Keras) validation")
+    ax2.axhline(TARGET_BEST, color="grey", lw=0.5)
+    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0.97, 1.0), title="accuracy")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+    plt.close(fig)
+
+    wrong = np.flatnonzero(predicted != labels)[:48]
+    cols = 12
+    rows = max(1, (len(wrong) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(x_test[i, :, :, 0], cmap="gray_r")
+        ax.set_title(f"{labels[i]}→{predicted[i]}", fontsize=9)
+    fig.suptitle(f"{int((predicted != labels).sum())} misclassified test images (true→predicted), first {len(wrong)}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "misclassified.png"), dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-limit", type=int, default=None, metavar="N", help="train on the first N images")
+    parser.add_argument("--out", default="runs/week2")
+    parser.add_argument("--summary", action="store_true", help="print the model summary and exit")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    args = parser.parse_args(argv)
+
+    try:
+        model = build_week2_model(device=args.device, seed=args.seed)
+    except tc.DeviceError as exc:
+        print(f"week2_mnist: {exc}", file=sys.stderr)
+        return 2
+    if args.summary:
+        model.summary()
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    checkpoint = os.path.join(args.out, "checkpoint.npz")
+    resuming = args.resume and os.path.exists(checkpoint)
+    log = TeeLog(sys.stdout, os.path.join(args.out, "log.txt"), "a" if resuming else "w")
+    sys.stdout = log
+    try:
+        return run(args, model, checkpoint, resuming)
+    finally:
+        sys.stdout = log.stream
+        log.close()
+
+
+def run(args, model, checkpoint, resuming):
+    model.summary()
+    print(f"\nbackend: {model.backend.describe()}")
+    try:
+        (x_train, y_train), (x_test, y_test), test_labels = load_mnist(args.train_limit)
+    except DatasetError as exc:
+        print(f"week2_mnist: {exc}", file=sys.stderr)
+        return 1
+    model.compile(optimizer=tc.optimizers.Adam(0.003), loss="categorical_crossentropy", metrics=["accuracy"])
+    records, done = [], 0
+    if args.resume and not resuming:
+        print(f"(no checkpoint in {args.out}: starting from epoch 1)")
+    if resuming:
+        done, records = tc.saving.load_checkpoint(model, checkpoint)
+        print(f"resuming after epoch {done} from {checkpoint}")
+    run_info = {"device": model.backend.name, "backend": model.backend.describe(), "seed": args.seed,
+                "batch_size": args.batch_size, "train_samples": int(x_train.shape[0]), "machine": machine()}
+    started = time.perf_counter()
+    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, initial_epoch=done,
+              validation_data=(x_test, y_test), verbose=1,
+              callbacks=[tc.callbacks.LearningRateScheduler(learning_rate, verbose=1),
+                         EpochRecorder(args.out, run_info, records)])
+    wall = time.perf_counter() - started
+    model.save_weights(os.path.join(args.out, "weights.npz"))
+    with open(os.path.join(HERE, "week2_seed_log.json")) as f:
+        seed_log = json.load(f)["log"]
+    if records:
+        print(comparison_table(records, seed_log))
+        accs = [r["val_acc"] for r in records]
+        met = max(accs) >= TARGET_BEST and accs[-1] >= TARGET_FINAL
+        print(f"target (best >= {TARGET_BEST:.2%}, final >= {TARGET_FINAL:.2%}): {'met' if met else 'not met'}; "
+              f"this run's training took {wall:.0f} s")
+        history = {"epochs": records}
+        if os.path.exists(os.path.join(args.out, "history.json")):
+            with open(os.path.join(args.out, "history.json")) as f:
+                history = json.load(f)
+        history["wall_seconds_this_invocation"] = wall
+        write_json_atomic(os.path.join(args.out, "history.json"), history)
+        predicted = model.predict(x_test, batch_size=1000).argmax(axis=1)
+        plot(args.out, records, seed_log, x_test, test_labels, predicted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
