@@ -390,3 +390,15 @@ class Sequential:
     def load_weights(self, path, by_name=False):
         self.build()
         saving.load_weights(self, path, by_name=by_name)
+
+    def save_keras_weights(self, path):
+        """Write a Keras 3 `.weights.h5` file that Keras loads into the same architecture (needs h5py)."""
+        from . import keras_io
+
+        keras_io.save_keras_weights(self, path)
+
+    def load_keras_weights(self, path):
+        """Load a Keras 3 `.weights.h5` file of the same architecture (needs h5py)."""
+        from . import keras_io
+
+        keras_io.load_keras_weights(self, path)

@@ -478,6 +478,18 @@ def make_one(name, x_test, y_test, x_train, y_train, out_dir, tmpdir, show_h5):
     for i, w in moving_after.items():
         arrays[f"moving_after_step/{i:03d}"] = w
 
+    # ReLU decisions of the training-mode forward, per layer with a relu activation: a
+    # pre-activation within float32 rounding of 0 can land on either side of the kink in
+    # another implementation and change every gradient below it by percents. Recording
+    # Keras's decisions lets a test replay them and compare everything else tightly.
+    m_masks = builder(0.0)
+    m_masks.load_weights(wpath)
+    h = x_test
+    for index, layer in enumerate(m_masks.layers):
+        h = layer(h, training=True)
+        if getattr(layer, "activation", None) is keras.activations.relu:
+            arrays[f"relu_mask/{index:03d}"] = np.packbits(np32(h) > 0)
+
     npz_path = os.path.join(out_dir, f"{name}_fixture.npz")
     np.savez_compressed(npz_path, **arrays)
     verify_npz(npz_path, len(weights), len(trainable_index))

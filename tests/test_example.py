@@ -1,0 +1,64 @@
+"""The Week2 example end to end on a few hundred images (MNIST from the cache or the registry)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinycnn.backend import gpu_problem
+from conftest import DATA, ROOT
+
+EXAMPLE = os.path.join(ROOT, "examples", "week2_mnist.py")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, EXAMPLE, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_summary_flag_prints_the_seed_table():
+    result = run("--summary", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(DATA, "week2_summary.txt")) as f:
+        assert result.stdout == f.read()
+
+
+@pytest.mark.skipif(gpu_problem() is None, reason="a GPU is available here")
+def test_gpu_without_gpu_is_one_line_and_exit_2():
+    result = run("--device", "gpu", "--summary")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "device='gpu' is unavailable" in lines[0]
+
+
+def test_short_run_writes_everything_and_resume_matches_an_uninterrupted_run(tmp_path):
+    common = ["--device", "cpu", "--train-limit", "256", "--batch-size", "64", "--seed", "3"]
+    straight = tmp_path / "straight"
+    r = run(*common, "--epochs", "2", "--out", str(straight))
+    assert r.returncode == 0, r.stderr
+    for name in ("log.txt", "history.json", "weights.npz", "checkpoint.npz"):
+        assert (straight / name).exists(), name
+    history = json.loads((straight / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert history["epochs"][1]["lr"] == 0.002274450341167551
+    log = (straight / "log.txt").read_text()
+    assert "Epoch 00002: LearningRateScheduler setting learning rate to 0.002274450341167551." in log
+    assert "256/256 [==============================]" in log and "\r" not in log
+
+    resumed = tmp_path / "resumed"
+    assert run(*common, "--epochs", "1", "--out", str(resumed)).returncode == 0
+    r = run(*common, "--epochs", "2", "--out", str(resumed), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming after epoch 1" in r.stdout
+    with np.load(straight / "weights.npz") as a, np.load(resumed / "weights.npz") as b:
+        assert a.files == b.files
+        for key in a.files:
+            if key != "__meta__":
+                assert np.array_equal(a[key], b[key]), key
+    def metrics(entries):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+
+    resumed_history = json.loads((resumed / "history.json").read_text())
+    assert metrics(resumed_history["epochs"]) == metrics(history["epochs"])
