@@ -1,0 +1,168 @@
+"""tinycnn side of the benchmark: the Week2 model's training step, epoch, inference and single
+kernels, on the backend TINYCNN_DEVICE selects (cpu by default). One JSON object on stdout
+(schema in common.py).
+
+    python benchmarks/bench_tinycnn.py [--repeats 3] [--steps 50] [--quick] [--skip-epoch]
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+import common as C  # noqa: E402
+
+FRAMEWORK = "tinycnn"
+
+
+def cold_compile_seconds():
+    """One Week2 training step in a fresh process with an empty numba cache, minus the same with
+    the cache warm: what the first run on a new machine pays once."""
+    code = ("import time; t = time.perf_counter(); import step_time as s; m = s.make_model('cpu'); "
+            "x, y = s.batch(m); s.step(m, x, y); print(time.perf_counter() - t)")
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    with tempfile.TemporaryDirectory() as cache:
+        cold = run({**os.environ, "NUMBA_CACHE_DIR": cache})
+        warm = run({**os.environ, "NUMBA_CACHE_DIR": cache})
+    return cold, warm
+
+
+def main():
+    C.claim_stdout()
+    args = C.parse_args(__doc__)
+    counts = C.Counts.from_args(args)
+    try:
+        import numpy as np
+
+        import tinycnn as tc
+        from step_time import make_model, step
+    except ImportError as exc:
+        C.missing(FRAMEWORK, f"cannot import tinycnn: {exc}")
+
+    device = os.environ.get("TINYCNN_DEVICE", "cpu")
+    model = make_model(device, seed=C.SEED)
+    be = model.backend
+    threads = int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count()))
+    result = C.new_result(FRAMEWORK, tc.__version__, threads, device=be.name, counts=counts)
+    result["params"] = model.count_params()
+    notes = [f"backend {be.describe()}", "float32 NHWC; numba threading layer workqueue; OpenBLAS GEMMs",
+             "step = forward + fused softmax-CE + backward + one fused Adam update over the flat parameter buffer",
+             "numba kernels load from the on-disk cache; compile_s = first step - steady step with a warm cache, "
+             "compile_cold_s = the same in a fresh process with an empty cache"]
+
+    def sync():
+        if be.name == "gpu":
+            be.xp.cuda.Device().synchronize()
+
+    C.log("making data")
+    x_train, y_train, x_test, y_test = C.make_data()
+    y_train1, y_test1 = C.one_hot(y_train), C.one_hot(y_test)
+    xb_np, yb_np = C.step_batch(x_train, y_train)
+    xb, yb = be.asarray(xb_np), be.asarray(C.one_hot(yb_np))
+
+    C.log("step: first step + warm-up")
+    first_s = C.time_once(lambda: step(model, xb, yb), sync=sync)
+    runs = C.time_per_call(lambda: step(model, xb, yb), counts.steps, counts.repeats, warmup=counts.warmup_steps,
+                           sync=sync)
+    result["step_ms"] = C.stats(runs)
+    result["compile_s"] = C.compile_seconds(first_s, result["step_ms"])
+    C.log(f"step: {result['step_ms']['median']:.2f} ms (first step {first_s * 1e3:.1f} ms)")
+
+    if counts.epoch:
+        wx, wy, wvx, wvy = C.warmup_subset(x_train, y_train, x_test, y_test)
+
+        def epoch(x, y, xv, yv):
+            model.fit(x, y, batch_size=C.BATCH, epochs=1, validation_data=(xv, yv), verbose=0)
+
+        epoch(wx, C.one_hot(wy), wvx, C.one_hot(wvy))
+        ep = []
+        for r in range(counts.repeats):
+            ep.append(C.time_once(lambda: epoch(x_train, y_train1, x_test, y_test1), sync=sync))
+            C.log(f"epoch {r + 1}: {ep[-1]:.2f} s")
+        result["epoch_s"] = C.stats(ep)
+        notes.append("epoch: model.fit(epochs=1, batch_size=128, validation_data=10,000 test images, verbose=0), "
+                     "input checks and device-side shuffling included; warm-up fit on a small subset first")
+    result["peak_rss_mb"] = C.peak_rss_mb()
+
+    C.log("inference")
+    model.predict(x_test[: C.PREDICT_BATCH], batch_size=C.PREDICT_BATCH)
+    result["inference_s"] = C.stats(C.time_per_call(lambda: model.predict(x_test, batch_size=C.PREDICT_BATCH), 1,
+                                                    counts.repeats, scale=1.0, sync=sync))
+
+    if not args.no_kernels:
+        result["kernels"] = kernels(np, be, counts, notes, sync)
+    if be.name == "cpu" and not args.quick:
+        C.log("numba compile: cold cache vs warm cache")
+        cold, warm = cold_compile_seconds()
+        result["compile_cold_s"] = C._r(cold - warm)
+        notes.append(f"first step in a fresh process: {cold:.1f} s with an empty numba cache, {warm:.1f} s with it warm")
+    result["notes"] = "; ".join(notes)
+    C.emit(result)
+
+
+def kernels(np, be, counts, notes, sync):
+    """ms per call of the backend's kernels at the Week2 shapes, batch 128."""
+    k, xp = be.kernels, be.xp
+    out = {}
+
+    def t(name, fn):
+        out[name] = C.kernel_stats(fn, counts, sync=sync)
+        C.log(f"kernel {name}: {out[name]['median']:.3f} ms")
+
+    nopad = (0, 0, 0, 0)
+    for i, name in enumerate(C.CONVS):
+        s = C.conv_shapes(name)
+        kk = s["k"]
+        x = be.asarray(C.random_array(s["x"], 10 + i))
+        w2d = be.asarray(C.random_array(s["w"], 20 + i).reshape(-1, s["w"][3]))
+        dz = be.asarray(C.random_array(s["y"], 30 + i).reshape(-1, s["w"][3]))
+        dk = xp.empty(w2d.shape, dtype=w2d.dtype)
+        if kk == 1:  # the layer's pointwise path: the input already is the patch matrix
+            x2d = x.reshape(-1, s["x"][3])
+            t(f"{name}.fwd", lambda: x2d @ w2d)
+            t(f"{name}.bwd_data", lambda: dz @ w2d.T)
+            t(f"{name}.bwd_filter", lambda: xp.matmul(x2d.T, dz, out=dk))
+            continue
+        _, saved = k.conv2d_forward(x, w2d, kk, kk, (1, 1), nopad)
+        t(f"{name}.fwd", lambda: k.conv2d_forward(x, w2d, kk, kk, (1, 1), nopad))
+        t(f"{name}.bwd_filter", lambda: k.conv2d_backward(dz, saved, s["x"], w2d, kk, kk, (1, 1), nopad, dk, False))
+        both = C.kernel_stats(lambda: k.conv2d_backward(dz, saved, s["x"], w2d, kk, kk, (1, 1), nopad, dk, True),
+                              counts, sync=sync)
+        # Both gradients come from one chunked pass; bwd_data is what computing dx adds to it.
+        only_filter = out[f"{name}.bwd_filter"]["median"]
+        out[f"{name}.bwd_data"] = C.stats([max(0.0, r - only_filter) for r in both["runs"]])
+    x = be.asarray(C.random_array(C.conv_shapes("conv2")["x"], 70))
+    t("im2col.conv2", lambda: k.im2col(x, 3, 3, (1, 1), nopad))
+
+    x2d = be.asarray(C.random_array(C.BN_SHAPE, 40).reshape(-1, C.BN_SHAPE[-1]))
+    dy2d = be.asarray(C.random_array(C.BN_SHAPE, 41).reshape(-1, C.BN_SHAPE[-1]))
+    gamma, beta = xp.ones(x2d.shape[1], dtype=xp.float32), xp.zeros(x2d.shape[1], dtype=xp.float32)
+    t("batchnorm.fwd_train", lambda: k.batchnorm_forward_train(x2d, gamma, beta, C.BN_EPSILON))
+    _, xhat, _, _, inv_std = k.batchnorm_forward_train(x2d, gamma, beta, C.BN_EPSILON)
+    t("batchnorm.bwd", lambda: k.batchnorm_backward_train(dy2d, xhat, gamma, inv_std))
+
+    x = be.asarray(C.random_array(C.MAXPOOL_SHAPE, 50))
+    y, argmax = k.maxpool_forward(x, (2, 2), (2, 2))
+    dy = be.asarray(C.random_array(tuple(y.shape), 51))
+    t("maxpool.fwd", lambda: k.maxpool_forward(x, (2, 2), (2, 2)))
+    t("maxpool.bwd", lambda: k.maxpool_backward(dy, argmax, C.MAXPOOL_SHAPE, (2, 2), (2, 2)))
+
+    logits = be.asarray(C.random_array(C.SOFTMAX_SHAPE, 60))
+    targets = be.asarray(C.one_hot(C.random_labels(C.BATCH, 61)))
+    t("softmax_ce.fwd_bwd", lambda: k.softmax_cross_entropy(logits, targets))
+    notes.append("kernels: the backend's kernel table at the model's shapes (NHWC); conv fwd = chunked im2col + "
+                 "GEMM; bwd_filter = conv2d_backward without dx (recomputes each chunk's patches); bwd_data = "
+                 "conv2d_backward with dx minus bwd_filter (one pass computes both); conv3 (1x1) is a plain GEMM "
+                 "on the reshaped input; batchnorm = fused numba passes; maxpool keeps an int8 argmax")
+    return out
+
+
+if __name__ == "__main__":
+    main()
