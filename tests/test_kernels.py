@@ -66,24 +66,41 @@ def test_maxpool(device, shape, pool, stride):
     _same(k.maxpool_backward(be.asarray(dy), arg, shape, pool, stride), R.maxpool_backward(dy, arg_ref, shape, pool, stride), np.float32)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.1])
 @pytest.mark.parametrize("rows", [40, 128 * 26 * 26])  # below and above the small-array cut-over
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_batchnorm(device, rows, dtype):
+def test_batchnorm_alone_and_fused_with_dropout(device, rows, dtype, rate):
     k, be = fast_kernels(device), B.get_backend(device)
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((rows, 16)) * 3 + 2).astype(dtype)
     gamma, beta = rng.uniform(0.5, 2, 16).astype(dtype), rng.standard_normal(16).astype(dtype)
-    ref = R.batchnorm_forward_train(x, gamma, beta, 1e-3)
-    out = k.batchnorm_forward_train(be.asarray(x), be.asarray(gamma), be.asarray(beta), 1e-3)
-    # The fast kernels sum in float64, NumPy in float32: normalized values agree to ~1e-5.
+    args = (be.asarray(x), be.asarray(gamma), be.asarray(beta), 1e-3)
+    if rate:
+        ref = R.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99)
+        out = k.batchnorm_dropout_forward_train(*args, rate, 99)
+    else:
+        ref = R.batchnorm_forward_train(x, gamma, beta, 1e-3)
+        out = k.batchnorm_forward_train(*args)
+    # `saved` (index 1) is each implementation's own business; the rest must agree. The fast
+    # kernels sum in float64, NumPy in float32: normalized values agree to ~1e-5.
     tol = 1e-4 if dtype == np.float32 else 1e-10
-    for a, b in zip(out, ref):
-        np.testing.assert_allclose(B.to_numpy(a), b, rtol=tol, atol=tol)
+    for i in (0, 2, 3, 4):
+        np.testing.assert_allclose(B.to_numpy(out[i]), ref[i], rtol=tol, atol=tol)
+    if rate:  # the same dropout mask
+        assert np.array_equal(B.to_numpy(out[0]) == 0, ref[0] == 0)
     dy = rng.standard_normal(x.shape).astype(dtype)
-    back_ref = R.batchnorm_backward_train(dy, ref[1], gamma, ref[4])
-    back = k.batchnorm_backward_train(be.asarray(dy), out[1], be.asarray(gamma), out[4])
-    for a, b in zip(back, back_ref):
-        np.testing.assert_allclose(B.to_numpy(a), b, rtol=tol, atol=tol)
+    if rate:
+        back_ref = R.batchnorm_dropout_backward_train(dy, ref[1], gamma, ref[4])
+        back = k.batchnorm_dropout_backward_train(be.asarray(dy), out[1], be.asarray(gamma), out[4])
+    else:
+        back_ref = R.batchnorm_backward_train(dy, ref[1], gamma, ref[4])
+        back = k.batchnorm_backward_train(be.asarray(dy), out[1], be.asarray(gamma), out[4])
+    np.testing.assert_allclose(B.to_numpy(back[0]), back_ref[0], rtol=tol, atol=tol)
+    # dgamma, dbeta: sums over all rows with cancellation; NumPy's float32 sum carries an
+    # error of order 1e-7 per row of |terms|, the fast kernels' float64 sum almost none.
+    sum_tol = 1e-7 * rows if dtype == np.float32 else 1e-10
+    for a, b in zip(back[1:], back_ref[1:]):
+        np.testing.assert_allclose(B.to_numpy(a), b, rtol=tol, atol=sum_tol)
 
 
 @pytest.mark.parametrize("size", [(3, 5, 5, 2), (128, 26, 26, 16)])
@@ -100,3 +117,12 @@ def test_dropout_masks_are_identical_across_implementations(device, size):
         assert abs(drop - 0.1) < 0.002  # 1.4 M draws: the mask has the right rate
     y2, _ = k.dropout_forward(be.asarray(x), 0.1, 2**40 + 18)
     assert not np.array_equal(B.to_numpy(y2), y_ref)  # another seed, another mask
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (128, 24, 24, 16)])
+def test_relu_backward(device, shape):
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(4)
+    y = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    assert np.array_equal(B.to_numpy(k.relu_backward(be.asarray(dy), be.asarray(y))), R.relu_backward(dy, y))

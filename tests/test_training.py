@@ -207,3 +207,18 @@ def test_divergence_is_reported_not_hidden():
     with pytest.raises(FloatingPointError, match="diverged"):
         with np.errstate(all="ignore"):
             model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+
+
+def test_batchnorm_dropout_fusion_changes_nothing_but_speed(device):
+    x, y, _ = _tiny_problem()
+    runs = []
+    for fuse in (True, False):
+        model = tc.Sequential([L.Conv2D(8, 3, activation="relu", input_shape=(8, 8, 1)), L.BatchNormalization(),
+                               L.Dropout(0.3), L.Flatten(), L.Dense(4, activation="softmax")],
+                              device=device, seed=2, fuse=fuse)
+        model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy", ["accuracy"])
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        runs.append(model.get_weights())
+    assert model.layers[1]._fused_dropout is None  # the unfused model really ran Dropout itself
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -91,6 +91,22 @@ def col2im(cols, x_shape, kh, kw, stride, pads):
 CHUNK_BYTES = 4 << 20
 
 
+@njit(**_JIT)
+def _relu_backward(dy, y, dx):
+    fdy, fy, fdx = dy.reshape(-1), y.reshape(-1), dx.reshape(-1)
+    for i in prange(fdy.size):
+        fdx[i] = fdy[i] if fy[i] > 0 else 0.0
+
+
+def relu_backward(dy, y):
+    """One pass instead of NumPy's two (a boolean temporary, then the product)."""
+    if dy.size < SMALL:
+        return _ref.relu_backward(dy, y)
+    dx = np.empty(dy.shape, dtype=dy.dtype)
+    _relu_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y), dx)
+    return dx
+
+
 def _chunk(x_shape, kh, kw, stride, pads):
     n, h, w, c = x_shape
     oh = conv_output_size(h, kh, stride[0], pads[0] + pads[1])
@@ -171,55 +187,96 @@ def maxpool_backward(dy, argmax, x_shape, pool, stride):
     return dx
 
 
-# -- BatchNormalization over the rows of (M, C): the batch is split into row blocks, each
-# thread sums its blocks into its own partial row, and the partials are added in a fixed order.
+# -- BatchNormalization over the rows of (M, C), optionally fused with the Dropout after it.
+# Statistics: one pass, float64 sums of x - shift (shift = the first row, so the variance does
+# not cancel); each of _BLOCKS row blocks sums into its own partial row and the partials are
+# added in a fixed order, so results do not depend on the thread count. Backward recomputes
+# xhat from x instead of storing it: forward writes one tensor (y), not two.
 _BLOCKS = 64
 
 
+@njit(cache=True, inline="always")
+def _hash_keep(i, key, threshold):
+    """The counter-based dropout decision of kernels_reference, for element index i."""
+    m32 = np.uint64(0xFFFFFFFF)
+    h = np.uint64(i) ^ key
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x7FEB352D)) & m32
+    h = h ^ (h >> np.uint64(15))
+    h = (h * np.uint64(0x846CA68B)) & m32
+    h = h ^ (h >> np.uint64(16))
+    return (h >> np.uint64(8)) >= threshold
+
+
 @njit(**_JIT)
-def _column_sums(x2d, shift, square):
+def _bn_stats(x2d):
     m, c = x2d.shape
     step = (m + _BLOCKS - 1) // _BLOCKS
-    partial = np.zeros((_BLOCKS, c), dtype=np.float64)
+    partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
     for blk in prange(_BLOCKS):
         for r in range(blk * step, min(m, (blk + 1) * step)):
             for ch in range(c):
-                v = x2d[r, ch] - shift[ch]
-                partial[blk, ch] += v * v if square else v
-    total = np.zeros(c, dtype=np.float64)
-    for blk in range(_BLOCKS):
-        for ch in range(c):
-            total[ch] += partial[blk, ch]
-    return total
+                v = np.float64(x2d[r, ch]) - np.float64(x2d[0, ch])
+                partial[blk, 0, ch] += v
+                partial[blk, 1, ch] += v * v
+    mean = np.empty(c, dtype=np.float64)
+    var = np.empty(c, dtype=np.float64)
+    for ch in range(c):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(_BLOCKS):
+            s1 += partial[blk, 0, ch]
+            s2 += partial[blk, 1, ch]
+        d = s1 / m
+        mean[ch] = np.float64(x2d[0, ch]) + d
+        var[ch] = max(s2 / m - d * d, 0.0)
+    return mean, var
 
 
 @njit(**_JIT)
-def _bn_normalize(x2d, mean, inv_std, gamma, beta, y, xhat):
+def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, y, keep):
     m, c = x2d.shape
     for r in prange(m):
         for ch in range(c):
-            h = (x2d[r, ch] - mean[ch]) * inv_std[ch]
-            xhat[r, ch] = h
-            y[r, ch] = h * gamma[ch] + beta[ch]
+            v = (x2d[r, ch] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch]
+            if use_dropout:
+                k = _hash_keep(r * c + ch, key, threshold)
+                keep[r, ch] = k
+                v = v * scale if k else 0.0
+            y[r, ch] = v
+
+
+def _bn_forward(x2d, gamma, beta, eps, rate, seed):
+    x2d = np.ascontiguousarray(x2d)
+    mean64, var64 = _bn_stats(x2d)
+    dtype = x2d.dtype
+    mean, var = mean64.astype(dtype), var64.astype(dtype)
+    inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+    y = np.empty_like(x2d)
+    use_dropout = rate > 0.0
+    keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
+    scale = dtype.type(1.0 / (1.0 - rate))
+    key = np.uint64(dropout_key(seed) if use_dropout else 0)
+    _bn_normalize(x2d, mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
+                  use_dropout, y, keep)
+    saved = (x2d, mean, keep if use_dropout else None, scale)
+    return y, saved, mean, var, inv_std
 
 
 def batchnorm_forward_train(x2d, gamma, beta, eps):
     if x2d.size < SMALL:
         return _ref.batchnorm_forward_train(x2d, gamma, beta, eps)
-    x2d = np.ascontiguousarray(x2d)
-    m, c = x2d.shape
-    zero = np.zeros(c, dtype=x2d.dtype)
-    mean = (_column_sums(x2d, zero, False) / m).astype(x2d.dtype)
-    var = (_column_sums(x2d, mean, True) / m).astype(x2d.dtype)  # two passes: no cancellation
-    inv_std = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(x2d.dtype)
-    y = np.empty_like(x2d)
-    xhat = np.empty_like(x2d)
-    _bn_normalize(x2d, mean, inv_std, gamma, beta, y, xhat)
-    return y, xhat, mean, var, inv_std
+    return _bn_forward(x2d, gamma, beta, eps, 0.0, 0)
+
+
+def batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed):
+    if x2d.size < SMALL:
+        return _ref.batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed)
+    return _bn_forward(x2d, gamma, beta, eps, rate, seed)
 
 
 @njit(**_JIT)
-def _bn_backward_sums(dy2d, xhat):
+def _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask):
     m, c = dy2d.shape
     step = (m + _BLOCKS - 1) // _BLOCKS
     partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
@@ -227,8 +284,10 @@ def _bn_backward_sums(dy2d, xhat):
         for r in range(blk * step, min(m, (blk + 1) * step)):
             for ch in range(c):
                 g = dy2d[r, ch]
+                if use_mask:
+                    g = g * scale if keep[r, ch] else 0.0
                 partial[blk, 0, ch] += g
-                partial[blk, 1, ch] += g * xhat[r, ch]
+                partial[blk, 1, ch] += g * ((x2d[r, ch] - mean[ch]) * inv_std[ch])
     total = np.zeros((2, c), dtype=np.float64)
     for blk in range(_BLOCKS):
         for ch in range(c):
@@ -238,42 +297,52 @@ def _bn_backward_sums(dy2d, xhat):
 
 
 @njit(**_JIT)
-def _bn_backward_dx(dy2d, xhat, k, dbeta_m, dgamma_m, dx):
+def _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, k, dbeta_m, dgamma_m, dx):
     m, c = dy2d.shape
     for r in prange(m):
         for ch in range(c):
-            dx[r, ch] = k[ch] * (dy2d[r, ch] - dbeta_m[ch] - xhat[r, ch] * dgamma_m[ch])
+            g = dy2d[r, ch]
+            if use_mask:
+                g = g * scale if keep[r, ch] else 0.0
+            xhat = (x2d[r, ch] - mean[ch]) * inv_std[ch]
+            dx[r, ch] = k[ch] * (g - dbeta_m[ch] - xhat * dgamma_m[ch])
 
 
-def batchnorm_backward_train(dy2d, xhat, gamma, inv_std):
-    if dy2d.size < SMALL:
-        return _ref.batchnorm_backward_train(dy2d, xhat, gamma, inv_std)
+def _bn_backward(dy2d, saved, gamma, inv_std):
+    x2d, mean, keep, scale = saved
     dy2d = np.ascontiguousarray(dy2d)
     m = dy2d.shape[0]
-    sums = _bn_backward_sums(dy2d, xhat)
+    use_mask = keep is not None
+    keep = keep if use_mask else np.empty((1, 1), dtype=np.uint8)
+    sums = _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask)
     dtype = dy2d.dtype
     dbeta, dgamma = sums[0].astype(dtype), sums[1].astype(dtype)
     dx = np.empty_like(dy2d)
-    # dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
-    _bn_backward_dx(dy2d, xhat, (gamma * inv_std).astype(dtype), (sums[0] / m).astype(dtype),
-                    (sums[1] / m).astype(dtype), dx)
+    # dx = gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy after the dropout mask
+    _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, (gamma * inv_std).astype(dtype),
+                    (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
     return dx, dgamma, dbeta
 
 
-# -- Dropout: the same counter-based mask as kernels_reference (hash of the element index
-# and a per-call key), computed in parallel; backward applies the stored 0/1 mask and scale.
+def batchnorm_backward_train(dy2d, saved, gamma, inv_std):
+    if not isinstance(saved, tuple):  # a small input took the reference path
+        return _ref.batchnorm_backward_train(dy2d, saved, gamma, inv_std)
+    return _bn_backward(dy2d, saved, gamma, inv_std)
+
+
+def batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std):
+    if len(saved) == 2:  # a small input took the reference path: (xhat, mask)
+        return _ref.batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std)
+    return _bn_backward(dy2d, saved, gamma, inv_std)
+
+
+# -- Dropout alone (when no BatchNormalization precedes it): the same counter-based mask,
+# stored as 0/1 bytes; backward applies mask and scale in one pass.
 @njit(**_JIT)
 def _dropout_forward(x, key, threshold, scale, y, keep):
     flat_x, flat_y, flat_k = x.reshape(-1), y.reshape(-1), keep.reshape(-1)
-    m32 = np.uint64(0xFFFFFFFF)
     for i in prange(flat_x.size):
-        h = np.uint64(i) ^ key
-        h = h ^ (h >> np.uint64(16))
-        h = (h * np.uint64(0x7FEB352D)) & m32
-        h = h ^ (h >> np.uint64(15))
-        h = (h * np.uint64(0x846CA68B)) & m32
-        h = h ^ (h >> np.uint64(16))
-        k = (h >> np.uint64(8)) >= threshold
+        k = _hash_keep(i, key, threshold)
         flat_k[i] = k
         flat_y[i] = flat_x[i] * scale if k else 0.0
 

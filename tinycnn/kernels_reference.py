@@ -22,6 +22,8 @@ KERNELS = (
     "batchnorm_forward_train",
     "batchnorm_forward_infer",
     "batchnorm_backward_train",
+    "batchnorm_dropout_forward_train",
+    "batchnorm_dropout_backward_train",
     "dropout_forward",
     "dropout_backward",
     "softmax_cross_entropy",
@@ -138,7 +140,8 @@ def relu_backward(dy, y):
 
 
 def batchnorm_forward_train(x2d, gamma, beta, eps):
-    """Batch statistics over rows of (M, C). Returns y, xhat, mean, biased var, 1/sqrt(var+eps)."""
+    """Batch statistics over rows of (M, C). Returns y, saved, mean, biased var, 1/sqrt(var+eps),
+    where `saved` is what batchnorm_backward_train of the same module needs (here: xhat)."""
     xp = get_array_module(x2d)
     mean = x2d.mean(axis=0)
     centered = x2d - mean
@@ -148,6 +151,19 @@ def batchnorm_forward_train(x2d, gamma, beta, eps):
     return xhat * gamma + beta, xhat, mean, var, inv_std
 
 
+def batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed):
+    """BatchNormalization then Dropout(rate) with the mask of dropout_forward(., rate, seed):
+    one kernel where a backend can fuse them. Returns y, saved, mean, var, inv_std."""
+    y, xhat, mean, var, inv_std = batchnorm_forward_train(x2d, gamma, beta, eps)
+    y, mask = dropout_forward(y, rate, seed)
+    return y, (xhat, mask), mean, var, inv_std
+
+
+def batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std):
+    xhat, mask = saved
+    return batchnorm_backward_train(dropout_backward(dy2d, mask), xhat, gamma, inv_std)
+
+
 def batchnorm_forward_infer(x2d, gamma, beta, moving_mean, moving_var, eps):
     """Inference: an affine map per channel. Returns y and the per-channel scale."""
     scale = gamma / get_array_module(x2d).sqrt(moving_var + eps)
@@ -155,7 +171,8 @@ def batchnorm_forward_infer(x2d, gamma, beta, moving_mean, moving_var, eps):
 
 
 def batchnorm_backward_train(dy2d, xhat, gamma, inv_std):
-    """The full batch-statistics gradient (mean and variance depend on every row)."""
+    """The full batch-statistics gradient (mean and variance depend on every row).
+    Returns dx, dgamma, dbeta."""
     m = dy2d.shape[0]
     dbeta = dy2d.sum(axis=0)
     dgamma = (dy2d * xhat).sum(axis=0)

@@ -322,6 +322,7 @@ class BatchNormalization(Layer):
             raise ValueError("BatchNormalization supports center=True and scale=True only")
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self._fused_dropout = None
 
     def _create_weights(self, input_shape, rng):
         c = input_shape[-1]
@@ -335,13 +336,21 @@ class BatchNormalization(Layer):
         c = x.shape[-1]
         x2d = x.reshape(-1, c)
         if training:
-            y2d, xhat, mean, var, inv_std = self.kernels.batchnorm_forward_train(x2d, w["gamma"], w["beta"], self.epsilon)
+            drop = self._fused_dropout
+            if drop is not None and drop.rate > 0.0:
+                y2d, saved, mean, var, inv_std = self.kernels.batchnorm_dropout_forward_train(
+                    x2d, w["gamma"], w["beta"], self.epsilon, drop.rate, drop.next_seed())
+                mode = "train+dropout"
+            else:
+                y2d, saved, mean, var, inv_std = self.kernels.batchnorm_forward_train(
+                    x2d, w["gamma"], w["beta"], self.epsilon)
+                mode = "train"
             # Keras 3 update (moving = moving * momentum + batch * (1 - momentum)), biased variance.
             w["moving_mean"] *= self.momentum
             w["moving_mean"] += (1.0 - self.momentum) * mean
             w["moving_variance"] *= self.momentum
             w["moving_variance"] += (1.0 - self.momentum) * var
-            self._cache = ("train", xhat, inv_std)
+            self._cache = (mode, saved, inv_std)
         else:
             y2d, scale = self.kernels.batchnorm_forward_infer(
                 x2d, w["gamma"], w["beta"], w["moving_mean"], w["moving_variance"], self.epsilon
@@ -355,6 +364,8 @@ class BatchNormalization(Layer):
         dy2d = dy.reshape(-1, c)
         if mode == "train":
             dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, self.weights["gamma"], b)
+        elif mode == "train+dropout":
+            dx, dgamma, dbeta = self.kernels.batchnorm_dropout_backward_train(dy2d, a, self.weights["gamma"], b)
         else:
             # Inference mode is an affine map with constant statistics.
             x2d, scale = a, b
@@ -365,6 +376,12 @@ class BatchNormalization(Layer):
         self.grads["gamma"][...] = dgamma
         self.grads["beta"][...] = dbeta
         return dx.reshape(dy.shape) if self.needs_input_grad else None
+
+    def fuse_dropout(self, dropout):
+        """Apply `dropout`'s training-mode mask inside this layer's kernel (one pass over the
+        activations instead of two, forward and backward); the Dropout layer then passes through."""
+        self._fused_dropout = dropout
+        dropout._absorbed = True
 
 
 class Dropout(Layer):
@@ -378,6 +395,7 @@ class Dropout(Layer):
             raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
         self.rate = float(rate)
         self.seed = seed
+        self._absorbed = False  # True when the BatchNormalization before it applies its mask
 
     def _create_weights(self, input_shape, rng):
         self.reseed(self.seed if self.seed is not None else int(rng.integers(2**31)))
@@ -387,11 +405,14 @@ class Dropout(Layer):
         # counter-based hash of (seed, element index), computed on the device in parallel.
         self._seeds = np.random.default_rng(int(seed))
 
+    def next_seed(self):
+        return int(self._seeds.integers(2**63))
+
     def call(self, x, training):
-        if not training or self.rate == 0.0:
+        if not training or self.rate == 0.0 or self._absorbed:
             self._cache = None
             return x
-        y, self._cache = self.kernels.dropout_forward(x, self.rate, int(self._seeds.integers(2**63)))
+        y, self._cache = self.kernels.dropout_forward(x, self.rate, self.next_seed())
         return y
 
     def backward(self, dy):

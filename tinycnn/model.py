@@ -17,7 +17,7 @@ from . import optimizers as optimizers_module
 from . import saving
 from .activations import softmax
 from .backend import get_backend, to_numpy
-from .layers import Layer, ShapeError
+from .layers import BatchNormalization, Dropout, Layer, ShapeError
 
 _model_counts = collections.Counter()
 
@@ -53,7 +53,7 @@ class _EpochMetrics:
 class Sequential:
     """A linear stack of layers on one device ('cpu', 'gpu' or 'auto')."""
 
-    def __init__(self, layers=None, device=None, name=None, dtype="float32", seed=None):
+    def __init__(self, layers=None, device=None, name=None, dtype="float32", seed=None, fuse=True):
         if name is None:
             _model_counts["sequential"] += 1
             name = f"sequential_{_model_counts['sequential']}"
@@ -65,6 +65,7 @@ class Sequential:
             raise TypeError(f"models compute in float32 or float64, not {self.dtype}")
         # Without a seed, draw one now: the model is still reproducible from `model.seed`.
         self.seed = int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF) if seed is None else int(seed)
+        self.fuse = bool(fuse)  # let a BatchNormalization apply the Dropout after it (same masks)
         self.layers = []
         self.built = False
         self.optimizer = None
@@ -104,6 +105,10 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             shape = layer.build(shape, self.backend, self.dtype, seed=derive_seed(self.seed, 0, i))
         self.layers[0].needs_input_grad = False  # nothing upstream needs it
+        if self.fuse:
+            for layer, after in zip(self.layers, self.layers[1:]):
+                if isinstance(layer, BatchNormalization) and isinstance(after, Dropout):
+                    layer.fuse_dropout(after)
         self._bind_flat_buffers()
         self.built = True
 
