@@ -7,17 +7,18 @@ is cached on disk (cache=True): the compile cost is paid once per machine, not p
 """
 import os
 
-import numba
-import numpy as np
-from numba import njit, prange
+# Between two numba kernels a step runs OpenBLAS GEMMs on the same cores. OpenMP threads
+# that spin while waiting (libgomp's default) steal those cores from OpenBLAS: measured on the
+# 2-core machine, 730 ms per Week2 step with spinning OpenMP, 42-56 ms with numba's workqueue
+# layer, 35-38 ms with OpenMP told to sleep (OMP_WAIT_POLICY=PASSIVE). Set it unless the user
+# chose. It must come before numba is imported: set later, it measured no effect (47.7 ms).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba would pick OpenMP, whose spinning threads fight OpenBLAS's threads for the cores
-    # between GEMMs: measured 730 ms per Week2 step on 2 cores, against 54 ms with workqueue.
-    numba.config.THREADING_LAYER = "workqueue"
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
-from . import kernels_reference as _ref
-from .kernels_reference import conv_output_size, dropout_keep_threshold, dropout_key
+from . import kernels_reference as _ref  # noqa: E402
+from .kernels_reference import conv_output_size, dropout_keep_threshold, dropout_key  # noqa: E402
 
 _JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
 
