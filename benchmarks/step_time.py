@@ -20,8 +20,8 @@ from week2_model import build_week2_model  # noqa: E402
 import tinycnn as tc  # noqa: E402
 
 
-def make_model(device, seed=0):
-    model = build_week2_model(device=device, seed=seed)
+def make_model(device, seed=0, fuse=True):
+    model = build_week2_model(device=device, seed=seed, fuse=fuse)
     model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["accuracy"])
     return model
 
@@ -86,9 +86,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--layers", action="store_true")
+    parser.add_argument("--no-fuse", action="store_true", help="run Dropout apart from the BatchNormalization before it")
+    parser.add_argument("--chunk-bytes", type=int, default=None, help="CPU convolution chunk size (default: the kernel's)")
     args = parser.parse_args()
+    if args.chunk_bytes is not None:
+        from tinycnn import kernels_cpu
+
+        kernels_cpu.CHUNK_BYTES = args.chunk_bytes
     start = time.perf_counter()
-    model = make_model(args.device)
+    model = make_model(args.device, fuse=not args.no_fuse)
     x, y = batch(model)
     step(model, x, y)
     first = time.perf_counter() - start

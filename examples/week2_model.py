@@ -3,7 +3,7 @@ import tinycnn as tc
 from tinycnn import layers as L
 
 
-def build_week2_model(device=None, seed=None, dropout=0.1, dtype="float32"):
+def build_week2_model(device=None, seed=None, dropout=0.1, dtype="float32", fuse=True):
     def conv(filters, size, **kw):
         return L.Conv2D(filters, size, use_bias=False, **kw)
 
@@ -28,4 +28,5 @@ def build_week2_model(device=None, seed=None, dropout=0.1, dtype="float32"):
         device=device,
         seed=seed,
         dtype=dtype,
+        fuse=fuse,
     )

@@ -1,0 +1,66 @@
+"""What each CPU speed lever buys: the Week2 training step (batch 128) with one lever undone at
+a time, each in a fresh process, all in one run on the same machine.
+
+    python benchmarks/levers.py [--repeats 5] [--steps 50] [--out benchmarks/results/levers.md]
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (what is undone, extra environment, extra step_time.py flags)
+VARIANTS = [
+    ("all levers (default)", {}, []),
+    ("NumPy reference kernels only (no numba)", {"TINYCNN_KERNELS": "reference"}, []),
+    ("OpenMP threads spin while waiting (libgomp default)", {"OMP_WAIT_POLICY": "ACTIVE"}, []),
+    ("numba workqueue threading layer instead of OpenMP", {"NUMBA_THREADING_LAYER": "workqueue"}, []),
+    ("one numba thread", {"NUMBA_NUM_THREADS": "1"}, []),
+    ("convolution not cache-blocked (one im2col + one GEMM)", {}, ["--chunk-bytes", str(1 << 40)]),
+    ("convolution in 8 MiB chunks", {}, ["--chunk-bytes", str(8 << 20)]),
+    ("Dropout apart from BatchNormalization (no fusion)", {}, ["--no-fuse"]),
+]
+
+
+def measure(env, flags, repeats, steps):
+    cmd = [sys.executable, os.path.join(HERE, "step_time.py"), "--repeats", str(repeats), "--steps", str(steps), *flags]
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
+    match = re.search(r"median ([\d.]+) ms \(runs: ([^)]*)\)", out.stdout)
+    if not match:
+        raise RuntimeError(f"step_time.py failed: {out.stderr[-2000:]}")
+    return float(match.group(1)), match.group(2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "levers.md"))
+    args = parser.parse_args()
+    sys.path.insert(0, HERE)
+    import common
+
+    machine = common.machine_info()
+    rows = []
+    for name, env, flags in VARIANTS:
+        median, runs = measure(env, flags, args.repeats, args.steps)
+        rows.append((name, median, runs))
+        print(f"{median:8.1f} ms  {name}  (runs: {runs})", flush=True)
+    base = rows[0][1]
+    lines = ["# CPU levers: Week2 training step, batch 128", "",
+             f"Machine: {machine.get('cpu_model', '?')}, {machine.get('logical_cores', '?')} logical cores; "
+             f"median of {args.repeats} runs x {args.steps} steps after warm-up, each variant in a fresh process, "
+             "one after another in one run (`python benchmarks/levers.py`).", "",
+             "| variant (one lever undone) | ms per step | vs all levers |", "|---|---:|---:|"]
+    for name, median, runs in rows:
+        lines.append(f"| {name} | {median:.1f} | {median / base:.2f}x |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
