@@ -126,3 +126,16 @@ def test_relu_backward(device, shape):
     y = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)
     dy = rng.standard_normal(shape).astype(np.float32)
     assert np.array_equal(B.to_numpy(k.relu_backward(be.asarray(dy), be.asarray(y))), R.relu_backward(dy, y))
+
+
+@pytest.mark.parametrize("rows", [40, 128 * 26 * 26])
+def test_batchnorm_inference(device, rows):
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((rows, 16)).astype(np.float32)
+    params = [rng.uniform(0.5, 2, 16), rng.standard_normal(16), rng.standard_normal(16), rng.uniform(0.5, 2, 16)]
+    params = [p.astype(np.float32) for p in params]
+    ref = R.batchnorm_forward_infer(x, *params, 1e-3)
+    out = k.batchnorm_forward_infer(be.asarray(x), *map(be.asarray, params), 1e-3)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(B.to_numpy(a), b, rtol=1e-5, atol=1e-5)

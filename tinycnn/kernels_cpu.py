@@ -392,6 +392,25 @@ def batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std):
     return _bn_backward(dy2d, saved, gamma, inv_std)
 
 
+@njit(**_JIT)
+def _bn_affine(x2d, scale, shift, y):
+    m, c = x2d.shape
+    for r in prange(m):
+        for ch in range(c):
+            y[r, ch] = x2d[r, ch] * scale[ch] + shift[ch]
+
+
+def batchnorm_forward_infer(x2d, gamma, beta, moving_mean, moving_var, eps):
+    """Inference: one pass of x * scale + shift (NumPy's version makes two, with a temporary)."""
+    if x2d.size < SMALL:
+        return _ref.batchnorm_forward_infer(x2d, gamma, beta, moving_mean, moving_var, eps)
+    scale = (gamma / np.sqrt(moving_var + eps)).astype(x2d.dtype)
+    shift = (beta - moving_mean * scale).astype(x2d.dtype)
+    y = np.empty(x2d.shape, dtype=x2d.dtype)
+    _bn_affine(np.ascontiguousarray(x2d), scale, shift, y)
+    return y, scale
+
+
 # -- Dropout alone (when no BatchNormalization precedes it): the same counter-based mask,
 # stored as 0/1 bytes; backward applies mask and scale in one pass.
 @njit(**_JIT)

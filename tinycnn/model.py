@@ -336,9 +336,19 @@ class Sequential:
         self.history = history
         return history
 
+    # Inference gives each sample the same result whatever the batch, so the CPU runs a large
+    # requested batch as sub-batches small enough for their activations to stay in cache.
+    CPU_INFERENCE_BATCH = 128
+
+    def _inference_batches(self, n, batch_size):
+        if self.backend.name == "cpu":
+            batch_size = min(batch_size, self.CPU_INFERENCE_BATCH)
+        return range(0, n, batch_size), batch_size
+
     def _evaluate_arrays(self, x, t, batch_size):
         metrics = _EpochMetrics(self.metric_names)
-        for start in range(0, x.shape[0], batch_size):
+        starts, batch_size = self._inference_batches(x.shape[0], batch_size)
+        for start in starts:
             xb, tb = x[start : start + batch_size], t[start : start + batch_size]
             out = self._forward(xb, training=False)
             probs, per_sample, _ = self.loss.compute(out, tb, self._fused_softmax, self.backend.kernels)
@@ -360,8 +370,9 @@ class Sequential:
         """Outputs in inference mode as a NumPy array (probabilities when the model ends in softmax)."""
         x = self._check_x(x)
         outs = []
-        for start in range(0, x.shape[0], int(batch_size)):
-            out = self._forward(x[start : start + int(batch_size)], training=False)
+        starts, batch_size = self._inference_batches(x.shape[0], int(batch_size))
+        for start in starts:
+            out = self._forward(x[start : start + batch_size], training=False)
             if getattr(self, "_fused_softmax", False):
                 out = softmax(out)
             outs.append(to_numpy(out))
