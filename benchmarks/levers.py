@@ -17,7 +17,7 @@ VARIANTS = [
     ("NumPy reference kernels only (no numba)", {"TINYCNN_KERNELS": "reference"}, []),
     ("OpenMP threads spin while waiting (libgomp default)", {"OMP_WAIT_POLICY": "ACTIVE"}, []),
     ("numba workqueue threading layer instead of OpenMP", {"NUMBA_THREADING_LAYER": "workqueue"}, []),
-    ("one numba thread", {"NUMBA_NUM_THREADS": "1"}, []),
+    ("two numba threads (the default is one on machines with <= 2 cores)", {"TINYCNN_NUMBA_THREADS": "2"}, []),
     ("convolution not cache-blocked (one im2col + one GEMM)", {}, ["--chunk-bytes", str(1 << 40)]),
     ("convolution in 8 MiB chunks", {}, ["--chunk-bytes", str(8 << 20)]),
     ("Dropout apart from BatchNormalization (no fusion)", {}, ["--no-fuse"]),
