@@ -1,11 +1,15 @@
 """What each CPU speed lever buys: the Week2 training step (batch 128) with one lever undone at
 a time, each in a fresh process, all in one run on the same machine.
 
-    python benchmarks/levers.py [--repeats 5] [--steps 50] [--out benchmarks/results/levers.md]
+    python benchmarks/levers.py [--rounds 3] [--repeats 3] [--steps 30] [--out benchmarks/results/levers.md]
+
+This machine's speed drifts by up to 1.5x over minutes (a shared host), so the variants run in
+interleaved rounds and the table reports the median over rounds, with every round's value.
 """
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -35,27 +39,30 @@ def measure(env, flags, repeats, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "levers.md"))
     args = parser.parse_args()
     sys.path.insert(0, HERE)
     import common
 
     machine = common.machine_info()
-    rows = []
-    for name, env, flags in VARIANTS:
-        median, runs = measure(env, flags, args.repeats, args.steps)
-        rows.append((name, median, runs))
-        print(f"{median:8.1f} ms  {name}  (runs: {runs})", flush=True)
+    per_round = {name: [] for name, _, _ in VARIANTS}
+    for r in range(args.rounds):
+        for name, env, flags in VARIANTS:
+            median, _ = measure(env, flags, args.repeats, args.steps)
+            per_round[name].append(median)
+            print(f"round {r + 1}: {median:8.1f} ms  {name}", flush=True)
+    rows = [(name, statistics.median(values), values) for name, values in per_round.items()]
     base = rows[0][1]
     lines = ["# CPU levers: Week2 training step, batch 128", "",
-             f"Machine: {machine.get('cpu_model', '?')}, {machine.get('logical_cores', '?')} logical cores; "
-             f"median of {args.repeats} runs x {args.steps} steps after warm-up, each variant in a fresh process, "
-             "one after another in one run (`python benchmarks/levers.py`).", "",
-             "| variant (one lever undone) | ms per step | vs all levers |", "|---|---:|---:|"]
-    for name, median, runs in rows:
-        lines.append(f"| {name} | {median:.1f} | {median / base:.2f}x |")
+             f"Machine: {machine.get('cpu_model', '?')}, {machine.get('logical_cores', '?')} logical cores. Each cell: "
+             f"median over {args.rounds} interleaved rounds of (median of {args.repeats} runs x {args.steps} steps after "
+             "warm-up), each variant in a fresh process (`python benchmarks/levers.py`).", "",
+             "| variant (one lever undone) | ms per step | vs all levers | each round |", "|---|---:|---:|---|"]
+    for name, median, values in rows:
+        lines.append(f"| {name} | {median:.1f} | {median / base:.2f}x | {', '.join(f'{v:.1f}' for v in values)} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
