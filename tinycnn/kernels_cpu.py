@@ -6,6 +6,7 @@ never write the same image and results do not depend on the thread count. Compil
 is cached on disk (cache=True): the compile cost is paid once per machine, not per run.
 """
 import os
+import threading
 
 # Between two numba kernels a step runs OpenBLAS GEMMs on the same cores. OpenMP threads
 # that spin while waiting (libgomp's default) steal those cores from OpenBLAS: measured on the
@@ -157,16 +158,19 @@ def _chunk(bytes_per_image, n):
     return max(1, min(n, CHUNK_BYTES // bytes_per_image))
 
 
-_scratch = {}
+_scratch = threading.local()  # per thread: two models training in two threads never share one
 
 
 def _scratch_buffer(name, shape, dtype):
     """A reusable work array (the chunk's patch matrix and its gradient): allocated once per
     shape instead of once per chunk. Only for values that die before the kernel returns."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
     key = (name, shape, np.dtype(dtype))
-    buf = _scratch.get(key)
+    buf = buffers.get(key)
     if buf is None:
-        buf = _scratch[key] = np.empty(shape, dtype=dtype)
+        buf = buffers[key] = np.empty(shape, dtype=dtype)
     return buf
 
 
