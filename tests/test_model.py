@@ -1,7 +1,4 @@
-import io
-import json
 import os
-import re
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .saving import WeightsFileError
+from .saving import WeightsFileError, check_file_array
 
 KERAS_INSTALL_HINT = 'pip install "tinycnn[keras]"  (h5py)'
 
@@ -87,13 +87,8 @@ def load_keras_weights(model, path):
                                        f"{count} arrays in the file, {len(layer.weights)} in the model")
             values = []
             for i, (name, current) in enumerate(layer.weights.items()):
-                value = np.asarray(group[str(i)])
-                if value.shape != tuple(current.shape):
-                    raise WeightsFileError(f"{path!r} does not match the model at {where}: weight {name!r} has shape "
-                                           f"{value.shape} in the file but {tuple(current.shape)} in the model")
-                if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
-                    raise WeightsFileError(f"{path!r}: {group_path}/vars/{i} is not a finite floating-point array")
-                values.append(value)
+                values.append(check_file_array(path, where, name, f"{group_path}/vars/{i}", np.asarray(group[str(i)]),
+                                               current.shape))
             plan.append((layer, values))
         unused = [name for name in extra if len(f[f"layers/{name}"].get("vars", {})) > 0]
         if unused:

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from . import kernels_reference as _ref  # noqa: E402
-from .kernels_reference import conv_output_size, dropout_keep_threshold, dropout_key  # noqa: E402
+from .kernels_reference import dropout_keep_threshold, dropout_key, output_hw  # noqa: E402
 
 _JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
 
@@ -84,9 +84,7 @@ def _im2col(x, kh, kw, sh, sw, top, left, oh, ow, out):
 
 
 def im2col(x, kh, kw, stride, pads):
-    n, h, w, c = x.shape
-    oh = conv_output_size(h, kh, stride[0], pads[0] + pads[1])
-    ow = conv_output_size(w, kw, stride[1], pads[2] + pads[3])
+    n, h, w, c, oh, ow = _conv_sizes(x.shape, kh, kw, stride, pads)
     out = np.empty((n * oh * ow, kh * kw * c), dtype=x.dtype)
     _im2col(np.ascontiguousarray(x), kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, out)
     return out
@@ -114,21 +112,10 @@ def _col2im(cols, kh, kw, sh, sw, top, left, oh, ow, dx):
 
 
 def col2im(cols, x_shape, kh, kw, stride, pads):
-    n, h, w, c = x_shape
-    oh = conv_output_size(h, kh, stride[0], pads[0] + pads[1])
-    ow = conv_output_size(w, kw, stride[1], pads[2] + pads[3])
+    _, _, _, _, oh, ow = _conv_sizes(x_shape, kh, kw, stride, pads)
     dx = np.empty(x_shape, dtype=cols.dtype)
     _col2im(np.ascontiguousarray(cols), kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx)
     return dx
-
-
-# -- Convolution, cache-blocked: the batch is cut into chunks whose patch matrix fits in the
-# cores' L2 caches, so each chunk is written by im2col and read back by the GEMM without a trip to
-# memory. Backward recomputes each chunk's patches instead of keeping the whole matrix
-# (73,728 x 144 floats = 42 MB for the Week2 model's second convolution).
-# Week2 step on the 2-core machine (2 x 1 MiB L2): 1 MiB chunks 30.7-31.1 ms, 2 MiB 30.9-31.3,
-# 4 MiB 31.6-35.2, 8 MiB 39-40, unchunked 45.
-CHUNK_BYTES = 2 << 20
 
 
 @njit(**_JIT)
@@ -147,11 +134,18 @@ def relu_backward(dy, y):
     return dx
 
 
+# -- Convolution, cache-blocked: the batch is cut into chunks whose patch matrix fits in the
+# cores' L2 caches, so each chunk is written by im2col and read back by the GEMM without a trip to
+# memory. Backward recomputes each chunk's patches instead of keeping the whole matrix
+# (73,728 x 144 floats = 42 MB for the Week2 model's second convolution).
+# Week2 step on the 2-core machine (2 x 1 MiB L2): 1 MiB chunks 30.7-31.1 ms, 2 MiB 30.9-31.3,
+# 4 MiB 31.6-35.2, 8 MiB 39-40, unchunked 45.
+CHUNK_BYTES = 2 << 20
+
+
 def _conv_sizes(x_shape, kh, kw, stride, pads):
     n, h, w, c = x_shape
-    oh = conv_output_size(h, kh, stride[0], pads[0] + pads[1])
-    ow = conv_output_size(w, kw, stride[1], pads[2] + pads[3])
-    return n, h, w, c, oh, ow
+    return (n, h, w, c) + output_hw(h, w, kh, kw, stride, pads)
 
 
 def _chunk(bytes_per_image, n):
@@ -235,7 +229,7 @@ def _maxpool_forward(x, ph, pw, sh, sw, y, argmax):
 
 def maxpool_forward(x, pool, stride):
     n, h, w, c = x.shape
-    oh, ow = (h - pool[0]) // stride[0] + 1, (w - pool[1]) // stride[1] + 1
+    oh, ow = output_hw(h, w, pool[0], pool[1], stride)
     y = np.empty((n, oh, ow, c), dtype=x.dtype)
     argmax = np.empty((n, oh, ow, c), dtype=np.int8)
     _maxpool_forward(np.ascontiguousarray(x), pool[0], pool[1], stride[0], stride[1], y, argmax)

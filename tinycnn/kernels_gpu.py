@@ -10,7 +10,7 @@ in tests/test_kernels.py compare every entry with the reference wherever a GPU i
 """
 import cupy as cp
 
-from .kernels_reference import conv_output_size, dropout_keep_threshold, dropout_key
+from .kernels_reference import dropout_keep_threshold, dropout_key, output_hw
 
 _IM2COL = cp.ElementwiseKernel(
     "raw T x, int32 h, int32 w, int32 c, int32 kh, int32 kw, int32 sh, int32 sw, int32 top, int32 left, "
@@ -121,9 +121,7 @@ _ADAM = cp.ElementwiseKernel(
 
 def _sizes(x_shape, kh, kw, stride, pads):
     n, h, w, c = x_shape
-    oh = conv_output_size(h, kh, stride[0], pads[0] + pads[1])
-    ow = conv_output_size(w, kw, stride[1], pads[2] + pads[3])
-    return n, h, w, c, oh, ow
+    return (n, h, w, c) + output_hw(h, w, kh, kw, stride, pads)
 
 
 def im2col(x, kh, kw, stride, pads):
@@ -152,7 +150,7 @@ def conv2d_backward(dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2
 
 def maxpool_forward(x, pool, stride):
     n, h, w, c = x.shape
-    oh, ow = (h - pool[0]) // stride[0] + 1, (w - pool[1]) // stride[1] + 1
+    oh, ow = output_hw(h, w, pool[0], pool[1], stride)
     y = cp.empty((n, oh, ow, c), dtype=x.dtype)
     argmax = cp.empty((n, oh, ow, c), dtype=cp.int8)
     _MAXPOOL_FORWARD(cp.ascontiguousarray(x), h, w, c, pool[0], pool[1], stride[0], stride[1], oh, ow, y, argmax)

@@ -31,8 +31,9 @@ KERNELS = (
 )
 
 
-def conv_output_size(size, k, stride, pad_total):
-    return (size + pad_total - k) // stride + 1
+def output_hw(h, w, kh, kw, stride, pads=(0, 0, 0, 0)):
+    """(OH, OW) of a kh x kw window moving by `stride` over an h x w image padded by `pads`."""
+    return (h + pads[0] + pads[1] - kh) // stride[0] + 1, (w + pads[2] + pads[3] - kw) // stride[1] + 1
 
 
 def _pad(x, pads, value=0.0):
@@ -52,8 +53,7 @@ def im2col(x, kh, kw, stride, pads):
     xp = get_array_module(x)
     n, h, w, c = x.shape
     sh, sw = stride
-    oh = conv_output_size(h, kh, sh, pads[0] + pads[1])
-    ow = conv_output_size(w, kw, sw, pads[2] + pads[3])
+    oh, ow = output_hw(h, w, kh, kw, stride, pads)
     xpad = _pad(x, pads)
     cols = xp.empty((n, oh, ow, kh, kw, c), dtype=x.dtype)
     for i in range(kh):
@@ -68,8 +68,7 @@ def col2im(cols, x_shape, kh, kw, stride, pads):
     n, h, w, c = x_shape
     sh, sw = stride
     top, bottom, left, right = pads
-    oh = conv_output_size(h, kh, sh, top + bottom)
-    ow = conv_output_size(w, kw, sw, left + right)
+    oh, ow = output_hw(h, w, kh, kw, stride, pads)
     cols = cols.reshape(n, oh, ow, kh, kw, c)
     dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=cols.dtype)
     for i in range(kh):
@@ -99,7 +98,7 @@ def _windows(x, pool, stride):
     xp = get_array_module(x)
     n, h, w, c = x.shape
     (ph, pw), (sh, sw) = pool, stride
-    oh, ow = (h - ph) // sh + 1, (w - pw) // sw + 1
+    oh, ow = output_hw(h, w, ph, pw, stride)
     win = xp.empty((n, oh, ow, ph * pw, c), dtype=x.dtype)
     for i in range(ph):
         for j in range(pw):

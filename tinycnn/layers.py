@@ -16,7 +16,7 @@ import numpy as np
 
 from . import activations
 from .backend import get_backend, to_numpy
-from .kernels_reference import conv_output_size
+from .kernels_reference import output_hw
 
 
 class ShapeError(ValueError):
@@ -101,10 +101,6 @@ class Layer:
         return input_shape
 
     # -- weights ----------------------------------------------------------------------------
-    @property
-    def weight_names(self):
-        return list(self.weights)
-
     def count_params(self):
         return int(sum(w.size for w in self.weights.values()))
 
@@ -148,9 +144,6 @@ class Layer:
 
     def reseed(self, seed):
         """Layers that draw random numbers during training restart their stream from `seed`."""
-
-    def describe_class(self):
-        return type(self).__name__
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"
@@ -215,9 +208,7 @@ class Conv2D(_ActivationMixin, Layer):
         if len(input_shape) != 3:
             raise ShapeError(f"Conv2D {self.name} needs (height, width, channels) inputs, got shape {input_shape}")
         h, w, _ = input_shape
-        top, bottom, left, right = self._pads(h, w)
-        (kh, kw), (sh, sw) = self.kernel_size, self.strides
-        oh, ow = conv_output_size(h, kh, sh, top + bottom), conv_output_size(w, kw, sw, left + right)
+        oh, ow = output_hw(h, w, *self.kernel_size, self.strides, self._pads(h, w))
         if oh < 1 or ow < 1:
             raise ShapeError(f"Conv2D {self.name}: kernel {self.kernel_size} does not fit input {input_shape}")
         return (oh, ow, self.filters)
@@ -438,10 +429,10 @@ class MaxPooling2D(Layer):
         if len(input_shape) != 3:
             raise ShapeError(f"MaxPooling2D {self.name} needs (height, width, channels) inputs, got {input_shape}")
         h, w, c = input_shape
-        (ph, pw), (sh, sw) = self.pool_size, self.strides
+        ph, pw = self.pool_size
         if h < ph or w < pw:
             raise ShapeError(f"MaxPooling2D {self.name}: pool {self.pool_size} is larger than input {input_shape}")
-        return ((h - ph) // sh + 1, (w - pw) // sw + 1, c)
+        return output_hw(h, w, ph, pw, self.strides) + (c,)
 
     def call(self, x, training):
         y, argmax = self.kernels.maxpool_forward(x, self.pool_size, self.strides)

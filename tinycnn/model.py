@@ -71,6 +71,7 @@ class Sequential:
         self.optimizer = None
         self.loss = None
         self.metric_names = []
+        self._fused_softmax = False  # set by compile when the last layer's softmax joins the loss
         self.history = None
         for layer in layers or []:
             self.add(layer)
@@ -81,8 +82,6 @@ class Sequential:
             raise TypeError(f"Sequential.add expects a tinycnn layer, got {type(layer).__name__}")
         if self.built:
             raise RuntimeError("cannot add layers to a model that is already built")
-        if not self.layers and layer.input_shape is None:
-            pass  # the input shape may come later, from build() or the first data
         self.layers.append(layer)
 
     @property
@@ -373,7 +372,7 @@ class Sequential:
         starts, batch_size = self._inference_batches(x.shape[0], int(batch_size))
         for start in starts:
             out = self._forward(x[start : start + batch_size], training=False)
-            if getattr(self, "_fused_softmax", False):
+            if self._fused_softmax:
                 out = softmax(out)
             outs.append(to_numpy(out))
         return np.concatenate(outs)

@@ -78,6 +78,16 @@ def _read(path):
     return arrays, meta
 
 
+def check_file_array(path, where, name, key, value, expected_shape):
+    """One weight array read from a file: the model's shape, floating point, finite."""
+    if value.shape != tuple(expected_shape):
+        raise WeightsFileError(f"{path!r} does not match the model at {where}: weight {name!r} has shape "
+                               f"{value.shape} in the file but {tuple(expected_shape)} in the model")
+    if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
+        raise WeightsFileError(f"{path!r}: {key} is not a finite floating-point array")
+    return value
+
+
 def _match(model, arrays, meta, path, by_name):
     """Per model layer, the list of arrays to assign; raises on the first mismatch."""
     records = meta["layers"]
@@ -108,15 +118,7 @@ def _match(model, arrays, meta, path, by_name):
             key = f"layer{i:03d}/{name}"
             if key not in arrays:
                 raise WeightsFileError(f"{path!r} is missing {key}")
-            value = arrays[key]
-            if value.shape != tuple(current.shape):
-                raise WeightsFileError(
-                    f"{path!r} does not match the model at {where}: weight {name!r} has shape {value.shape} "
-                    f"in the file but {tuple(current.shape)} in the model"
-                )
-            if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
-                raise WeightsFileError(f"{path!r}: {key} is not a finite floating-point array")
-            values.append(value)
+            values.append(check_file_array(path, where, name, key, arrays[key], current.shape))
         plan.append((layer, values))
     return plan
 
