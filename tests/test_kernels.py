@@ -13,7 +13,10 @@ def fast_kernels(device):
 
 
 def _same(a, b, dtype):
-    np.testing.assert_allclose(B.to_numpy(a), B.to_numpy(b), rtol=RTOL[dtype], atol=RTOL[dtype])
+    """Equal up to round-off: elementwise rtol, and an atol relative to the tensor's largest entry
+    (a sum of thousands of products that nearly cancels carries the round-off of its terms)."""
+    a, b = B.to_numpy(a), B.to_numpy(b)
+    np.testing.assert_allclose(a, b, rtol=RTOL[dtype], atol=RTOL[dtype] * max(1.0, float(np.abs(b).max(initial=0))))
 
 
 CONVS = [  # (input shape, kh, kw, stride, pads): the Week2 shapes and the awkward ones
@@ -23,25 +26,45 @@ CONVS = [  # (input shape, kh, kw, stride, pads): the Week2 shapes and the awkwa
     ((2, 7, 8, 3), 3, 3, (2, 2), (1, 1, 1, 1)),
     ((2, 7, 7, 2), 4, 4, (2, 2), (1, 2, 1, 2)),
     ((2, 9, 8, 2), 3, 2, (2, 1), (0, 0, 0, 0)),
+    ((2, 11, 11, 10), 3, 3, (1, 1), (0, 0, 0, 0)),  # Week2 conv4: 81 output pixels, 10 channels
+    ((2, 9, 11, 10), 3, 3, (1, 1), (1, 1, 1, 1)),  # 'same': the direct input gradient with pads
+    ((3, 7, 5, 12), 2, 3, (1, 1), (0, 1, 1, 1)),  # even kernel height, asymmetric pads
 ]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
-def test_im2col_col2im_and_conv(device, dtype, shape, kh, kw, stride, pads):
+def test_im2col_col2im(device, dtype, shape, kh, kw, stride, pads):
     k = fast_kernels(device)
     be = B.get_backend(device)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
     cols_ref = R.im2col(x, kh, kw, stride, pads)
-    xd = be.asarray(x)
-    assert np.array_equal(B.to_numpy(k.im2col(xd, kh, kw, stride, pads)), cols_ref)  # a pure copy: exact
+    assert np.array_equal(B.to_numpy(k.im2col(be.asarray(x), kh, kw, stride, pads)), cols_ref)  # a copy: exact
     dcols = rng.standard_normal(cols_ref.shape).astype(dtype)
     _same(k.col2im(be.asarray(dcols), shape, kh, kw, stride, pads), R.col2im(dcols, shape, kh, kw, stride, pads), dtype)
 
-    kernel2d = rng.standard_normal((cols_ref.shape[1], 5)).astype(dtype)
+
+@pytest.mark.parametrize("algorithm", ["direct", "gemm"])
+@pytest.mark.parametrize("filters", [5, 16, 20])  # part of one 16-filter block, one block, two blocks
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
+def test_conv(device, dtype, filters, algorithm, shape, kh, kw, stride, pads, monkeypatch):
+    if device == "gpu" and algorithm == "gemm":
+        pytest.skip("the GPU has one convolution algorithm")
+    k = fast_kernels(device)
+    be = B.get_backend(device)
+    if device == "cpu":
+        from tinycnn import kernels_cpu
+
+        monkeypatch.setattr(kernels_cpu, "CONV", algorithm)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    kernel2d = rng.standard_normal((kh * kw * shape[3], filters)).astype(dtype)
     z_ref, saved_ref = R.conv2d_forward(x, kernel2d, kh, kw, stride, pads)
-    z, saved = k.conv2d_forward(xd, be.asarray(kernel2d), kh, kw, stride, pads)
+    z, saved = k.conv2d_forward(be.asarray(x), be.asarray(kernel2d), kh, kw, stride, pads)
+    if device == "cpu":
+        assert saved[0] == algorithm  # the path under test is the one that ran
     _same(z, z_ref, dtype)
     dz = rng.standard_normal(z_ref.shape).astype(dtype)
     dk_ref, dk = np.empty_like(kernel2d), be.xp.empty(kernel2d.shape, dtype=dtype)
@@ -49,8 +72,12 @@ def test_im2col_col2im_and_conv(device, dtype, shape, kh, kw, stride, pads):
     dx = k.conv2d_backward(be.asarray(dz), saved, shape, be.asarray(kernel2d), kh, kw, stride, pads, dk, True)
     _same(dx, dx_ref, dtype)
     _same(dk, dk_ref, dtype)
+    dk[...] = np.nan
     assert k.conv2d_backward(be.asarray(dz), saved, shape, be.asarray(kernel2d), kh, kw, stride, pads, dk, False) is None
     _same(dk, dk_ref, dtype)
+    # Twice more: reused buffers (the zero-bordered padded gradient) must not carry anything over.
+    dx2 = k.conv2d_backward(be.asarray(2 * dz), saved, shape, be.asarray(kernel2d), kh, kw, stride, pads, dk, True)
+    _same(dx2, 2 * dx_ref, dtype)
 
 
 @pytest.mark.parametrize("shape, pool, stride", [((4, 24, 24, 10), (2, 2), (2, 2)), ((2, 7, 7, 3), (3, 3), (2, 2)), ((2, 5, 7, 2), (2, 3), (1, 2))])

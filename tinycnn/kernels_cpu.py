@@ -5,6 +5,7 @@ Each public function has the signature and meaning of its namesake in kernels_re
 never write the same image and results do not depend on the thread count. Compiled code
 is cached on disk (cache=True): the compile cost is paid once per machine, not per run.
 """
+import contextlib
 import os
 import threading
 
@@ -25,15 +26,29 @@ _JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
 
 
 def _numba_threads():
-    """Threads for tinycnn's numba kernels: $TINYCNN_NUMBA_THREADS, else 1 on machines with two
-    cores or fewer. There every GEMM already uses all cores through OpenBLAS, and handing the
-    cores back and forth between two thread pools costs more than the memory-bound numba
-    kernels gain: measured 27.5 ms per Week2 step with one numba thread, 31.4 with two."""
+    """Threads for tinycnn's memory-bound numba kernels: $TINYCNN_NUMBA_THREADS, else 1 on
+    machines with two cores or fewer. There the GEMMs already use all cores through OpenBLAS,
+    and handing the cores back and forth between two thread pools costs more than the
+    memory-bound kernels gain: measured 27.5 ms per Week2 step with one numba thread, 31.4 with
+    two. The compute-bound direct convolutions run on all cores (all_cores)."""
     import numba
 
     wanted = os.environ.get("TINYCNN_NUMBA_THREADS")
     n = int(wanted) if wanted else (1 if (os.cpu_count() or 1) <= 2 else numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # for the importing thread
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Run the numba kernels inside on every numba thread (the count is per calling thread)."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def _keep_freed_memory():
@@ -155,16 +170,17 @@ def _chunk(bytes_per_image, n):
 _scratch = threading.local()  # per thread: two models training in two threads never share one
 
 
-def _scratch_buffer(name, shape, dtype):
+def _scratch_buffer(name, shape, dtype, zeroed=False):
     """A reusable work array (the chunk's patch matrix and its gradient): allocated once per
-    shape instead of once per chunk. Only for values that die before the kernel returns."""
+    shape instead of once per chunk. Only for values that die before the kernel returns.
+    `zeroed`: zero-filled when first made (for buffers whose unwritten parts must stay 0)."""
     buffers = getattr(_scratch, "buffers", None)
     if buffers is None:
         buffers = _scratch.buffers = {}
     key = (name, shape, np.dtype(dtype))
     buf = buffers.get(key)
     if buf is None:
-        buf = buffers[key] = np.empty(shape, dtype=dtype)
+        buf = buffers[key] = (np.zeros if zeroed else np.empty)(shape, dtype=dtype)
     return buf
 
 
@@ -174,37 +190,80 @@ def _chunk_cols(x, start, stop, kh, kw, stride, pads, oh, ow):
     return cols
 
 
+from . import kernels_cpu_conv as _direct  # noqa: E402  (it imports the helpers above)
+
+# Which convolution: "direct" (register-blocked loops, kernels_cpu_conv) where it applies, else
+# "gemm" (chunked im2col + OpenBLAS). $TINYCNN_CONV=gemm forces the GEMM path everywhere.
+# Direct applies to float32/float64 layers with at most DIRECT_MAX_CHANNELS input and output
+# channels: there the GEMM has as few columns as the layer has filters and runs at a fraction of
+# the machine's rate, while the direct loops keep 8 pixels x 16 filters in registers. Week2 conv2
+# (16 -> 16, 3x3, 128 images of 26x26) on the 2-core machine, forward: 1.1-1.4 ms direct,
+# 3.2-3.7 ms GEMM. Larger layers were not measured, so they keep the GEMM.
+CONV = os.environ.get("TINYCNN_CONV", "direct")
+if CONV not in ("direct", "gemm"):
+    raise ValueError(f"TINYCNN_CONV must be 'direct' or 'gemm', got {CONV!r}")
+DIRECT_MAX_CHANNELS = 64
+
+
+def _algorithm(x, kernel2d):
+    direct = (CONV == "direct" and x.dtype in (np.float32, np.float64)
+              and x.shape[3] <= DIRECT_MAX_CHANNELS and kernel2d.shape[1] <= DIRECT_MAX_CHANNELS)
+    return "direct" if direct else "gemm"
+
+
 def conv2d_forward(x, kernel2d, kh, kw, stride, pads):
     x = np.ascontiguousarray(x)
     n, h, w, c, oh, ow = _conv_sizes(x.shape, kh, kw, stride, pads)
+    algorithm = _algorithm(x, kernel2d)
+    if algorithm == "direct":
+        xpad = np.ascontiguousarray(_ref._pad(x, pads))
+        return _direct.forward(xpad, np.ascontiguousarray(kernel2d), kh, kw, stride, oh, ow), (algorithm, xpad)
     chunk = _chunk(oh * ow * kh * kw * c * x.itemsize, n)
     z = np.empty((n * oh * ow, kernel2d.shape[1]), dtype=x.dtype)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         cols = _chunk_cols(x, start, stop, kh, kw, stride, pads, oh, ow)
         np.matmul(cols, kernel2d, out=z[start * oh * ow : stop * oh * ow])
-    return z, x
+    return z, (algorithm, x)
 
 
 def conv2d_backward(dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
-    x = saved
+    algorithm, x = saved
     dz = np.ascontiguousarray(dz)
     n, h, w, c, oh, ow = _conv_sizes(x_shape, kh, kw, stride, pads)
+    if algorithm == "direct":
+        _direct.filter_grad(x, dz, kh, kw, stride, oh, ow, dkernel2d)
+        if not need_dx:
+            return None
+        # The gather form needs stride 1 and pads below the kernel size; with few input channels
+        # its output (padded to 16 channels) wastes more than the GEMM + col2im costs.
+        gather = stride == (1, 1) and max(pads[:2]) < kh and max(pads[2:]) < kw and c >= _direct.LANES // 2
+        if gather:
+            return _direct.input_grad(dz, x_shape, np.ascontiguousarray(kernel2d), kh, kw, pads, oh, ow)
+        return _gemm_input_grad(dz, x_shape, kernel2d, kh, kw, stride, pads)
     rows = oh * ow
     chunk = _chunk(rows * kh * kw * c * x.itemsize, n)
-    dx = np.empty(x_shape, dtype=dz.dtype) if need_dx else None
     dkernel2d[...] = 0
     part = np.empty_like(dkernel2d)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        dz_chunk = dz[start * rows : stop * rows]
         cols = _chunk_cols(x, start, stop, kh, kw, stride, pads, oh, ow)
-        np.matmul(cols.T, dz_chunk, out=part)
+        np.matmul(cols.T, dz[start * rows : stop * rows], out=part)
         dkernel2d += part
-        if need_dx:
-            dcols = _scratch_buffer("dcols", (dz_chunk.shape[0], kh * kw * c), dz.dtype)
-            np.matmul(dz_chunk, kernel2d.T, out=dcols)
-            _col2im(dcols, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx[start:stop])
+    return _gemm_input_grad(dz, x_shape, kernel2d, kh, kw, stride, pads) if need_dx else None
+
+
+def _gemm_input_grad(dz, x_shape, kernel2d, kh, kw, stride, pads):
+    """dx = col2im(dz @ kernel^T), a chunk of images at a time (the chunk's dcols stay in cache)."""
+    n, h, w, c, oh, ow = _conv_sizes(x_shape, kh, kw, stride, pads)
+    rows = oh * ow
+    chunk = _chunk(rows * kh * kw * c * dz.itemsize, n)
+    dx = np.empty(x_shape, dtype=dz.dtype)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        dcols = _scratch_buffer("dcols", ((stop - start) * rows, kh * kw * c), dz.dtype)
+        np.matmul(dz[start * rows : stop * rows], kernel2d.T, out=dcols)
+        _col2im(dcols, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx[start:stop])
     return dx
 
 
