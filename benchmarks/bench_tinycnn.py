@@ -123,18 +123,12 @@ def kernels(np, be, counts, notes, sync):
         w2d = be.asarray(C.random_array(s["w"], 20 + i).reshape(-1, s["w"][3]))
         dz = be.asarray(C.random_array(s["y"], 30 + i).reshape(-1, s["w"][3]))
         dk = xp.empty(w2d.shape, dtype=w2d.dtype)
-        if kk == 1:  # the layer's pointwise path: the input already is the patch matrix
-            x2d = x.reshape(-1, s["x"][3])
-            t(f"{name}.fwd", lambda: x2d @ w2d)
-            t(f"{name}.bwd_data", lambda: dz @ w2d.T)
-            t(f"{name}.bwd_filter", lambda: xp.matmul(x2d.T, dz, out=dk))
-            continue
         _, saved = k.conv2d_forward(x, w2d, kk, kk, (1, 1), nopad)
         t(f"{name}.fwd", lambda: k.conv2d_forward(x, w2d, kk, kk, (1, 1), nopad))
         t(f"{name}.bwd_filter", lambda: k.conv2d_backward(dz, saved, s["x"], w2d, kk, kk, (1, 1), nopad, dk, False))
         both = C.kernel_stats(lambda: k.conv2d_backward(dz, saved, s["x"], w2d, kk, kk, (1, 1), nopad, dk, True),
                               counts, sync=sync)
-        # Both gradients come from one chunked pass; bwd_data is what computing dx adds to it.
+        # bwd_data is what computing dx adds to the call that computes the filter gradient alone.
         only_filter = out[f"{name}.bwd_filter"]["median"]
         out[f"{name}.bwd_data"] = C.stats([max(0.0, r - only_filter) for r in both["runs"]])
     x = be.asarray(C.random_array(C.conv_shapes("conv2")["x"], 70))
@@ -156,10 +150,14 @@ def kernels(np, be, counts, notes, sync):
     logits = be.asarray(C.random_array(C.SOFTMAX_SHAPE, 60))
     targets = be.asarray(C.one_hot(C.random_labels(C.BATCH, 61)))
     t("softmax_ce.fwd_bwd", lambda: k.softmax_cross_entropy(logits, targets))
-    notes.append("kernels: the backend's kernel table at the model's shapes (NHWC); conv fwd = chunked im2col + "
-                 "GEMM; bwd_filter = conv2d_backward without dx (recomputes each chunk's patches); bwd_data = "
-                 "conv2d_backward with dx minus bwd_filter (one pass computes both); conv3 (1x1) is a plain GEMM "
-                 "on the reshaped input; batchnorm = fused numba passes; maxpool keeps an int8 argmax")
+    notes.append("kernels: the backend's kernel table at the model's shapes (NHWC); on the CPU every Week2 "
+                 "convolution (1x1 included) is a direct convolution: generated numba loops holding 8 output "
+                 "pixels x 16 filters in AVX-512 registers (LLVM's SLP vectorizer on for these kernels only), no "
+                 "im2col and no BLAS; bwd_filter = conv2d_backward without dx (register-blocked over 8 kernel "
+                 "elements x 16 filters, in L1-sized strips of rows); bwd_data = conv2d_backward with dx minus "
+                 "bwd_filter (dx as a gather: the padded output gradient convolved with the flipped kernel); "
+                 "im2col.conv2 is timed for reference (only layers over 64 channels use it); batchnorm = fused "
+                 "numba passes; maxpool keeps an int8 argmax")
     return out
 
 

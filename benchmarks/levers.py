@@ -19,11 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = [
     ("all levers (default)", {}, []),
     ("NumPy reference kernels only (no numba)", {"TINYCNN_KERNELS": "reference"}, []),
+    ("convolutions as chunked im2col + OpenBLAS GEMM (the default before direct convolution)",
+     {"TINYCNN_CONV": "gemm"}, []),
+    ("im2col + GEMM, not cache-blocked (one im2col + one GEMM per layer)",
+     {"TINYCNN_CONV": "gemm"}, ["--chunk-bytes", str(1 << 40)]),
+    ("one numba thread instead of all cores", {"TINYCNN_NUMBA_THREADS": "1"}, []),
     ("OpenMP threads spin while waiting (libgomp default)", {"OMP_WAIT_POLICY": "ACTIVE"}, []),
     ("numba workqueue threading layer instead of OpenMP", {"NUMBA_THREADING_LAYER": "workqueue"}, []),
-    ("two numba threads (the default is one on machines with <= 2 cores)", {"TINYCNN_NUMBA_THREADS": "2"}, []),
-    ("convolution not cache-blocked (one im2col + one GEMM)", {}, ["--chunk-bytes", str(1 << 40)]),
-    ("convolution in 8 MiB chunks", {}, ["--chunk-bytes", str(8 << 20)]),
     ("Dropout apart from BatchNormalization (no fusion)", {}, ["--no-fuse"]),
 ]
 

@@ -5,7 +5,6 @@ Each public function has the signature and meaning of its namesake in kernels_re
 never write the same image and results do not depend on the thread count. Compiled code
 is cached on disk (cache=True): the compile cost is paid once per machine, not per run.
 """
-import contextlib
 import os
 import threading
 
@@ -26,29 +25,17 @@ _JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
 
 
 def _numba_threads():
-    """Threads for tinycnn's memory-bound numba kernels: $TINYCNN_NUMBA_THREADS, else 1 on
-    machines with two cores or fewer. There the GEMMs already use all cores through OpenBLAS,
-    and handing the cores back and forth between two thread pools costs more than the
-    memory-bound kernels gain: measured 27.5 ms per Week2 step with one numba thread, 31.4 with
-    two. The compute-bound direct convolutions run on all cores (all_cores)."""
+    """Threads for tinycnn's numba kernels: $TINYCNN_NUMBA_THREADS, else numba's default (all cores).
+
+    With the convolutions in numba, a Week2 step calls no BLAS at all, so nothing competes for
+    the cores: measured 18.7-19.1 ms per step with two numba threads against 20.9-22.2 with one on
+    the 2-core machine. (With im2col + OpenBLAS convolutions one numba thread was better, 27.5 against
+    31.4 ms: OpenBLAS threads spin for a while after each GEMM and took the second core.)"""
     import numba
 
     wanted = os.environ.get("TINYCNN_NUMBA_THREADS")
-    n = int(wanted) if wanted else (1 if (os.cpu_count() or 1) <= 2 else numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # for the importing thread
-
-
-@contextlib.contextmanager
-def all_cores():
-    """Run the numba kernels inside on every numba thread (the count is per calling thread)."""
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
+    if wanted:  # for the importing thread (numba's count is per thread)
+        numba.set_num_threads(max(1, min(int(wanted), numba.config.NUMBA_NUM_THREADS)))
 
 
 def _keep_freed_memory():

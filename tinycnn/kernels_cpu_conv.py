@@ -27,12 +27,14 @@ import numpy as np
 from numba import njit, prange
 from numba.core import config as _numba_config
 
-from .kernels_cpu import _scratch_buffer, all_cores
+from .kernels_cpu import _scratch_buffer
 
 LANES = 16  # filters per register block: one AVX-512 register of float32
 PIXELS = 8  # output pixels per register block in the forward pass (8 x 16 accumulators)
 ROWS = 8  # kernel elements per register block in the filter gradient (8 x 16 accumulators)
 IMAGES_PER_PARTIAL = 4  # filter-gradient partial sums: one per 4 images, summed in a fixed order
+TASKS = 64  # parallel tasks per forward call (a few per thread on any core count here)
+L1_BYTES = 16 << 10  # working set of one filter-gradient strip (a third of Zen 5's 48 KiB L1d)
 
 
 # The generated loops index with uint64: for a signed index numba adds a negative-index
@@ -44,90 +46,113 @@ IMAGES_PER_PARTIAL = 4  # filter-gradient partial sums: one per 4 images, summed
 
 
 def _forward_source():
-    """forward_image: out[n, pixel, b*LANES + f] = sum_k x[corner(n, pixel) + xoff[k]] * w[b, k, f].
+    """forward_pixels: out[pixel, b*LANES + f] = sum_k x[corner(pixel) + xoff[k]] * w[b, k, f] for
+    the output pixels p0..p1-1 of the batch, in (n, oh, ow) order.
 
-    Pixel blocks run over an image's output pixels in (oh, ow) order, across row ends, so a
-    small image (5 x 5 outputs) still fills whole blocks; each pixel keeps its own corner."""
+    Pixel blocks run across row and image ends, so small images (5 x 5 outputs) still fill
+    whole blocks; each pixel keeps its own corner, found by walking (n, oh, ow) along."""
     def pixel_block(indent, pixels):
         s, t = " " * indent, " " * (indent + 4)
         out = []
-        for p in range(pixels):
-            out += [s + f"oh = (pix + {p}) // ow_n", s + f"c{p} = U(xn + oh * sx_h + (pix + {p} - oh * ow_n) * sx_w)"]
+        for p in range(pixels):  # walk (n, oh, ow) along: no division per pixel
+            out += [
+                s + f"c{p} = U(n * sx_n + oh * sx_h + ow * sx_w)",
+                s + "ow += 1",
+                s + "if ow == ow_n:",
+                s + "    ow = 0",
+                s + "    oh += 1",
+                s + "    if oh == oh_n:",
+                s + "        oh = 0",
+                s + "        n += 1",
+            ]
         out += [s + f"a{p}_{f} = zero" for p in range(pixels) for f in range(LANES)]
         out += [s + "for k in range(K):", t + "xk = xoff[k]", t + "wk = U(wb + k * LANES)"]
         out += [t + f"w{f} = wf[wk + U({f})]" for f in range(LANES)]
         for p in range(pixels):
             out.append(t + f"x{p} = xf[c{p} + xk]")
             out += [t + f"a{p}_{f} += x{p} * w{f}" for f in range(LANES)]
-        out.append(s + "o = U((n * npix + pix) * fp + b * LANES)")
+        out.append(s + "o = U(pix * fp + b * LANES)")
         out += [s + f"out[o + q{p} + U({f})] = a{p}_{f}" for p in range(pixels) for f in range(LANES)]
         return out
 
     src = [
-        "def forward_image(xf, xoff, wf, out, zero, n, oh_n, ow_n, nb, sx_n, sx_h, sx_w):",
+        "def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):",
         "    K = xoff.shape[0]",
         "    fp = nb * LANES",
         "    npix = oh_n * ow_n",
-        "    xn = n * sx_n",
         *[f"    q{p} = U({p} * fp)" for p in range(PIXELS)],
+        f"    full = p0 + (p1 - p0) // {PIXELS} * {PIXELS}",
         "    for b in range(nb):",
         "        wb = b * K * LANES",
-        f"        for blk in range(npix // {PIXELS}):",
-        f"            pix = blk * {PIXELS}",
+        "        n = p0 // npix",
+        "        oh = (p0 - n * npix) // ow_n",
+        "        ow = p0 - n * npix - oh * ow_n",
+        f"        for blk in range((full - p0) // {PIXELS}):",
+        f"            pix = p0 + blk * {PIXELS}",
         *pixel_block(12, PIXELS),
-        f"        for pix in range(npix // {PIXELS} * {PIXELS}, npix):",
+        "        for pix in range(full, p1):",
         *pixel_block(12, 1),
         "",
         "",
-        "def direct_forward(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w):",
-        "    for n in prange(n_img):",
-        "        forward_image(xf, xoff, wf, out, zero, n, oh_n, ow_n, nb, sx_n, sx_h, sx_w)",
+        "def direct_forward(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):",
+        "    total = n_img * oh_n * ow_n",
+        "    for t in prange((total + chunk - 1) // chunk):",
+        "        forward_pixels(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),",
+        "                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)",
     ]
     return "\n".join(src) + "\n"
 
 
 def _filter_grad_source():
     """filter_grad_group: partial[g, b, k, f] = sum over the images n0..n1-1 of group g and their
-    output pixels of x[corner + xoff[k]] * dy[pixel, b*LANES + f]."""
+    output pixels of x[corner + xoff[k]] * dy[pixel, b*LANES + f].
+
+    The images go by strips of `strip` output rows, small enough that the strip's input rows
+    and output gradient stay in L1 while every block of ROWS kernel elements passes over them;
+    the accumulators are reloaded from `partial` at each strip."""
     def row_block(indent, rows):
-        s, t = " " * indent, " " * (indent + 12)
+        s, t = " " * indent, " " * (indent + 8)
         out = [s + f"o{r} = xoff[k0 + {r}]" for r in range(rows)]
-        out += [s + f"a{r}_{f} = zero" for r in range(rows) for f in range(LANES)]
+        out.append(s + "pb = U(((g * nb + b) * K + k0) * LANES)")
+        out += [s + f"a{r}_{f} = partial[pb + U({r * LANES + f})]" for r in range(rows) for f in range(LANES)]
         out += [
-            s + "for n in range(n0, n1):",
-            s + "    for oh in range(oh_n):",
-            s + "        xrow = n * sx_n + oh * sx_h",
-            s + "        drow = (n * oh_n + oh) * ow_n * fp + b * LANES",
-            s + "        for ow in range(ow_n):",
-            s + "            xb = U(xrow + ow * sx_w)",
-            s + "            d = U(drow + ow * fp)",
+            s + "for oh in range(r0, r1):",
+            s + "    xrow = n * sx_n + oh * sx_h",
+            s + "    drow = (n * oh_n + oh) * ow_n * fp + b * LANES",
+            s + "    for ow in range(ow_n):",
+            s + "        xb = U(xrow + ow * sx_w)",
+            s + "        d = U(drow + ow * fp)",
         ]
         out += [t + f"d{f} = dyf[d + U({f})]" for f in range(LANES)]
         for r in range(rows):
             out.append(t + f"x{r} = xf[xb + o{r}]")
             out += [t + f"a{r}_{f} += x{r} * d{f}" for f in range(LANES)]
-        out.append(s + "pb = U(((g * nb + b) * K + k0) * LANES)")
         out += [s + f"partial[pb + U({r * LANES + f})] = a{r}_{f}" for r in range(rows) for f in range(LANES)]
         return out
 
     src = [
-        "def filter_grad_group(xf, xoff, dyf, partial, zero, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):",
+        "def filter_grad_group(xf, xoff, dyf, partial, zero, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip):",
         "    K = xoff.shape[0]",
         "    fp = nb * LANES",
+        "    for i in range(g * nb * K * LANES, (g + 1) * nb * K * LANES):",
+        "        partial[i] = zero",
         "    for b in range(nb):",
-        f"        for blk in range(K // {ROWS}):",
-        f"            k0 = blk * {ROWS}",
-        *row_block(12, ROWS),
-        f"        for k0 in range(K // {ROWS} * {ROWS}, K):",
-        *row_block(12, 1),
+        "        for n in range(n0, n1):",
+        "            for r0 in range(0, oh_n, strip):",
+        "                r1 = min(r0 + strip, oh_n)",
+        f"                for blk in range(K // {ROWS}):",
+        f"                    k0 = blk * {ROWS}",
+        *row_block(20, ROWS),
+        f"                for k0 in range(K // {ROWS} * {ROWS}, K):",
+        *row_block(20, 1),
         "",
         "",
-        "def direct_filter_grad(xf, xoff, dyf, partial, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group):",
+        "def direct_filter_grad(xf, xoff, dyf, partial, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group, strip):",
         "    n_groups = (n_img + group - 1) // group",
         "    for g in prange(n_groups):",
         "        n0 = g * group",
         "        n1 = min(n0 + group, n_img)",
-        "        filter_grad_group(xf, xoff, dyf, partial, zero, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w)",
+        "        filter_grad_group(xf, xoff, dyf, partial, zero, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip)",
     ]
     return "\n".join(src) + "\n"
 
@@ -148,9 +173,8 @@ class _SLPKernel:
     def __call__(self, *args):
         dtype = args[0].dtype
         if dtype in self._ready:
-            with all_cores():
-                return self._dispatcher(*args)
-        with self._lock, all_cores():
+            return self._dispatcher(*args)
+        with self._lock:
             saved = _numba_config.SLP_VECTORIZE
             _numba_config.SLP_VECTORIZE = 1
             try:
@@ -161,7 +185,7 @@ class _SLPKernel:
         return result
 
 
-_direct_forward = _SLPKernel("direct_forward", "forward_image", _forward_source())
+_direct_forward = _SLPKernel("direct_forward", "forward_pixels", _forward_source())
 _direct_filter_grad = _SLPKernel("direct_filter_grad", "filter_grad_group", _filter_grad_source())
 
 
@@ -190,6 +214,12 @@ def _strides(x, stride):
     return hp * wp * c, stride[0] * wp * c, stride[1] * c
 
 
+def _pixel_chunk(total):
+    """Output pixels per parallel task: a multiple of PIXELS (one partial block per batch, at the
+    end), about TASKS tasks so threads balance."""
+    return max(PIXELS, -(-total // (TASKS * PIXELS)) * PIXELS)
+
+
 def forward(xpad, kernel2d, kh, kw, stride, oh, ow):
     """Convolution of an already padded NHWC input: (N*OH*OW, F)."""
     n, _, wp, c = xpad.shape
@@ -197,7 +227,8 @@ def forward(xpad, kernel2d, kh, kw, stride, oh, ow):
     nb = _blocks(f)
     out = np.empty((n * oh * ow, nb * LANES), dtype=xpad.dtype)
     _direct_forward(xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1),
-                    out.reshape(-1), xpad.dtype.type(0), n, oh, ow, nb, *_strides(xpad, stride))
+                    out.reshape(-1), xpad.dtype.type(0), n, oh, ow, nb, *_strides(xpad, stride),
+                    _pixel_chunk(n * oh * ow))
     return out if f == nb * LANES else np.ascontiguousarray(out[:, :f])
 
 
@@ -212,6 +243,12 @@ def _padded_filters(dz2d):
     return out
 
 
+def _strip_rows(ow, nb, wp, c, kh, itemsize):
+    """Output rows per strip: the strip's output gradient and input rows fit in L1_BYTES."""
+    per_row = (ow * nb * LANES + wp * c) * itemsize
+    return max(1, L1_BYTES // per_row - (kh - 1))
+
+
 def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
     """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input."""
     n, _, wp, c = xpad.shape
@@ -222,7 +259,7 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
     partial = np.empty((groups, nb, k, LANES), dtype=xpad.dtype)
     _direct_filter_grad(xpad.reshape(-1), _offsets(kh, kw, wp, c), _padded_filters(dz2d).reshape(-1),
                         partial.reshape(-1), xpad.dtype.type(0), n, oh, ow, nb, *_strides(xpad, stride),
-                        IMAGES_PER_PARTIAL)
+                        IMAGES_PER_PARTIAL, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
     total = partial.sum(axis=0)  # (nb, K, LANES): fixed order, so no dependence on the thread count
     dkernel2d[...] = total.transpose(1, 0, 2).reshape(k, nb * LANES)[:, :f]
 

@@ -223,18 +223,12 @@ class Conv2D(_ActivationMixin, Layer):
         self._bind_activation()
         h, w, _ = input_shape
         self._pad_tuple = self._pads(h, w)
-        # A 1x1 stride-1 convolution needs no patch matrix: the input already is one.
-        self._pointwise = self.kernel_size == (1, 1) and self.strides == (1, 1)
 
     def call(self, x, training):
         kh, kw = self.kernel_size
         n = x.shape[0]
         kernel2d = self.weights["kernel"].reshape(-1, self.filters)
-        if self._pointwise:
-            saved = x.reshape(-1, x.shape[3])
-            z = saved @ kernel2d
-        else:
-            z, saved = self.kernels.conv2d_forward(x, kernel2d, kh, kw, self.strides, self._pad_tuple)
+        z, saved = self.kernels.conv2d_forward(x, kernel2d, kh, kw, self.strides, self._pad_tuple)
         if self.use_bias:
             z += self.weights["bias"]
         y = self._activate(z.reshape((n,) + self.output_shape))
@@ -248,9 +242,6 @@ class Conv2D(_ActivationMixin, Layer):
         dkernel2d = self.grads["kernel"].reshape(kernel2d.shape)
         if self.use_bias:
             dz.sum(axis=0, out=self.grads["bias"])
-        if self._pointwise:
-            self.xp.matmul(saved.T, dz, out=dkernel2d)
-            return (dz @ kernel2d.T).reshape(x_shape) if self.needs_input_grad else None
         kh, kw = self.kernel_size
         return self.kernels.conv2d_backward(dz, saved, x_shape, kernel2d, kh, kw, self.strides, self._pad_tuple,
                                             dkernel2d, self.needs_input_grad)
