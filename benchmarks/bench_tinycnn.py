@@ -51,7 +51,7 @@ def main():
     threads = int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count()))
     result = C.new_result(FRAMEWORK, tc.__version__, threads, device=be.name, counts=counts)
     result["params"] = model.count_params()
-    notes = [f"backend {be.describe()}", "float32 NHWC; numba on OpenMP threads that sleep while waiting (OMP_WAIT_POLICY=PASSIVE); OpenBLAS GEMMs",
+    notes = [f"backend {be.describe()}", "float32 NHWC; numba on OpenMP threads on all cores, idle threads spin 1000 rounds then sleep (GOMP_SPINCOUNT=1000); no BLAS in the step",
              "step = forward + fused softmax-CE + backward + one fused Adam update over the flat parameter buffer",
              "numba kernels load from the on-disk cache; compile_s = first step - steady step with a warm cache, "
              "compile_cold_s = the same in a fresh process with an empty cache"]

@@ -24,7 +24,12 @@ VARIANTS = [
     ("im2col + GEMM, not cache-blocked (one im2col + one GEMM per layer)",
      {"TINYCNN_CONV": "gemm"}, ["--chunk-bytes", str(1 << 40)]),
     ("one numba thread instead of all cores", {"TINYCNN_NUMBA_THREADS": "1"}, []),
-    ("OpenMP threads spin while waiting (libgomp default)", {"OMP_WAIT_POLICY": "ACTIVE"}, []),
+    ("idle OpenMP threads sleep at once (OMP_WAIT_POLICY=PASSIVE) instead of spinning 1000 rounds",
+     {"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    ("idle OpenMP threads spin forever (OMP_WAIT_POLICY=ACTIVE; ruinous where OpenBLAS runs too)",
+     {"OMP_WAIT_POLICY": "ACTIVE"}, []),
+    ("im2col + GEMM convolutions with idle OpenMP threads asleep at once (the old defaults)",
+     {"TINYCNN_CONV": "gemm", "OMP_WAIT_POLICY": "PASSIVE"}, []),
     ("numba workqueue threading layer instead of OpenMP", {"NUMBA_THREADING_LAYER": "workqueue"}, []),
     ("Dropout apart from BatchNormalization (no fusion)", {}, ["--no-fuse"]),
 ]

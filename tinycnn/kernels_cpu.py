@@ -8,12 +8,16 @@ is cached on disk (cache=True): the compile cost is paid once per machine, not p
 import os
 import threading
 
-# Between two numba kernels a step runs OpenBLAS GEMMs on the same cores. OpenMP threads
-# that spin while waiting (libgomp's default) steal those cores from OpenBLAS: measured on the
-# 2-core machine, 730 ms per Week2 step with spinning OpenMP, 42-56 ms with numba's workqueue
-# layer, 35-38 ms with OpenMP told to sleep (OMP_WAIT_POLICY=PASSIVE). Set it unless the user
-# chose. It must come before numba is imported: set later, it measured no effect (47.7 ms).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long numba's idle OpenMP threads spin before they sleep. A Week2 step runs ~60 short
+# numba kernels back to back and no BLAS, so waking sleeping threads for each one costs; but
+# where a model still calls OpenBLAS (Dense layers, convolutions over 64 channels), spinning
+# threads take the cores from OpenBLAS's own. Week2 step on the 2-core machine, direct
+# convolutions / im2col + GEMM convolutions: GOMP_SPINCOUNT=1000 14.4 / 36.8-38.5 ms; sleeping
+# at once (OMP_WAIT_POLICY=PASSIVE) 16.3-18.1 / 30.5-30.7; 10,000 13.3-13.9 / 105-124;
+# 100,000 13.7-17.9 / 705-736; spinning forever (ACTIVE) 12.9-13.6 / 928-937.
+# 1000 is the default unless the user chose either variable. It must be set before numba loads.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
