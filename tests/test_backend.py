@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -72,3 +76,10 @@ def test_permutation_is_a_seeded_shuffle(device):
     assert np.array_equal(p, B.to_numpy(be.permutation(1000, 5)))
     assert not np.array_equal(p, B.to_numpy(be.permutation(1000, 6)))
     assert np.abs(p - np.arange(1000)).mean() > 200  # really shuffled
+
+
+def test_unknown_convolution_algorithm_is_named():
+    env = {**os.environ, "TINYCNN_CONV": "winograd"}
+    out = subprocess.run([sys.executable, "-c", "import tinycnn.kernels_cpu"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "TINYCNN_CONV must be 'direct' or 'gemm', got 'winograd'" in out.stderr
