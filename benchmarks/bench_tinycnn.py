@@ -142,10 +142,10 @@ def kernels(np, be, counts, notes, sync):
     t("batchnorm.bwd", lambda: k.batchnorm_backward_train(dy2d, xhat, gamma, inv_std))
 
     x = be.asarray(C.random_array(C.MAXPOOL_SHAPE, 50))
-    y, argmax = k.maxpool_forward(x, (2, 2), (2, 2))
+    y, argmax = k.maxpool_forward(x, (2, 2), (2, 2), nopad)
     dy = be.asarray(C.random_array(tuple(y.shape), 51))
-    t("maxpool.fwd", lambda: k.maxpool_forward(x, (2, 2), (2, 2)))
-    t("maxpool.bwd", lambda: k.maxpool_backward(dy, argmax, C.MAXPOOL_SHAPE, (2, 2), (2, 2)))
+    t("maxpool.fwd", lambda: k.maxpool_forward(x, (2, 2), (2, 2), nopad))
+    t("maxpool.bwd", lambda: k.maxpool_backward(dy, argmax, C.MAXPOOL_SHAPE, (2, 2), (2, 2), nopad))
 
     logits = be.asarray(C.random_array(C.SOFTMAX_SHAPE, 60))
     targets = be.asarray(C.one_hot(C.random_labels(C.BATCH, 61)))
@@ -157,7 +157,7 @@ def kernels(np, be, counts, notes, sync):
                  "elements x 16 filters, in L1-sized strips of rows); bwd_data = conv2d_backward with dx minus "
                  "bwd_filter (dx as a gather: the padded output gradient convolved with the flipped kernel); "
                  "im2col.conv2 is timed for reference (only layers over 64 channels use it); batchnorm = fused "
-                 "numba passes; maxpool keeps an int8 argmax")
+                 "numba passes; maxpool keeps an int32 argmax")
     return out
 
 

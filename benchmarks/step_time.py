@@ -39,8 +39,7 @@ def sync(model):
 
 
 def step(model, x, y):
-    model._loss_and_backward(x, y)
-    model.optimizer.apply(model._flat_params, model._flat_grads)
+    model.train_step([x], y)
 
 
 def time_steps(model, x, y, repeats, steps):
@@ -56,28 +55,39 @@ def time_steps(model, x, y, repeats, steps):
 
 
 def layer_breakdown(model, x, y, steps=20):
-    fwd = {l.name: 0.0 for l in model.layers}
-    bwd = dict(fwd)
+    """Forward and backward time of every step of the training plan (fused layers count as one)."""
+    plan = model.plan(logits_output=True)
+    names = plan.describe()
+    fwd, bwd = [0.0] * len(names), [0.0] * len(names)
     for _ in range(steps):
-        out = x
-        for layer in model.layers:
+        values = [None] * plan.size
+        values[plan.input_ids[0]] = x
+        tape = []
+        for k, step_ in enumerate(plan.steps):
             t = time.perf_counter()
-            out = layer.forward(out, True)
-            fwd[layer.name] += time.perf_counter() - t
-        _, _, d = model.loss.compute(out, y, True, model.backend.kernels)
-        for layer in reversed(model.layers):
+            values[step_.output], saved = step_.forward(values, True)
+            fwd[k] += time.perf_counter() - t
+            tape.append(saved)
+        _, _, d = model.loss.compute(values[plan.output_ids[0]], y, plan.emits_logits, model.backend.kernels)
+        grads = {plan.output_ids[0]: d}
+        for k in reversed(range(len(plan.steps))):
+            step_ = plan.steps[k]
+            if not step_.runs_backward:
+                continue
             t = time.perf_counter()
-            d = layer.backward(d)
-            bwd[layer.name] += time.perf_counter() - t
+            dxs, _ = step_.backward(tape[k], grads.pop(step_.output))
+            bwd[k] += time.perf_counter() - t
+            for i, dx in zip(step_.inputs, dxs):
+                grads[i] = dx
     t = time.perf_counter()
     for _ in range(steps):
-        model.optimizer.apply(model._flat_params, model._flat_grads)
+        model.optimizer.apply(model.params.params, model.params.grads)
     adam = (time.perf_counter() - t) / steps * 1e3
-    print(f"{'layer':28} {'fwd ms':>8} {'bwd ms':>8}")
-    for name in fwd:
-        print(f"{name:28} {fwd[name] / steps * 1e3:8.2f} {bwd[name] / steps * 1e3:8.2f}")
-    print(f"{'adam':28} {adam:8.2f}")
-    print(f"{'total':28} {sum(fwd.values()) / steps * 1e3:8.2f} {sum(bwd.values()) / steps * 1e3:8.2f}")
+    print(f"{'step':56} {'fwd ms':>8} {'bwd ms':>8}")
+    for name, f, b in zip(names, fwd, bwd):
+        print(f"{name:56} {f / steps * 1e3:8.2f} {b / steps * 1e3:8.2f}")
+    print(f"{'adam':56} {adam:8.2f}")
+    print(f"{'total':56} {sum(fwd) / steps * 1e3:8.2f} {sum(bwd) / steps * 1e3:8.2f}")
 
 
 def main():
@@ -90,9 +100,9 @@ def main():
     parser.add_argument("--chunk-bytes", type=int, default=None, help="CPU convolution chunk size (default: the kernel's)")
     args = parser.parse_args()
     if args.chunk_bytes is not None:
-        from tinycnn import kernels_cpu
+        from tinycnn.kernels import cpu
 
-        kernels_cpu.CHUNK_BYTES = args.chunk_bytes
+        cpu.CHUNK_BYTES = args.chunk_bytes
     start = time.perf_counter()
     model = make_model(args.device, fuse=not args.no_fuse)
     x, y = batch(model)

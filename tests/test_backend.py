@@ -11,33 +11,60 @@ from tinycnn import backend as B
 
 def test_cpu_backend_is_numpy_with_fast_kernels_by_default(monkeypatch):
     monkeypatch.delenv("TINYCNN_KERNELS", raising=False)
+    monkeypatch.delenv("TINYCNN_CONV", raising=False)
     cpu = B.get_backend("cpu")
     assert cpu.xp is np and cpu.name == "cpu"
-    assert cpu.kernels.__name__ == "cpu-fast"
-    assert "cpu" in cpu.describe()
+    assert cpu.kernels.name == "cpu" and cpu.kernels.conv == "direct"
+    text = cpu.describe()
+    assert "cpu" in text and "convolutions: direct" in text and "numba threads" in text
+    assert "OpenMP idle policy" in text and "malloc tuning" in text
 
 
-def test_reference_kernels_by_environment(monkeypatch):
+def test_settings_come_from_the_environment_and_name_the_variable(monkeypatch):
     monkeypatch.setenv("TINYCNN_KERNELS", "reference")
-    from tinycnn import kernels_reference
+    monkeypatch.setenv("TINYCNN_CONV", "gemm")
+    monkeypatch.setenv("TINYCNN_NUMBA_THREADS", "1")
+    settings = tc.config.settings()
+    assert (settings.kernels, settings.conv, settings.numba_threads) == ("reference", "gemm", 1)
+    assert B.get_backend("cpu").kernels.name == "reference"
+    for variable, value, expected in [("TINYCNN_KERNELS", "turbo", "'fast', 'reference'"),
+                                      ("TINYCNN_CONV", "winograd", "'direct', 'gemm'"),
+                                      ("TINYCNN_NUMBA_THREADS", "two", "a positive integer"),
+                                      ("TINYCNN_MALLOC_TUNING", "maybe", "1 or 0")]:
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(tc.ConfigError, match=f"{variable} must be .*{expected}.*got '{value}'"):
+            tc.config.settings()
+        monkeypatch.delenv(variable)
 
-    assert B.get_backend("cpu").kernels.im2col is kernels_reference.im2col
-    monkeypatch.setenv("TINYCNN_KERNELS", "turbo")
-    with pytest.raises(B.DeviceError, match="TINYCNN_KERNELS"):
-        B.get_backend("cpu")
+
+def test_scoped_settings_override_the_environment_and_end_with_the_block(monkeypatch):
+    monkeypatch.setenv("TINYCNN_CONV", "gemm")
+    with tc.config.using(conv="direct"):
+        assert tc.config.settings().conv == "direct"
+        assert B.get_backend("cpu").kernels.conv == "direct"
+        with tc.config.using(kernels="reference"):
+            assert tc.config.settings().kernels == "reference" and tc.config.settings().conv == "direct"
+    assert tc.config.settings().conv == "gemm"
+    with pytest.raises(tc.ConfigError, match="setting 'conv' must be one of 'direct', 'gemm', got 'fft'"):
+        with tc.config.using(conv="fft"):
+            pass
+    with pytest.raises(tc.ConfigError, match="unknown setting 'threads'"):
+        with tc.config.using(threads=2):
+            pass
 
 
 def test_device_from_environment(monkeypatch):
     monkeypatch.setenv("TINYCNN_DEVICE", "cpu")
     assert B.get_backend().name == "cpu"
     monkeypatch.setenv("TINYCNN_DEVICE", "tpu")
-    with pytest.raises(B.DeviceError, match="unknown device 'tpu'"):
+    with pytest.raises(B.DeviceError, match="TINYCNN_DEVICE must be one of 'auto', 'cpu', 'gpu', got 'tpu'"):
         B.get_backend()
 
 
 def test_unknown_device_names_the_choices():
-    with pytest.raises(tc.DeviceError, match="choose one of auto, cpu, gpu"):
+    with pytest.raises(tc.DeviceError, match="'auto', 'cpu', 'gpu'"):
         tc.Sequential([tc.layers.Dense(2, input_shape=(3,))], device="cuda:0")
+    assert issubclass(tc.DeviceError, tc.ConfigError)  # one error type for every setting
 
 
 @pytest.mark.skipif(B.gpu_problem() is None, reason="a GPU is available here")
@@ -78,8 +105,23 @@ def test_permutation_is_a_seeded_shuffle(device):
     assert np.abs(p - np.arange(1000)).mean() > 200  # really shuffled
 
 
-def test_unknown_convolution_algorithm_is_named():
+def test_unknown_convolution_algorithm_is_named_on_first_use():
     env = {**os.environ, "TINYCNN_CONV": "winograd"}
-    out = subprocess.run([sys.executable, "-c", "import tinycnn.kernels_cpu"], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", "import tinycnn; tinycnn.get_backend('cpu')"], env=env,
+                         capture_output=True, text=True)
     assert out.returncode != 0
-    assert "TINYCNN_CONV must be 'direct' or 'gemm', got 'winograd'" in out.stderr
+    assert "tinycnn.errors.ConfigError: TINYCNN_CONV must be one of 'direct', 'gemm', got 'winograd'" in out.stderr
+
+
+def test_importing_tinycnn_changes_nothing_in_the_process():
+    """Process-wide CPU tuning happens when the first CPU backend is made, not at import."""
+    code = ("import os, tinycnn, tinycnn.kernels.cpu; before = os.environ.get('GOMP_SPINCOUNT'); "
+            "b = tinycnn.get_backend('cpu'); "
+            "print(before, os.environ.get('GOMP_SPINCOUNT'), b.tuning['spin'])")
+    env = {key: v for key, v in os.environ.items() if key not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "1000", "GOMP_SPINCOUNT=1000", "(tinycnn's", "default)"]
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split()[:3] == ["None", "None", "OMP_WAIT_POLICY=PASSIVE"]

@@ -77,14 +77,15 @@ def replay_keras_relu_decisions(model, ref):
     for key in (k for k in ref if k.startswith("relu_mask/")):
         layer = model.layers[int(key.split("/")[1])]
         shape = (ref["images"].shape[0],) + tuple(layer.output_shape)
-        mask = np.unpackbits(ref[key])[: int(np.prod(shape))].reshape(shape).astype(model.dtype)
-        layer._act_backward = lambda dy, y, m=model.backend.asarray(mask): dy * m
+        mask = model.backend.asarray(np.unpackbits(ref[key])[: int(np.prod(shape))].reshape(shape).astype(model.dtype))
+        layer.activation = tc.activations.ActivationFunction(
+            "relu with Keras's decisions", tc.activations.relu.forward, lambda dy, x, y, kernels, m=mask: dy * m, ())
 
 
 def count_relu_disagreements(model, ref):
     x, disagree = model.backend.asarray(ref["images"]), 0
     for i, layer in enumerate(model.layers):
-        x = layer.forward(x, training=True)
+        x = layer(x, training=True)
         if f"relu_mask/{i:03d}" in ref:
             ours = np.packbits(tc.backend.to_numpy(x) > 0)
             disagree += int(np.unpackbits(ours ^ ref[f"relu_mask/{i:03d}"]).sum())
@@ -116,14 +117,10 @@ def test_relu_decisions_differ_from_keras_only_at_the_kink():
 @pytest.mark.parametrize("name", MODELS)
 def test_one_adam_step_from_keras_gradients_matches_keras(name, device):
     ref = fixture(name)
-    model = make(name, 0.0, device)
-    model.optimizer.build(model._flat_params, model.backend)  # fresh state: step t = 1
-    k = 0
-    for layer in model.layers:
-        for weight_name in layer.trainable_names:
-            layer.grads[weight_name][...] = model.backend.asarray(ref[f"grads/{k:03d}"])
-            k += 1
-    model.optimizer.apply(model._flat_params, model._flat_grads)
+    model = make(name, 0.0, device)  # a fresh optimizer: its first step is t = 1
+    for k, grad in enumerate(model.params.grad_views):  # every trainable weight's gradient, in Keras order
+        grad[...] = model.backend.asarray(ref[f"grads/{k:03d}"])
+    model.optimizer.apply(model.params.params, model.params.grads)
     weights = model.get_weights()
     for k, i in enumerate(ref["trainable_index"]):
         assert np.abs(weights[i] - ref[f"after_adam/{k:03d}"]).max() < 3e-7, k

@@ -1,9 +1,14 @@
-"""Every fast kernel (numba on the CPU, CuPy on the GPU) against the plain reference."""
+"""Every fast kernel (numba on the CPU, CuPy on the GPU) against the plain reference set, and the
+rules of kernel sets: each backend's overrides are pinned here, and a set that defines a kernel
+the reference lacks (a misspelt override) cannot be created."""
 import numpy as np
 import pytest
 
+import tinycnn as tc
 from tinycnn import backend as B
-from tinycnn import kernels_reference as R
+from tinycnn.kernels.reference import ReferenceKernels, kernel_names
+
+R = ReferenceKernels()
 
 RTOL = {np.float32: 2e-5, np.float64: 1e-12}  # float32: GEMM/summation order differs
 
@@ -49,15 +54,12 @@ def test_im2col_col2im(device, dtype, shape, kh, kw, stride, pads):
 @pytest.mark.parametrize("filters", [5, 16, 20])  # part of one 16-filter block, one block, two blocks
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
-def test_conv(device, dtype, filters, algorithm, shape, kh, kw, stride, pads, monkeypatch):
+def test_conv(device, dtype, filters, algorithm, shape, kh, kw, stride, pads):
     if device == "gpu" and algorithm == "gemm":
         pytest.skip("the GPU has one convolution algorithm")
-    k = fast_kernels(device)
-    be = B.get_backend(device)
-    if device == "cpu":
-        from tinycnn import kernels_cpu
-
-        monkeypatch.setattr(kernels_cpu, "CONV", algorithm)
+    with tc.config.using(conv=algorithm):
+        be = B.get_backend(device)
+    k = be.kernels
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
     kernel2d = rng.standard_normal((kh * kw * shape[3], filters)).astype(dtype)
@@ -80,17 +82,101 @@ def test_conv(device, dtype, filters, algorithm, shape, kh, kw, stride, pads, mo
     _same(dx2, 2 * dx_ref, dtype)
 
 
-@pytest.mark.parametrize("shape, pool, stride", [((4, 24, 24, 10), (2, 2), (2, 2)), ((2, 7, 7, 3), (3, 3), (2, 2)), ((2, 5, 7, 2), (2, 3), (1, 2))])
-def test_maxpool(device, shape, pool, stride):
+POOLS = [  # (input shape, pool, stride, pads): valid, overlapping, uneven, and 'same' paddings
+    ((4, 24, 24, 10), (2, 2), (2, 2), (0, 0, 0, 0)),
+    ((2, 7, 7, 3), (3, 3), (2, 2), (0, 0, 0, 0)),
+    ((2, 5, 7, 2), (2, 3), (1, 2), (0, 0, 0, 0)),
+    ((2, 7, 7, 3), (2, 2), (2, 2), (0, 1, 0, 1)),  # 'same' on an odd size: the padding is after
+    ((2, 6, 5, 3), (3, 3), (1, 1), (1, 1, 1, 1)),  # 'same', stride 1
+    ((1, 5, 5, 2), (3, 3), (2, 2), (1, 1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("shape, pool, stride, pads", POOLS)
+def test_maxpool(device, shape, pool, stride, pads):
     k, be = fast_kernels(device), B.get_backend(device)
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape).astype(np.float32)
     x[0, :2, :2, 0] = 1.5  # a tie: both must pick the first maximum
-    y_ref, arg_ref = R.maxpool_forward(x, pool, stride)
-    y, arg = k.maxpool_forward(be.asarray(x), pool, stride)
+    y_ref, arg_ref = R.maxpool_forward(x, pool, stride, pads)
+    y, arg = k.maxpool_forward(be.asarray(x), pool, stride, pads)
+    assert arg_ref.dtype == np.int32 and B.to_numpy(arg).dtype == np.int32
     assert np.array_equal(B.to_numpy(y), y_ref) and np.array_equal(B.to_numpy(arg), arg_ref)
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    _same(k.maxpool_backward(be.asarray(dy), arg, shape, pool, stride), R.maxpool_backward(dy, arg_ref, shape, pool, stride), np.float32)
+    _same(k.maxpool_backward(be.asarray(dy), arg, shape, pool, stride, pads),
+          R.maxpool_backward(dy, arg_ref, shape, pool, stride, pads), np.float32)
+
+
+def test_maxpool_window_over_127_elements_keeps_its_gradient(device):
+    """The argmax is int32: a 12 x 12 window (144 offsets) would wrap in int8 and lose its gradient."""
+    k, be = fast_kernels(device), B.get_backend(device)
+    x = np.zeros((1, 12, 12, 1), np.float32)
+    x[0, 11, 11, 0] = 1.0  # the maximum at offset 143
+    y, arg = k.maxpool_forward(be.asarray(x), (12, 12), (12, 12), (0, 0, 0, 0))
+    assert int(B.to_numpy(arg)[0, 0, 0, 0]) == 143
+    dx = B.to_numpy(k.maxpool_backward(be.asarray(np.ones((1, 1, 1, 1), np.float32)), arg, x.shape, (12, 12),
+                                       (12, 12), (0, 0, 0, 0)))
+    assert dx[0, 11, 11, 0] == 1.0 and dx.sum() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, pool, stride, pads", POOLS)
+def test_avgpool(device, dtype, shape, pool, stride, pads):
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(shape).astype(dtype)
+    y_ref = R.avgpool_forward(x, pool, stride, pads)
+    _same(k.avgpool_forward(be.asarray(x), pool, stride, pads), y_ref, dtype)
+    if pads == (0, 0, 0, 0) and pool == stride:  # non-overlapping valid windows: the plain mean
+        n, h, w, c = shape
+        oh, ow = h // pool[0], w // pool[1]
+        mean = x[:, : oh * pool[0], : ow * pool[1]].reshape(n, oh, pool[0], ow, pool[1], c).mean(axis=(2, 4))
+        np.testing.assert_allclose(y_ref, mean, rtol=1e-6)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    _same(k.avgpool_backward(be.asarray(dy), shape, pool, stride, pads),
+          R.avgpool_backward(dy, shape, pool, stride, pads), dtype)
+
+
+def test_avgpool_same_padding_averages_real_pixels_only():
+    x = np.arange(9, dtype=np.float64).reshape(1, 3, 3, 1)
+    y = R.avgpool_forward(x, (2, 2), (2, 2), (0, 1, 0, 1))  # 'same' on 3x3: windows of 4, 2, 2 and 1 pixels
+    assert y[0, :, :, 0].tolist() == [[2.0, 3.5], [6.5, 8.0]]
+
+
+DEPTHWISE = [  # (input shape, kernel (kh, kw, c, m), stride, pads)
+    ((2, 8, 8, 3), (3, 3, 3, 1), (1, 1), (0, 0, 0, 0)),
+    ((2, 8, 7, 4), (3, 3, 4, 2), (1, 1), (1, 1, 1, 1)),
+    ((3, 9, 9, 5), (3, 3, 5, 1), (2, 2), (0, 1, 0, 1)),
+    ((2, 6, 7, 2), (2, 3, 2, 3), (2, 1), (0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, kshape, stride, pads", DEPTHWISE)
+def test_depthwise_conv(device, dtype, shape, kshape, stride, pads):
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(dtype)
+    kernel = rng.standard_normal(kshape).astype(dtype)
+    z_ref, saved_ref = R.depthwise_conv2d_forward(x, kernel, stride, pads)
+    # The definition, channel by channel: output channel c*m + q is input channel c convolved with kernel[..., c, q]
+    kh, kw, c, m = kshape
+    xpad = np.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
+    for ch, q in [(0, 0), (c - 1, m - 1)]:
+        expect = sum(xpad[:, a : a + stride[0] * (z_ref.shape[1] - 1) + 1 : stride[0],
+                          d : d + stride[1] * (z_ref.shape[2] - 1) + 1 : stride[1], ch] * kernel[a, d, ch, q]
+                     for a in range(kh) for d in range(kw))
+        np.testing.assert_allclose(z_ref[..., ch * m + q], expect, rtol=RTOL[dtype] * 10, atol=RTOL[dtype] * 10)
+    z, saved = k.depthwise_conv2d_forward(be.asarray(x), be.asarray(kernel), stride, pads)
+    _same(z, z_ref, dtype)
+    dz = rng.standard_normal(z_ref.shape).astype(dtype)
+    dk_ref, dk = np.empty_like(kernel), be.xp.empty(kernel.shape, dtype=dtype)
+    dx_ref = R.depthwise_conv2d_backward(dz, saved_ref, shape, kernel, stride, pads, dk_ref, True)
+    dx = k.depthwise_conv2d_backward(be.asarray(dz), saved, shape, be.asarray(kernel), stride, pads, dk, True)
+    _same(dx, dx_ref, dtype)
+    _same(dk, dk_ref, dtype)
+    assert k.depthwise_conv2d_backward(be.asarray(dz), saved, shape, be.asarray(kernel), stride, pads, dk, False) is None
+    _same(dk, dk_ref, dtype)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1])
@@ -166,3 +252,85 @@ def test_batchnorm_inference(device, rows):
     out = k.batchnorm_forward_infer(be.asarray(x), *map(be.asarray, params), 1e-3)
     for a, b in zip(out, ref):
         np.testing.assert_allclose(B.to_numpy(a), b, rtol=1e-5, atol=1e-5)
+
+
+# -- kernel sets -----------------------------------------------------------------------------------------
+OVERRIDES = {  # what each backend's set computes itself; everything else is the reference's
+    "cpu": {"im2col", "col2im", "conv2d_forward", "conv2d_backward", "depthwise_conv2d_forward",
+            "depthwise_conv2d_backward", "maxpool_forward", "maxpool_backward", "avgpool_forward", "avgpool_backward",
+            "relu_backward", "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_forward_infer",
+            "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "dropout_forward",
+            "dropout_backward"},
+    "gpu": {"im2col", "col2im", "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward",
+            "adam_update"},
+}
+
+
+def _overridden(kernel_set):
+    return {name for name in kernel_names() if getattr(type(kernel_set), name) is not getattr(ReferenceKernels, name)}
+
+
+def test_cpu_set_overrides_exactly_the_pinned_kernels():
+    from tinycnn.kernels.cpu import CPUKernels
+
+    assert _overridden(CPUKernels()) == OVERRIDES["cpu"] == set(CPUKernels.overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(B.gpu_problem() is not None, reason=f"no GPU backend: {B.gpu_problem()}")
+def test_gpu_set_overrides_exactly_the_pinned_kernels():
+    from tinycnn.kernels.gpu import GPUKernels
+
+    assert _overridden(GPUKernels()) == OVERRIDES["gpu"] == set(GPUKernels.overrides)
+
+
+def test_gpu_set_declares_the_pinned_kernels_without_a_gpu():
+    """The GPU module imports CuPy; its declaration can still be checked by reading the class source."""
+    import ast
+    import os
+
+    import tinycnn.kernels as package
+
+    source = open(os.path.join(os.path.dirname(package.__file__), "gpu.py")).read()
+    cls = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "GPUKernels")
+    defined = {n.name for n in cls.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")} - {"describe"}
+    assert defined == OVERRIDES["gpu"] and defined <= set(kernel_names())
+
+
+def test_a_misspelt_override_cannot_exist():
+    with pytest.raises(TypeError, match="batchnorm_foward_train, which the reference kernel set does not have"):
+        class Misspelt(ReferenceKernels):
+            overrides = ("batchnorm_foward_train",)
+
+            def batchnorm_foward_train(self, x2d, gamma, beta, eps):
+                return None
+    with pytest.raises(TypeError, match="must list exactly the kernels it defines"):
+        class Undeclared(ReferenceKernels):
+            overrides = ()
+
+            def relu_forward(self, x):
+                return x
+
+
+def test_composites_go_through_the_set():
+    """Overriding a primitive changes every composite that uses it (here: the fused BN + Dropout)."""
+    calls = []
+
+    class Counting(ReferenceKernels):
+        overrides = ("dropout_forward",)
+
+        def dropout_forward(self, x, rate, seed):
+            calls.append(rate)
+            return super().dropout_forward(x, rate, seed)
+
+    x = np.random.default_rng(0).standard_normal((50, 4))
+    Counting().batchnorm_dropout_forward_train(x, np.ones(4), np.zeros(4), 1e-3, 0.25, 7)
+    assert calls == [0.25]
+
+
+def test_reference_kernels_by_setting():
+    with tc.config.using(kernels="reference"):
+        assert type(B.get_backend("cpu").kernels) is ReferenceKernels
+    from tinycnn.kernels.cpu import CPUKernels
+
+    assert type(B.get_backend("cpu").kernels) is CPUKernels

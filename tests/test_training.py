@@ -211,7 +211,7 @@ def test_divergence_is_reported_not_hidden():
 
 def test_batchnorm_dropout_fusion_changes_nothing_but_speed(device):
     x, y, _ = _tiny_problem()
-    runs = []
+    runs, plans = [], []
     for fuse in (True, False):
         model = tc.Sequential([L.Conv2D(8, 3, activation="relu", input_shape=(8, 8, 1)), L.BatchNormalization(),
                                L.Dropout(0.3), L.Flatten(), L.Dense(4, activation="softmax")],
@@ -219,6 +219,10 @@ def test_batchnorm_dropout_fusion_changes_nothing_but_speed(device):
         model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy", ["accuracy"])
         model.fit(x, y, batch_size=16, epochs=2, verbose=0)
         runs.append(model.get_weights())
-    assert model.layers[1]._fused_dropout is None  # the unfused model really ran Dropout itself
+        plans.append(model.plan(logits_output=True).describe())
+    names = [layer.name for layer in model.layers]
+    # the fused model ran BatchNormalization and Dropout as one step; the other ran them apart
+    assert plans[0][1].endswith("(fused in training)") and len(plans[0]) == len(plans[1]) - 1
+    assert plans[1][1:3] == names[1:3]
     for a, b in zip(*runs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

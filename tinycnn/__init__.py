@@ -1,12 +1,13 @@
 """tinycnn: a from-scratch CNN framework on a swappable NumPy (numba) / CuPy backend."""
-from . import activations, backend, callbacks, datasets, gradcheck, layers, losses, optimizers, saving, schedules
-from .backend import DeviceError, get_backend
-from .layers import ShapeError
-from .model import Sequential
-from .saving import WeightsFileError
+from . import activations, backend, callbacks, config, datasets, gradcheck, layers, losses, optimizers, saving, schedules
+from .backend import get_backend
+from .errors import ConfigError, DatasetError, DeviceError, GraphError, ShapeError, WeightsFileError
+from .layers import Input
+from .model import Model, Sequential
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
-    "Sequential", "layers", "losses", "optimizers", "schedules", "callbacks", "activations", "backend",
-    "gradcheck", "get_backend", "DeviceError", "ShapeError", "WeightsFileError", "__version__",
+    "Model", "Sequential", "Input", "layers", "losses", "optimizers", "schedules", "callbacks", "activations",
+    "backend", "config", "datasets", "gradcheck", "saving", "get_backend", "ConfigError", "DeviceError", "GraphError",
+    "ShapeError", "WeightsFileError", "DatasetError", "__version__",
 ]

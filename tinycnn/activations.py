@@ -1,58 +1,174 @@
-"""Elementwise activations as (forward, backward) pairs; backward takes the forward's output."""
-from .backend import get_array_module
-from .kernels_reference import relu_backward, relu_forward
+"""Activation functions: each a forward and a backward, and a statement of what the backward needs.
+
+`activation=` on a layer takes a name ("relu", "gelu", ...), None (linear) or one of the objects
+below (`tinycnn.activations.relu`), as in Keras. An `ActivationFunction` declares whether its
+backward reads the input x, the output y, or both (`uses`), so a layer keeps only those for its
+backward pass. ReLU goes through the backend's kernel set, so the CPU and GPU paths use their
+fast versions; the others are array code that runs on NumPy and CuPy alike.
+"""
+import math
+
+from .arrays import get_array_module
+
+__all__ = ["ActivationFunction", "get", "names", "linear", "relu", "sigmoid", "tanh", "softmax", "elu", "selu",
+           "leaky_relu", "gelu", "silu", "swish"]
 
 
-def _linear(x):
-    return x
+class ActivationFunction:
+    """y = forward(x, kernels); dx = backward(dy, x, y, kernels), where x and y are None unless
+    named in `uses`. Neither may modify its inputs."""
+
+    def __init__(self, name, forward, backward, uses):
+        self.name = name
+        self._forward = forward
+        self._backward = backward
+        self.uses = frozenset(uses)
+        if not self.uses <= {"x", "y"}:
+            raise ValueError(f"an activation's backward uses 'x' and/or 'y', got {sorted(uses)}")
+
+    @property
+    def uses_x(self):
+        return "x" in self.uses
+
+    @property
+    def uses_y(self):
+        return "y" in self.uses
+
+    def forward(self, x, kernels=None):
+        return self._forward(x, kernels)
+
+    def backward(self, dy, x, y, kernels=None):
+        return self._backward(dy, x, y, kernels)
+
+    def __call__(self, x):
+        """Apply it to an array, as `keras.activations.relu(x)` does."""
+        return self.forward(x)
+
+    def __repr__(self):
+        return f"<activation {self.name}>"
 
 
-def _linear_backward(dy, y):
-    return dy
+def _relu_forward(x, kernels):
+    return kernels.relu_forward(x) if kernels is not None else get_array_module(x).maximum(x, 0)
 
 
-def _sigmoid(x):
+def _relu_backward(dy, x, y, kernels):
+    return kernels.relu_backward(dy, y) if kernels is not None else dy * (y > 0)
+
+
+def _sigmoid_forward(x, kernels):
+    return 0.5 * (get_array_module(x).tanh(0.5 * x) + 1)  # overflow-free form of 1 / (1 + exp(-x))
+
+
+def _softmax_forward(x, kernels=None):
     xp = get_array_module(x)
-    return 0.5 * (xp.tanh(0.5 * x) + 1)  # overflow-free form of 1 / (1 + exp(-x))
+    e = xp.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def _sigmoid_backward(dy, y):
-    return dy * y * (1 - y)
+ELU_ALPHA = 1.0
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+LEAKY_RELU_SLOPE = 0.2  # keras.activations.leaky_relu's default (the LeakyReLU layer's is 0.3)
 
 
-def _tanh(x):
-    return get_array_module(x).tanh(x)
-
-
-def _tanh_backward(dy, y):
-    return dy * (1 - y * y)
-
-
-def softmax(x, axis=-1):
+def _elu(x, alpha):
     xp = get_array_module(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    return xp.where(x > 0, x, alpha * xp.expm1(xp.minimum(x, 0)))
 
 
-def softmax_backward(dy, y, axis=-1):
-    return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+def _elu_backward(dy, y, alpha):
+    # x > 0 exactly where y > 0, and there d/dx = 1; elsewhere d/dx = alpha * exp(x) = y + alpha
+    return dy * get_array_module(dy).where(y > 0, 1, y + alpha)
 
 
-ACTIVATIONS = {
-    "linear": (_linear, _linear_backward),
-    "relu": (relu_forward, relu_backward),
-    "sigmoid": (_sigmoid, _sigmoid_backward),
-    "tanh": (_tanh, _tanh_backward),
-    "softmax": (softmax, softmax_backward),
-}
+def _erf(x):
+    """The error function, elementwise, on NumPy (numba's libm erf) or CuPy arrays."""
+    xp = get_array_module(x)
+    if xp.__name__ == "numpy":
+        return _numpy_erf()(x)
+    from cupyx.scipy.special import erf
+
+    return erf(x)
 
 
-def get(name, kernels=None):
-    """(forward, backward) for an activation name (None means linear). ReLU comes from the
-    backend's kernels when given, so the CPU and GPU paths use their fast versions."""
-    key = "linear" if name is None else name
-    if key not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}: choose one of {', '.join(sorted(ACTIVATIONS))}")
-    if key == "relu" and kernels is not None:
-        return kernels.relu_forward, kernels.relu_backward
-    return ACTIVATIONS[key]
+def _erf_scalar(x):
+    return math.erf(x)
+
+
+_ERF_UFUNC = []
+
+
+def _numpy_erf():
+    if not _ERF_UFUNC:  # compiled (or loaded from numba's cache) on first use only
+        from numba import vectorize
+
+        _ERF_UFUNC.append(vectorize(["float32(float32)", "float64(float64)"], cache=True)(_erf_scalar))
+    return _ERF_UFUNC[0]
+
+
+def _gelu_forward(x, kernels):
+    """Keras's default (exact) GELU: x * Phi(x), Phi the standard normal CDF."""
+    return 0.5 * x * (1 + _erf(x * x.dtype.type(1 / math.sqrt(2))))
+
+
+def _gelu_backward(dy, x, y, kernels):
+    xp = get_array_module(x)
+    cdf = 0.5 * (1 + _erf(x * x.dtype.type(1 / math.sqrt(2))))
+    pdf = xp.exp(-0.5 * x * x) * x.dtype.type(1 / math.sqrt(2 * math.pi))
+    return dy * (cdf + x * pdf)
+
+
+def _silu_backward(dy, x, y, kernels):
+    s = _sigmoid_forward(x, kernels)
+    return dy * (s * (1 + x * (1 - s)))
+
+
+linear = ActivationFunction("linear", lambda x, k: x, lambda dy, x, y, k: dy, ())
+relu = ActivationFunction("relu", _relu_forward, _relu_backward, ("y",))
+sigmoid = ActivationFunction("sigmoid", _sigmoid_forward, lambda dy, x, y, k: dy * y * (1 - y), ("y",))
+tanh = ActivationFunction("tanh", lambda x, k: get_array_module(x).tanh(x), lambda dy, x, y, k: dy * (1 - y * y), ("y",))
+softmax = ActivationFunction("softmax", _softmax_forward,
+                             lambda dy, x, y, k: y * (dy - (dy * y).sum(axis=-1, keepdims=True)), ("y",))
+elu = ActivationFunction("elu", lambda x, k: _elu(x, ELU_ALPHA), lambda dy, x, y, k: _elu_backward(dy, y, ELU_ALPHA),
+                         ("y",))
+selu = ActivationFunction("selu", lambda x, k: SELU_SCALE * _elu(x, SELU_ALPHA),
+                          lambda dy, x, y, k: SELU_SCALE * _elu_backward(dy, y / SELU_SCALE, SELU_ALPHA), ("y",))
+gelu = ActivationFunction("gelu", _gelu_forward, _gelu_backward, ("x",))
+silu = ActivationFunction("silu", lambda x, k: x * _sigmoid_forward(x, k), _silu_backward, ("x",))
+swish = silu
+
+
+def make_leaky_relu(negative_slope=LEAKY_RELU_SLOPE):
+    """Leaky ReLU: x for x > 0, negative_slope * x otherwise."""
+    slope = float(negative_slope)
+
+    def forward(x, kernels):
+        return get_array_module(x).where(x > 0, x, x * x.dtype.type(slope))
+
+    def backward(dy, x, y, kernels):
+        return dy * get_array_module(dy).where(x > 0, 1, dy.dtype.type(slope))
+
+    return ActivationFunction("leaky_relu", forward, backward, ("x",))
+
+
+leaky_relu = make_leaky_relu()
+
+_BY_NAME = {f.name: f for f in (linear, relu, sigmoid, tanh, softmax, elu, selu, leaky_relu, gelu, silu)}
+_BY_NAME["swish"] = silu
+
+
+def names():
+    """Every activation name `get` accepts."""
+    return sorted(_BY_NAME)
+
+
+def get(activation):
+    """The ActivationFunction for a name, None (linear) or an ActivationFunction itself."""
+    if activation is None:
+        return linear
+    if isinstance(activation, ActivationFunction):
+        return activation
+    if isinstance(activation, str) and activation in _BY_NAME:
+        return _BY_NAME[activation]
+    raise ValueError(f"unknown activation {activation!r}: choose one of {', '.join(names())}")

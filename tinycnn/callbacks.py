@@ -1,8 +1,12 @@
-"""Training callbacks and the Keras 2 progress bar.
+"""Training callbacks, the list that calls them, and the Keras 2 progress bar.
 
 `fit` runs [ProgbarLogger] + the user's callbacks + [History], in that order, as Keras 2
 did; so `Epoch 1/20` is printed before a LearningRateScheduler's message, and the blank
 line between them is the scheduler's leading newline, exactly as in the seed's log.
+
+Batch logs are Keras 3's: the epoch's running mean of each metric so far. On the GPU they are
+device scalars, converted (a host sync) only when something reads them, such as the progress
+bar when it redraws.
 """
 import math
 import sys
@@ -10,6 +14,9 @@ import time
 
 
 class Callback:
+    """Keras's callback hooks, all no-ops here. `self.model` is the model being trained; setting
+    `self.model.stop_training = True` ends `fit` after the current batch."""
+
     def __init__(self):
         self.model = None
         self.params = {}
@@ -32,11 +39,61 @@ class Callback:
     def on_epoch_end(self, epoch, logs=None):
         pass
 
+    def on_train_batch_begin(self, batch, logs=None):
+        self.on_batch_begin(batch, logs=logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.on_batch_end(batch, logs=logs)
+
     def on_batch_begin(self, batch, logs=None):
-        pass
+        """Keras 2's name for on_train_batch_begin (called by it)."""
 
     def on_batch_end(self, batch, logs=None):
+        """Keras 2's name for on_train_batch_end (called by it)."""
+
+    def on_test_begin(self, logs=None):
         pass
+
+    def on_test_end(self, logs=None):
+        pass
+
+    def on_predict_begin(self, logs=None):
+        pass
+
+    def on_predict_end(self, logs=None):
+        pass
+
+
+def _overrides(callback, *hooks):
+    return any(getattr(type(callback), hook) is not getattr(Callback, hook) for hook in hooks)
+
+
+class CallbackList:
+    """Calls a hook on every callback in order. Batch hooks go only to callbacks that implement
+    them, so a fit without such callbacks builds no per-batch logs."""
+
+    def __init__(self, callbacks, model, params):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            cb.set_model(model)
+            cb.set_params(params)
+        self.batch_begin = [cb for cb in self.callbacks if _overrides(cb, "on_train_batch_begin", "on_batch_begin")]
+        self.batch_end = [cb for cb in self.callbacks if _overrides(cb, "on_train_batch_end", "on_batch_end")]
+
+    def call(self, hook, *args):
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def on_train_batch_begin(self, batch):
+        for cb in self.batch_begin:
+            cb.on_train_batch_begin(batch, {})
+
+    def on_train_batch_end(self, batch, make_logs):
+        """`make_logs()` builds Keras's batch logs (the epoch's running metrics); called only if needed."""
+        if self.batch_end:
+            logs = make_logs()
+            for cb in self.batch_end:
+                cb.on_train_batch_end(batch, logs)
 
 
 class History(Callback):
@@ -171,9 +228,10 @@ class ProgbarLogger(Callback):
         sys.stdout.flush()
         self.progbar = Progbar(self.params["samples"], verbose=self.verbose)
 
-    def on_batch_end(self, batch, logs=None):
-        if logs["seen"] < self.params["samples"]:
-            self.progbar.update(logs["seen"], logs["metrics"].averages)
+    def on_train_batch_end(self, batch, logs=None):
+        seen = min((batch + 1) * self.params["batch_size"], self.params["samples"])
+        if seen < self.params["samples"]:
+            self.progbar.update(seen, lambda: {k: float(v) for k, v in logs.items()})
 
     def on_epoch_end(self, epoch, logs=None):
         shown = {k: v for k, v in logs.items() if k in self.params["metrics"]}

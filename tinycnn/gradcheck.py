@@ -17,7 +17,7 @@ has no scale to be relative to: differences then resolve nothing below the noise
 """
 import numpy as np
 
-from .backend import to_numpy
+from .arrays import to_numpy
 
 DEFAULT_EPS = 1e-6
 DEFAULT_TOLERANCE = 1e-6
@@ -107,7 +107,8 @@ def _compare(result, name, array, analytic, f, eps, max_checks, rng):
 
 def check_layer(layer, x, training=True, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE, seed=0,
                 before_forward=None, max_checks=None, check_input=True):
-    """Check `layer.backward` (input and weight gradients) at input `x`.
+    """Check `layer.backward` (input and weight gradients) at input `x` (a list of arrays for a
+    layer that merges several inputs).
 
     The layer is built in float64 on the CPU if it is not built yet. `before_forward()` runs
     before every forward pass: use it to replay the same random stream (e.g. Dropout's mask).
@@ -115,30 +116,35 @@ def check_layer(layer, x, training=True, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLE
     # A stream of its own: a projection equal to the (equally seeded) input would make
     # BatchNormalization's input gradient vanish and the check meaningless.
     rng = np.random.default_rng((seed, 0x6A09E667))
+    multi = isinstance(x, (list, tuple))
     if not layer.built:
-        layer.build(x.shape[1:], backend="cpu", dtype="float64", seed=seed)
+        shapes = [np.shape(a)[1:] for a in x] if multi else np.shape(x)[1:]
+        layer.build(shapes, backend="cpu", dtype="float64", seed=seed)
     if layer.dtype != np.float64:
         raise TypeError("gradient checks need a float64 layer (build it with dtype='float64')")
     xp = layer.xp
-    x = xp.array(x, dtype=np.float64)
+    xs = [xp.array(a, dtype=np.float64) for a in (x if multi else [x])]
     hook = before_forward or (lambda: None)
+
+    def run():
+        return layer.forward(xs if multi else xs[0], training)
 
     def f():
         hook()
-        return float((layer.forward(x, training) * projection).sum())
+        return float((run()[0] * projection).sum())
 
     hook()
-    y = layer.forward(x, training)  # its cache is what backward uses
+    y, saved = run()  # what backward uses
     projection = xp.asarray(rng.standard_normal(y.shape))
-    layer.needs_input_grad = True
-    dx = layer.backward(projection)
-    grads = {name: to_numpy(g).copy() for name, g in layer.grads.items()}
+    dx, grads = layer.backward(saved, projection, True)
+    dxs = dx if multi else [dx]
 
     result = GradientCheckResult(tolerance)
     if check_input:
-        _compare(result, "input", x, dx, f, eps, max_checks, rng)
+        for k, (a, d) in enumerate(zip(xs, dxs)):
+            _compare(result, f"input {k}" if multi else "input", a, d, f, eps, max_checks, rng)
     for name in layer.trainable_names:
-        _compare(result, name, layer.weights[name], grads[name], f, eps, max_checks, rng)
+        _compare(result, name, layer.weights[name], to_numpy(grads[name]).copy(), f, eps, max_checks, rng)
     return result
 
 
@@ -159,24 +165,20 @@ def check_loss(loss, output, targets, from_logits=True, eps=DEFAULT_EPS, toleran
 
 def check_model(model, x, y, eps=DEFAULT_EPS, tolerance=DEFAULT_TOLERANCE, max_checks=None, seed=0):
     """Check the gradient of a compiled float64 model's training loss against every trainable weight.
-    Dropout replays the same masks on every pass, so the loss is a fixed function of the weights."""
+    Dropout replays the same masks on every pass, so the loss is a fixed function of the weights.
+    A layer used twice is checked once, against the sum of its uses' gradients."""
     if model.dtype != np.float64:
-        raise TypeError("gradient checks need a float64 model (Sequential(..., dtype='float64'))")
+        raise TypeError("gradient checks need a float64 model (Model(..., dtype='float64'))")
     rng = np.random.default_rng(seed)
 
-    def replay():
-        model._epoch_seeds(0)
-
     def f():
-        replay()
+        model.seed_random_streams(0)
         return model.loss_and_gradients(x, y)[0]
 
-    replay()
+    model.seed_random_streams(0)
     _, grads = model.loss_and_gradients(x, y)
     result = GradientCheckResult(tolerance)
-    k = 0
-    for layer in model.layers:
-        for name in layer.trainable_names:
-            _compare(result, f"{layer.name}/{name}", layer.weights[name], grads[k], f, eps, max_checks, rng)
-            k += 1
+    names = [f"{layer.name}/{name}" for layer in model.compute_layers for name in layer.trainable_names]
+    for label, weight, grad in zip(names, model.trainable_weights, grads):
+        _compare(result, label, weight, grad, f, eps, max_checks, rng)
     return result

@@ -12,7 +12,9 @@ import os
 
 import numpy as np
 
-from .saving import WeightsFileError, check_file_array
+from .errors import WeightsFileError
+from .files import atomic_path
+from .saving import check_file_array
 
 KERAS_INSTALL_HINT = 'pip install "tinycnn[keras]"  (h5py)'
 
@@ -29,7 +31,7 @@ def keras_paths(model):
     """The group path of every layer in a Keras 3 weights file, in model order."""
     seen = collections.Counter()
     paths = []
-    for layer in model.layers:
+    for layer in model.compute_layers:
         base = layer.base_name
         paths.append(f"layers/{base}" + (f"_{seen[base]}" if seen[base] else ""))
         seen[base] += 1
@@ -43,19 +45,14 @@ def save_keras_weights(model, path):
     if not path.endswith(".weights.h5"):
         raise ValueError(f"Keras 3 only loads weights files named *.weights.h5, got {path!r}")
     model.build()
-    tmp = path + ".tmp"
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_group("vars").attrs["name"] = model.name
-            for layer, group_path in zip(model.layers, keras_paths(model)):
+            for layer, group_path in zip(model.compute_layers, keras_paths(model)):
                 group = f.create_group(f"{group_path}/vars")
                 group.attrs["name"] = layer.name
                 for i, value in enumerate(layer.get_weights()):
                     group.create_dataset(str(i), data=value.astype(np.float32))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_keras_weights(model, path):
@@ -78,7 +75,7 @@ def load_keras_weights(model, path):
             raise WeightsFileError(f"{path!r} has no 'layers' group: not a Keras 3 .weights.h5 file")
         expected = keras_paths(model)
         extra = sorted(set(f["layers"]) - {p.split("/", 1)[1] for p in expected})
-        for layer, group_path in zip(model.layers, expected):
+        for layer, group_path in zip(model.compute_layers, expected):
             where = f"layer {layer.name} ({type(layer).__name__}, file group {group_path!r})"
             group = f.get(f"{group_path}/vars")
             count = 0 if group is None else len(group)

@@ -1,11 +1,14 @@
 """Cross-entropy losses and the accuracy metric.
 
-When a model ends in a softmax, it hands the loss the logits instead (`from_logits=True`)
-and the loss uses the fused, numerically stable softmax + cross-entropy kernel: its gradient
-is p - t, with no division by a probability that may underflow.
+When a model ends in a softmax and its loss `fuses_softmax`, the model's execution plan hands
+the loss the logits instead (`from_logits=True`) and the loss uses the fused, numerically
+stable softmax + cross-entropy kernel: its gradient is p - t, with no division by a probability
+that may underflow.
 """
-from .backend import get_array_module
-from .kernels_reference import softmax_cross_entropy as _reference_softmax_ce
+from .arrays import get_array_module
+from .kernels.reference import ReferenceKernels
+
+_REFERENCE = ReferenceKernels()
 
 EPSILON = 1e-7  # Keras's clipping of probabilities in cross-entropy
 
@@ -13,6 +16,7 @@ EPSILON = 1e-7  # Keras's clipping of probabilities in cross-entropy
 class Loss:
     name = "loss"
     sparse = False
+    fuses_softmax = False  # True: given logits, it applies a softmax itself (fused with the loss)
 
     def targets_to_dense(self, targets, num_classes):
         return targets
@@ -35,10 +39,11 @@ class CategoricalCrossentropy(Loss):
     """-sum(t * log p) per sample, on one-hot (or soft) targets."""
 
     name = "categorical_crossentropy"
+    fuses_softmax = True
 
     def compute(self, output, targets, from_logits, kernels=None):
         if from_logits:
-            softmax_ce = kernels.softmax_cross_entropy if kernels is not None else _reference_softmax_ce
+            softmax_ce = (kernels or _REFERENCE).softmax_cross_entropy
             return softmax_ce(output, targets, EPSILON)
         xp = get_array_module(output)
         eps = output.dtype.type(EPSILON)

@@ -1,62 +1,42 @@
-"""`Sequential`: a Keras-shaped model that owns the training loop.
+"""Models: a graph of layers between input and output tensors, and the weights of those layers.
 
-Built once for its input shape: every trainable weight then becomes a view into one flat
-parameter buffer and every gradient a view into one flat gradient buffer, so the optimizer
-runs one fused update per step. When the model ends in a softmax and the loss is a
-cross-entropy, the model fuses the two (the last layer emits logits during training).
+    inputs = tinycnn.Input(shape=(28, 28, 1))
+    x = layers.Conv2D(16, 3, activation="relu")(inputs)
+    ...
+    model = tinycnn.Model(inputs, outputs)
+
+`Model` holds structure (the nodes in topological order, `layers`), builds every layer once for
+its device and dtype, and keeps the trainable weights in one flat buffer (tinycnn.parameters).
+Training and inference come from `Trainer` (tinycnn.training); how the graph runs, including
+which layers are fused, is the execution plan's business (tinycnn.plan). `Sequential` is a
+Model whose graph is a chain, built from its list of layers.
 """
-import collections
-import sys
-import time
-
 import numpy as np
 
-from . import callbacks as callbacks_module
-from . import losses as losses_module
-from . import optimizers as optimizers_module
-from . import saving
-from .activations import softmax
-from .backend import get_backend, to_numpy
-from .layers import BatchNormalization, Dropout, Layer, ShapeError
-
-_model_counts = collections.Counter()
-
-
-def derive_seed(*parts):
-    """A 31-bit seed from a tuple of ints: independent streams per (model seed, epoch, layer)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+from . import naming, saving
+from .backend import get_backend
+from .errors import GraphError, ShapeError
+from .graph import SymbolicTensor, topological_nodes
+from .layers.base import InputLayer, Layer
+from .parameters import ParameterBuffer
+from .plan import Plan
+from .randomness import derive_seed, fresh_seed
+from .training import Trainer
 
 
-class _EpochMetrics:
-    """Sums of loss and correct predictions, kept on the device; synced only when read."""
-
-    def __init__(self, metric_names):
-        self.metric_names = metric_names
-        self.loss_sum = 0.0
-        self.correct = 0
-        self.seen = 0
-
-    def add(self, loss_sum, correct, n):
-        self.loss_sum = self.loss_sum + loss_sum
-        self.correct = self.correct + correct
-        self.seen += n
-
-    def averages(self, prefix=""):
-        if not self.seen:
-            return {}
-        values = {prefix + "loss": float(self.loss_sum) / self.seen}
-        if "acc" in self.metric_names:
-            values[prefix + "acc"] = float(self.correct) / self.seen
-        return values
+def _as_list(tensors):
+    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
 
 
-class Sequential:
-    """A linear stack of layers on one device ('cpu', 'gpu' or 'auto')."""
+class Model(Trainer):
+    """A network as a graph: `Model(inputs, outputs)` with the symbolic tensors of tinycnn.Input and
+    the layer calls between them, on one device ('cpu', 'gpu' or 'auto'), in float32 or float64."""
 
-    def __init__(self, layers=None, device=None, name=None, dtype="float32", seed=None, fuse=True):
-        if name is None:
-            _model_counts["sequential"] += 1
-            name = f"sequential_{_model_counts['sequential']}"
+    def __init__(self, inputs, outputs, name=None, device=None, dtype="float32", seed=None, fuse=True):
+        self._setup(name or naming.unique_name("model"), device, dtype, seed, fuse)
+        self._set_graph(inputs, outputs)
+
+    def _setup(self, name, device, dtype, seed, fuse):
         self.name = name
         self.backend = get_backend(device)
         self.xp = self.backend.xp
@@ -64,339 +44,136 @@ class Sequential:
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"models compute in float32 or float64, not {self.dtype}")
         # Without a seed, draw one now: the model is still reproducible from `model.seed`.
-        self.seed = int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF) if seed is None else int(seed)
-        self.fuse = bool(fuse)  # let a BatchNormalization apply the Dropout after it (same masks)
-        self.layers = []
+        self.seed = fresh_seed() if seed is None else int(seed)
+        self.fuse = bool(fuse)  # let the plan run a BatchNormalization and the Dropout after it as one kernel
         self.built = False
-        self.optimizer = None
-        self.loss = None
-        self.metric_names = []
-        self._fused_softmax = False  # set by compile when the last layer's softmax joins the loss
-        self.history = None
-        for layer in layers or []:
-            self.add(layer)
+        self.params = None
+        self._plans = {}
+        self._init_trainer()
 
-    # -- structure ------------------------------------------------------------------------
-    def add(self, layer):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"Sequential.add expects a tinycnn layer, got {type(layer).__name__}")
-        if self.built:
-            raise RuntimeError("cannot add layers to a model that is already built")
-        self.layers.append(layer)
+    def _set_graph(self, inputs, outputs):
+        self.single_input = not isinstance(inputs, (list, tuple))
+        self.single_output = not isinstance(outputs, (list, tuple))
+        self.inputs, self.outputs = _as_list(inputs), _as_list(outputs)
+        self.nodes = topological_nodes(self.inputs, self.outputs)
+        seen, layers = set(), []
+        for node in self.nodes:
+            if id(node.layer) not in seen:
+                seen.add(id(node.layer))
+                layers.append(node.layer)
+        self._graph_layers = layers
+        self.built = False
+        self._plans = {}
+
+    # -- structure ----------------------------------------------------------------------------------
+    @property
+    def layers(self):
+        """Every layer once, in graph order (InputLayers included, as in Keras's functional models)."""
+        return list(self._graph_layers)
+
+    @property
+    def compute_layers(self):
+        """The layers that compute (no InputLayers), in graph order: the order in which their
+        weights are built, seeded, saved and updated."""
+        return [layer for layer in self._graph_layers if not isinstance(layer, InputLayer)]
 
     @property
     def input_shape(self):
-        return self.layers[0].input_shape if self.layers else None
+        """Keras's form: (None, ...) per input; a list for a model with several."""
+        shapes = [t.shape for t in self.inputs]
+        return shapes[0] if self.single_input else shapes
 
     @property
     def output_shape(self):
-        return self.layers[-1].output_shape if self.built else None
+        shapes = [t.shape for t in self.outputs]
+        return shapes[0] if self.single_output else shapes
+
+    def get_layer(self, name=None, index=None):
+        """A layer by name, or by its position in `layers`."""
+        if index is not None:
+            return self.layers[index]
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ValueError(f"model {self.name} has no layer named {name!r}; its layers are "
+                         f"{', '.join(l.name for l in self.layers)}")
 
     def build(self, input_shape=None):
-        """Build every layer in turn; then gather trainable weights into flat buffers."""
+        """Build every layer for this model's device and dtype (each layer once; a layer another
+        model built keeps its weights) and gather the trainable weights into the flat buffer."""
         if self.built:
             return
-        if not self.layers:
-            raise ValueError("the model has no layers")
-        shape = input_shape or self.layers[0].input_shape
-        if shape is None:
-            raise ValueError("the first layer needs input_shape=(...) (or call model.build(input_shape))")
-        for i, layer in enumerate(self.layers):
-            shape = layer.build(shape, self.backend, self.dtype, seed=derive_seed(self.seed, 0, i))
-        self.layers[0].needs_input_grad = False  # nothing upstream needs it
-        if self.fuse:
-            for layer, after in zip(self.layers, self.layers[1:]):
-                if isinstance(layer, BatchNormalization) and isinstance(after, Dropout):
-                    layer.fuse_dropout(after)
-        self._bind_flat_buffers()
+        order = {}
+        for node in self.nodes:
+            layer = node.layer
+            if isinstance(layer, InputLayer):
+                continue
+            order.setdefault(id(layer), len(order))
+            shapes = [t.shape[1:] for t in node.inputs]
+            layer.build(shapes if layer.multi_input else shapes[0], self.backend, self.dtype,
+                        seed=derive_seed(self.seed, 0, order[id(layer)]))
+        entries = [(layer, name) for layer in self.compute_layers for name in layer.trainable_names]
+        self.params = ParameterBuffer(entries, self.xp, self.dtype)
+        self._plans = {}
         self.built = True
 
-    def _bind_flat_buffers(self):
-        entries = [(layer, name) for layer in self.layers for name in layer.trainable_names]
-        total = sum(layer.weights[name].size for layer, name in entries)
-        self._flat_params = self.xp.empty(total, dtype=self.dtype)
-        self._flat_grads = self.xp.zeros(total, dtype=self.dtype)
-        offset = 0
-        for layer, name in entries:
-            w = layer.weights[name]
-            view = self._flat_params[offset : offset + w.size].reshape(w.shape)
-            view[...] = w
-            layer.weights[name] = view
-            layer.grads[name] = self._flat_grads[offset : offset + w.size].reshape(w.shape)
-            offset += w.size
+    def plan(self, logits_output=False):
+        """The execution plan of the graph (tinycnn.plan); `logits_output`: the loss applies the
+        output's softmax itself."""
+        self.build()
+        key = bool(logits_output)
+        if key not in self._plans:
+            self._plans[key] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, key)
+        return self._plans[key]
 
+    def __call__(self, x, training=False):
+        """The outputs for input arrays (device arrays; a list for several outputs)."""
+        if any(isinstance(t, SymbolicTensor) for t in _as_list(x)):
+            raise GraphError("calling a model on symbolic tensors (a model as a layer) is not supported yet")
+        outputs, _ = self.plan().forward(self.check_inputs(x), training=bool(training), keep_for_backward=False)
+        return outputs[0] if self.single_output else outputs
+
+    # -- weights ------------------------------------------------------------------------------------
     def count_params(self):
         self.build()
-        return sum(layer.count_params() for layer in self.layers)
+        return sum(layer.count_params() for layer in self.compute_layers)
 
-    # -- summary --------------------------------------------------------------------------
-    def summary(self, line_length=65, positions=(0.45, 0.85, 1.0), print_fn=None):
-        """The Keras 2 summary table, character for character (fields cut to their column)."""
+    @property
+    def weights(self):
+        """Every weight (device arrays), layer by layer in Keras order."""
         self.build()
-        print_fn = print_fn or print
-        cols = [int(line_length * p) for p in positions]
+        return [w for layer in self.compute_layers for w in layer.weights.values()]
 
-        def row(fields):
-            line = ""
-            for i, field in enumerate(fields):
-                if i > 0:
-                    line = line[:-1] + " "
-                line += str(field)
-                line = line[: cols[i]]
-                line += " " * (cols[i] - len(line))
-            print_fn(line)
-
-        print_fn(f'Model: "{self.name}"')
-        print_fn("_" * line_length)
-        row(["Layer (type)", "Output Shape", "Param #"])
-        print_fn("=" * line_length)
-        for i, layer in enumerate(self.layers):
-            row([f"{layer.name} ({type(layer).__name__})", str((None,) + tuple(layer.output_shape)), layer.count_params()])
-            print_fn(("=" if i == len(self.layers) - 1 else "_") * line_length)
-        total = self.count_params()
-        trainable = sum(layer.count_trainable_params() for layer in self.layers)
-        print_fn(f"Total params: {total:,}")
-        print_fn(f"Trainable params: {trainable:,}")
-        print_fn(f"Non-trainable params: {total - trainable:,}")
-        print_fn("_" * line_length)
-
-    # -- compiling ------------------------------------------------------------------------
-    def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None):
+    @property
+    def trainable_weights(self):
         self.build()
-        self.optimizer = optimizers_module.get(optimizer)
-        self.optimizer.build(self._flat_params, self.backend)
-        self.loss = losses_module.get(loss)
-        self.metric_names = []
-        for metric in metrics or []:
-            if metric not in ("accuracy", "acc"):
-                raise ValueError(f"unknown metric {metric!r}: tinycnn supports 'accuracy'")
-            self.metric_names.append("acc")
-        last = self.layers[-1]
-        self._fused_softmax = getattr(last, "activation", None) == "softmax"
-        last.output_logits = self._fused_softmax
+        return [layer.weights[name] for layer in self.compute_layers for name in layer.trainable_names]
 
-    def _require_compiled(self, what):
-        if self.loss is None:
-            raise RuntimeError(f"call model.compile(...) before model.{what}(...)")
+    @property
+    def non_trainable_weights(self):
+        self.build()
+        return [w for layer in self.compute_layers for name, w in layer.weights.items()
+                if name not in layer.trainable_names]
 
-    # -- input checks -----------------------------------------------------------------------
-    def _check_x(self, x, what="x"):
-        """x on this model's device in its dtype, after checking type, shape and values."""
-        self.build(None if self.layers[0].input_shape else np.shape(x)[1:])
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            x = np.asarray(x)
-        kind = np.dtype(x.dtype).kind
-        if kind not in "fiu":
-            raise TypeError(f"{what} must hold numbers (float or integer), got dtype {x.dtype}")
-        expected = tuple(self.layers[0].input_shape)
-        if tuple(x.shape[1:]) != expected:
-            hint = ""
-            if tuple(x.shape[1:]) + (1,) == expected:
-                hint = "; add the channel axis with x[..., None]"
-            raise ShapeError(
-                f"{what} has shape {tuple(x.shape)} but the model expects (batch, {', '.join(map(str, expected))}){hint}"
-            )
-        if x.shape[0] == 0:
-            raise ValueError(f"{what} is empty")
-        x = self.backend.asarray(x, dtype=self.dtype)
-        if kind == "f":
-            bad = int((~self.xp.isfinite(x)).sum())
-            if bad:
-                raise ValueError(f"{what} contains {bad} NaN or infinite values")
-        return x
-
-    def _check_y(self, y, n, what="y"):
-        """Targets as dense one-hot rows on the device, after checking shape and range."""
-        classes = self.layers[-1].output_shape[-1]
-        y = y if hasattr(y, "shape") else np.asarray(y)
-        if y.shape[0] != n:
-            raise ShapeError(f"{what} has {y.shape[0]} rows but x has {n}")
-        if self.loss.sparse:
-            if y.ndim == 2 and y.shape[1] == 1:
-                y = y.reshape(-1)
-            if y.ndim != 1 or np.dtype(y.dtype).kind not in "iuf":
-                raise ShapeError(f"{what} must be integer class labels of shape ({n},) for {self.loss.name}, got {y.shape}")
-            labels = self.backend.asarray(y)
-            lo, hi = float(labels.min()), float(labels.max())
-            if lo < 0 or hi >= classes or bool((labels != self.xp.floor(labels)).any()):
-                raise ValueError(f"{what} has labels outside 0..{classes - 1} (found min {lo:g}, max {hi:g})")
-            return self.loss.targets_to_dense(labels, classes).astype(self.dtype)
-        if y.ndim != 2 or y.shape[1] != classes:
-            hint = " (integer labels? one-hot encode them, or use loss='sparse_categorical_crossentropy')" if y.ndim == 1 else ""
-            raise ShapeError(f"{what} must have shape ({n}, {classes}) for {self.loss.name}, got {tuple(y.shape)}{hint}")
-        y = self.backend.asarray(y, dtype=self.dtype)
-        if not bool(self.xp.isfinite(y).all()):
-            raise ValueError(f"{what} contains NaN or infinite values")
-        if float(y.min()) < 0 or float(y.max()) > 1:
-            raise ValueError(f"{what} must hold probabilities in [0, 1] (one-hot rows); found values outside")
-        return y
-
-    # -- the step -------------------------------------------------------------------------
-    def _forward(self, x, training):
-        for layer in self.layers:
-            x = layer.forward(x, training)
-        return x
-
-    def _loss_and_backward(self, xb, tb):
-        """Forward in training mode, loss, backward into the flat gradient buffer."""
-        out = self._forward(xb, training=True)
-        probs, per_sample, dout = self.loss.compute(out, tb, self._fused_softmax, self.backend.kernels)
-        dout *= dout.dtype.type(1.0 / xb.shape[0])  # the loss is the batch mean
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        return probs, per_sample
-
-    def train_on_batch(self, x, y):
-        """One optimizer step on one batch; returns [loss, acc] like Keras."""
-        self._require_compiled("train_on_batch")
-        xb = self._check_x(x)
-        tb = self._check_y(y, xb.shape[0])
-        probs, per_sample = self._loss_and_backward(xb, tb)
-        self.optimizer.apply(self._flat_params, self._flat_grads)
-        return [float(per_sample.mean())] + (
-            [float(losses_module.count_correct(probs, tb)) / xb.shape[0]] if self.metric_names else []
-        )
-
-    def loss_and_gradients(self, x, y):
-        """Mean loss in training mode and the gradient of every trainable weight (NumPy, Keras order).
-        No optimizer step; used by gradient checks and parity tests."""
-        self._require_compiled("loss_and_gradients")
-        xb = self._check_x(x)
-        tb = self._check_y(y, xb.shape[0])
-        _, per_sample = self._loss_and_backward(xb, tb)
-        grads = [to_numpy(layer.grads[name]).copy() for layer in self.layers for name in layer.trainable_names]
-        return float(per_sample.mean()), grads
-
-    def _epoch_seeds(self, epoch):
-        """Per-epoch random streams derived from the model seed: a resumed run replays them exactly."""
-        for i, layer in enumerate(self.layers):
-            base = getattr(layer, "seed", None)
-            layer.reseed(derive_seed(self.seed if base is None else base, 1, epoch, i))
-        return derive_seed(self.seed, 2, epoch)
-
-    # -- fit / evaluate / predict ---------------------------------------------------------------
-    def fit(self, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validation_data=None,
-            shuffle=True, initial_epoch=0):
-        self._require_compiled("fit")
-        if int(batch_size) < 1 or int(epochs) < 0:
-            raise ValueError("batch_size must be >= 1 and epochs >= 0")
-        batch_size = int(batch_size)
-        x = self._check_x(x)
-        n = x.shape[0]
-        t = self._check_y(y, n)
-        val = None
-        if validation_data is not None:
-            if len(validation_data) != 2:
-                raise ValueError("validation_data must be a pair (x_val, y_val)")
-            xv = self._check_x(validation_data[0], "validation x")
-            val = (xv, self._check_y(validation_data[1], xv.shape[0], "validation y"))
-
-        history = callbacks_module.History()
-        cbs = ([callbacks_module.ProgbarLogger(verbose)] if verbose else []) + list(callbacks or []) + [history]
-        metric_names = ["loss"] + self.metric_names
-        shown = metric_names + (["val_" + m for m in metric_names] if val else [])
-        for cb in cbs:
-            cb.set_model(self)
-            cb.set_params({"epochs": epochs, "samples": n, "batch_size": batch_size, "verbose": verbose,
-                           "metrics": shown, "do_validation": val is not None})
-        if verbose and val is not None:
-            sys.stdout.write("Train on %d samples, validate on %d samples\n" % (n, val[0].shape[0]))
-        for cb in cbs:
-            cb.on_train_begin()
-        for epoch in range(initial_epoch, epochs):
-            shuffle_seed = self._epoch_seeds(epoch)
-            order = self.backend.permutation(n, shuffle_seed) if shuffle else self.xp.arange(n)
-            for cb in cbs:
-                cb.on_epoch_begin(epoch)
-            metrics = _EpochMetrics(self.metric_names)
-            started = time.perf_counter()
-            for batch, start in enumerate(range(0, n, batch_size)):
-                idx = order[start : start + batch_size]
-                xb, tb = x[idx], t[idx]
-                probs, per_sample = self._loss_and_backward(xb, tb)
-                self.optimizer.apply(self._flat_params, self._flat_grads)
-                metrics.add(per_sample.sum(), losses_module.count_correct(probs, tb), xb.shape[0])
-                logs = {"batch": batch, "size": xb.shape[0], "seen": metrics.seen, "metrics": metrics}
-                for cb in cbs:
-                    cb.on_batch_end(batch, logs)
-            logs = metrics.averages()
-            if not np.isfinite(logs["loss"]):
-                raise FloatingPointError(
-                    f"training diverged in epoch {epoch + 1}: the loss is {logs['loss']} "
-                    "(lower the learning rate, or check the inputs' scale)"
-                )
-            logs["seconds"] = time.perf_counter() - started
-            if val is not None:
-                logs.update(self._evaluate_arrays(val[0], val[1], batch_size).averages("val_"))
-            for cb in cbs:
-                cb.on_epoch_end(epoch, logs)
-        for cb in cbs:
-            cb.on_train_end()
-        self.history = history
-        return history
-
-    # Inference gives each sample the same result whatever the batch, so the CPU runs a large
-    # requested batch as sub-batches small enough for their activations to stay in cache.
-    CPU_INFERENCE_BATCH = 128
-
-    def _inference_batches(self, n, batch_size):
-        if self.backend.name == "cpu":
-            batch_size = min(batch_size, self.CPU_INFERENCE_BATCH)
-        return range(0, n, batch_size), batch_size
-
-    def _evaluate_arrays(self, x, t, batch_size):
-        metrics = _EpochMetrics(self.metric_names)
-        starts, batch_size = self._inference_batches(x.shape[0], batch_size)
-        for start in starts:
-            xb, tb = x[start : start + batch_size], t[start : start + batch_size]
-            out = self._forward(xb, training=False)
-            probs, per_sample, _ = self.loss.compute(out, tb, self._fused_softmax, self.backend.kernels)
-            metrics.add(per_sample.sum(), losses_module.count_correct(probs, tb), xb.shape[0])
-        return metrics
-
-    def evaluate(self, x, y, batch_size=32, verbose=1):
-        """[loss, acc] in inference mode, like Keras."""
-        self._require_compiled("evaluate")
-        x = self._check_x(x)
-        t = self._check_y(y, x.shape[0])
-        bar = callbacks_module.Progbar(x.shape[0], verbose=verbose) if verbose else None
-        values = self._evaluate_arrays(x, t, int(batch_size)).averages()
-        if bar is not None:
-            bar.update(x.shape[0], lambda: values, finalize=True)
-        return [values["loss"]] + ([values["acc"]] if "acc" in values else [])
-
-    def predict(self, x, batch_size=32):
-        """Outputs in inference mode as a NumPy array (probabilities when the model ends in softmax)."""
-        x = self._check_x(x)
-        outs = []
-        starts, batch_size = self._inference_batches(x.shape[0], int(batch_size))
-        for start in starts:
-            out = self._forward(x[start : start + batch_size], training=False)
-            if self._fused_softmax:
-                out = softmax(out)
-            outs.append(to_numpy(out))
-        return np.concatenate(outs)
-
-    # -- weights ----------------------------------------------------------------------------
     def get_weights(self):
         self.build()
-        return [w for layer in self.layers for w in layer.get_weights()]
+        return [w for layer in self.compute_layers for w in layer.get_weights()]
 
     def set_weights(self, weights):
+        """Assign every weight, in `get_weights` order. All are checked (count, shapes, finite
+        values) before any is assigned: a bad list leaves the model untouched."""
         self.build()
         weights = list(weights)
-        expected = sum(len(layer.weights) for layer in self.layers)
+        layers = self.compute_layers
+        expected = sum(len(layer.weights) for layer in layers)
         if len(weights) != expected:
             raise ValueError(f"the model has {expected} weight arrays, got {len(weights)}")
-        # Check every shape first, so a bad list leaves the model untouched.
-        flat = [(layer, name, w) for layer in self.layers for name, w in layer.weights.items()]
-        for (layer, name, current), value in zip(flat, weights):
-            if np.shape(value) != tuple(current.shape):
-                raise ShapeError(f"{layer.name} weight {name!r}: expected shape {tuple(current.shape)}, got {np.shape(value)}")
-        start = 0
-        for layer in self.layers:
-            layer.set_weights(weights[start : start + len(layer.weights)])
+        checked, start = [], 0
+        for layer in layers:
+            checked.append(layer.check_weights(weights[start : start + len(layer.weights)]))
             start += len(layer.weights)
+        for layer, values in zip(layers, checked):
+            layer.set_weights(values)
 
     def save_weights(self, path):
         self.build()
@@ -417,3 +194,167 @@ class Sequential:
         from . import keras_io
 
         keras_io.load_keras_weights(self, path)
+
+    # -- summary -----------------------------------------------------------------------------------
+    def _sequential_like(self):
+        """Keras 2's test: a chain of single-input nodes with no shared layer prints as a Sequential."""
+        if len(self.inputs) != 1 or len(self.outputs) != 1:
+            return False
+        read = set()
+        for node in self.nodes:
+            if len(node.inputs) > 1:
+                return False
+            for t in node.inputs:
+                if id(t) in read:
+                    return False
+                read.add(id(t))
+        return len(self._graph_layers) == len(self.nodes)
+
+    def _connections(self, layer):
+        """Keras 2's 'Connected to' entries of a layer: inbound layer[node index][tensor index]."""
+        node_index = {}
+        for node in self.nodes:
+            node_index[id(node)] = sum(1 for other in self.nodes[: self.nodes.index(node)] if other.layer is node.layer)
+        return [f"{t.node.layer.name}[{node_index[id(t.node)]}][0]"
+                for node in self.nodes if node.layer is layer for t in node.inputs]
+
+    def summary(self, line_length=None, positions=None, print_fn=None):
+        """The Keras 2 summary table, character for character (fields cut to their column): three
+        columns for a chain of layers, four ("Connected to") for any other graph."""
+        self.build()
+        print_fn = print_fn or print
+        chain = self._sequential_like()
+        if chain:
+            line_length = line_length or 65
+            positions = positions or (0.45, 0.85, 1.0)
+            headers = ["Layer (type)", "Output Shape", "Param #"]
+        else:
+            line_length = line_length or 98
+            positions = positions or (0.33, 0.55, 0.67, 1.0)
+            headers = ["Layer (type)", "Output Shape", "Param #", "Connected to"]
+        cols = [int(line_length * p) for p in positions] if positions[-1] <= 1 else list(positions)
+
+        def row(fields):
+            line = ""
+            for i, field in enumerate(fields):
+                if i > 0:
+                    line = line[:-1] + " "
+                line += str(field)
+                line = line[: cols[i]]
+                line += " " * (cols[i] - len(line))
+            print_fn(line)
+
+        print_fn(f'Model: "{self.name}"')
+        print_fn("_" * line_length)
+        row(headers)
+        print_fn("=" * line_length)
+        layers = self.layers
+        for i, layer in enumerate(layers):
+            fields = [f"{layer.name} ({type(layer).__name__})", str((None,) + tuple(layer.output_shape)),
+                      layer.count_params()]
+            if chain:
+                row(fields)
+            else:
+                connections = self._connections(layer)
+                row(fields + [connections[0] if connections else ""])
+                for extra in connections[1:]:
+                    row(["", "", "", extra])
+            print_fn(("=" if i == len(layers) - 1 else "_") * line_length)
+        total = self.count_params()
+        trainable = sum(layer.count_trainable_params() for layer in self.compute_layers)
+        print_fn(f"Total params: {total:,}")
+        print_fn(f"Trainable params: {trainable:,}")
+        print_fn(f"Non-trainable params: {total - trainable:,}")
+        print_fn("_" * line_length)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}: {len(self.compute_layers)} layers on {self.backend.name}>"
+
+
+class Sequential(Model):
+    """A linear stack of layers: a Model whose graph is a chain, made from its list of layers.
+
+    The input shape comes from the first layer's `input_shape=`, an `InputLayer` (or a
+    `tinycnn.Input`) at the head of the list, `build((None, ...))`, or the first data it sees.
+    Layers may be added after the model is built (even after `summary()`): it rebuilds, and the
+    layers it already had keep their weights."""
+
+    def __init__(self, layers=None, device=None, name=None, dtype="float32", seed=None, fuse=True):
+        self._setup(name or naming.unique_name("sequential"), device, dtype, seed, fuse)
+        self._stack = []
+        self._input_layer = None
+        self._made_nodes = []
+        self.inputs = self.outputs = []
+        self.single_input = self.single_output = True
+        self.nodes, self._graph_layers = [], []
+        for layer in layers or []:
+            self.add(layer)
+
+    def add(self, layer):
+        if isinstance(layer, SymbolicTensor) and isinstance(layer.node.layer, InputLayer):
+            layer = layer.node.layer  # Keras 3 accepts keras.Input(...) at the head of a Sequential
+        if isinstance(layer, InputLayer):
+            if self._stack or self._input_layer is not None:
+                raise GraphError("an InputLayer can only be the first entry of a Sequential")
+            self._input_layer = layer
+        elif not isinstance(layer, Layer):
+            raise TypeError(f"Sequential.add expects a tinycnn layer, got {type(layer).__name__}")
+        elif layer.multi_input:
+            raise GraphError(f"{type(layer).__name__} merges several inputs; use the functional API "
+                             "(tinycnn.Input and tinycnn.Model) for graphs with branches")
+        else:
+            self._stack.append(layer)
+        self.built = False
+        self._plans = {}
+
+    @property
+    def layers(self):
+        """The stacked layers (without the input layer, as in Keras)."""
+        return list(self._stack)
+
+    @property
+    def input_shape(self):
+        if self.inputs:
+            return self.inputs[0].shape
+        declared = self._declared_input_shape()
+        return None if declared is None else (None,) + declared
+
+    @property
+    def output_shape(self):
+        return self.outputs[0].shape if self.built else None
+
+    def _declared_input_shape(self):
+        if self._input_layer is not None:
+            return self._input_layer.input_shape
+        return self._stack[0].input_shape if self._stack else None
+
+    def build(self, input_shape=None):
+        """Chain the layers from the input shape (`(None, ...)` as in Keras, or without the batch
+        axis), then build them."""
+        if self.built:
+            return
+        if not self._stack:
+            raise ValueError("the model has no layers")
+        shape = self._declared_input_shape()
+        if input_shape is not None:
+            given = tuple(input_shape)
+            given = given[1:] if given and given[0] is None else given
+            if shape is not None and tuple(shape) != tuple(given):
+                raise ShapeError(f"model {self.name} was declared with input shape {shape}, build got {given}")
+            shape = given
+        if shape is None:
+            raise ValueError("the first layer needs input_shape=(...) (or call model.build((None, ...)))")
+        for node in self._made_nodes:  # a rebuild (after add): forget the previous chain
+            if node in node.layer.inbound_nodes:
+                node.layer.inbound_nodes.remove(node)
+        head = self._input_layer or InputLayer(shape=shape, name=f"{self._stack[0].name}_input")
+        x = head.output
+        self._made_nodes = []
+        for layer in self._stack:
+            x = layer(x)
+            self._made_nodes.append(x.node)
+        self._set_graph(head.output, x)
+        super().build()
+
+    def _sequential_like(self):
+        return True

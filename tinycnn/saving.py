@@ -7,17 +7,15 @@ the model is left exactly as it was.
 """
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from .errors import WeightsFileError
+from .files import atomic_write
+
 FORMAT = "tinycnn-weights"
 VERSION = 1
-
-
-class WeightsFileError(ValueError):
-    """A weights or checkpoint file is unreadable, corrupt, or does not match the model."""
 
 
 def _layer_records(model):
@@ -27,34 +25,19 @@ def _layer_records(model):
             "class": type(layer).__name__,
             "weights": [[name, list(w.shape)] for name, w in layer.weights.items()],
         }
-        for layer in model.layers
+        for layer in model.compute_layers
     ]
 
 
 def atomic_savez(path, arrays):
-    """np.savez to a temporary file beside `path`, fsync, then rename: a crash leaves the old file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """np.savez, atomically (tinycnn.files): a crash or an error leaves the old file."""
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _weights_arrays(model):
     arrays = {"__meta__": np.array(json.dumps({"format": FORMAT, "version": VERSION, "layers": _layer_records(model)}))}
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.compute_layers):
         for name, value in zip(layer.weights, layer.get_weights()):
             arrays[f"layer{i:03d}/{name}"] = value
     return arrays
@@ -91,15 +74,14 @@ def check_file_array(path, where, name, key, value, expected_shape):
 def _match(model, arrays, meta, path, by_name):
     """Per model layer, the list of arrays to assign; raises on the first mismatch."""
     records = meta["layers"]
+    layers = model.compute_layers
     if by_name:
         index = {rec["name"]: (i, rec) for i, rec in enumerate(records)}
-        pairs = [(layer, index.get(layer.name)) for layer in model.layers]
+        pairs = [(layer, index.get(layer.name)) for layer in layers]
     else:
-        if len(records) != len(model.layers):
-            raise WeightsFileError(
-                f"{path!r} holds {len(records)} layers but the model has {len(model.layers)}"
-            )
-        pairs = [(layer, (i, rec)) for i, (layer, rec) in enumerate(zip(model.layers, records))]
+        if len(records) != len(layers):
+            raise WeightsFileError(f"{path!r} holds {len(records)} layers but the model has {len(layers)}")
+        pairs = [(layer, (i, rec)) for i, (layer, rec) in enumerate(zip(layers, records))]
     plan = []
     for layer, found in pairs:
         if found is None:

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from . import DatasetError
+from ..errors import DatasetError
 
 __all__ = ["read_idx", "write_idx", "IDX_DTYPES"]
 

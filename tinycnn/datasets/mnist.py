@@ -30,7 +30,7 @@ import zipfile
 
 import numpy as np
 
-from . import DatasetError
+from ..errors import DatasetError
 from .idx import read_idx
 
 __all__ = [

@@ -1,0 +1,27 @@
+"""Every error type tinycnn raises on purpose, in one leaf module (no imports, so any module may use them)."""
+
+
+class ConfigError(ValueError):
+    """A setting has a value tinycnn cannot use: an environment variable, `tinycnn.config.using(...)`,
+    or a device name. The message names the setting and the values it accepts."""
+
+
+class DeviceError(ConfigError, RuntimeError):
+    """The requested device cannot be used (unknown name, CuPy missing, no working CUDA device)."""
+
+
+class ShapeError(ValueError):
+    """An array's shape does not fit the layer or model it is given to."""
+
+
+class GraphError(ValueError):
+    """A functional model's graph is malformed: an input that is not a tinycnn.Input, a layer
+    called on something that is not a tensor, outputs that do not depend on the inputs."""
+
+
+class WeightsFileError(ValueError):
+    """A weights or checkpoint file is unreadable, corrupt, or does not match the model."""
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be read, verified or obtained from any source."""

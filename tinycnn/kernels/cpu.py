@@ -1,0 +1,634 @@
+"""The CPU kernel set: the hot loops of the reference set, compiled with numba.
+
+Each override has the signature and meaning of its reference namesake (tests compare them entry
+by entry). Loops run in parallel over the batch or over fixed blocks of rows, so two threads
+never write the same element and results do not depend on the thread count. Compiled code is
+cached on disk (cache=True): the compile cost is paid once per machine, not per run.
+
+`tune_process` holds the process-wide CPU tuning (OpenMP idle policy, numba's thread count,
+glibc's allocator); the backend calls it once, when the first CPU backend is created.
+"""
+import ctypes
+import os
+
+import numpy as np
+from numba import njit, prange
+
+from . import cpu_conv
+from .reference import ReferenceKernels, output_hw, pad_nhwc
+from .scratch import scratch_buffer
+from ..randomness import dropout_keep_threshold, dropout_key
+
+_JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
+
+# Below this many elements, waking the thread pool costs more than the loop: the reference runs.
+SMALL = 1 << 15
+
+
+# -- process tuning --------------------------------------------------------------------------------
+# How long numba's idle OpenMP threads spin before they sleep. A Week2 step runs ~60 short numba
+# kernels back to back and no BLAS, so waking sleeping threads for each one costs; but where a
+# model still calls OpenBLAS (Dense layers, convolutions over 64 channels), spinning threads take
+# the cores from OpenBLAS's own. Week2 step on a 2-core Zen 5 machine, direct / im2col + GEMM
+# convolutions: GOMP_SPINCOUNT=1000 14.4 / 36.8-38.5 ms; sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+# 16.3-18.1 / 30.5-30.7; 10,000 13.3-13.9 / 105-124; 100,000 13.7-17.9 / 705-736; spinning forever
+# (ACTIVE) 12.9-13.6 / 928-937. libgomp reads it when numba first starts its threads.
+DEFAULT_SPINCOUNT = "1000"
+
+_tuning = None  # what tune_process did, for Backend.describe()
+
+
+def tune_process(settings):
+    """Process-wide tuning for the CPU kernels, applied once (later calls return the first result):
+
+    - OpenMP idle policy: GOMP_SPINCOUNT=1000 unless the user set GOMP_SPINCOUNT or
+      OMP_WAIT_POLICY. It only takes effect if numba's threads have not started yet.
+    - numba's thread count: `settings.numba_threads` (TINYCNN_NUMBA_THREADS) for this thread,
+      else numba's default (every core). With no BLAS in a Week2 step nothing competes for the
+      cores: 18.7-19.1 ms per step with two threads against 20.9-22.2 with one (2-core Zen 5).
+    - glibc keeps freed memory for reuse instead of returning it to the OS
+      (`settings.malloc_tuning`, TINYCNN_MALLOC_TUNING=0 opts out). A training step allocates and
+      frees the same ~100 MB of activations every time; served by fresh mmap pages, every step
+      paid page faults and zeroing (2 ms of a 32 ms Week2 step). A no-op off glibc.
+    Returns a dict describing what is in force."""
+    global _tuning
+    if _tuning is not None:
+        return _tuning
+    import numba
+
+    user_spin = next((f"{name}={os.environ[name]} (yours)" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                      if name in os.environ), None)
+    if user_spin is None:
+        os.environ["GOMP_SPINCOUNT"] = DEFAULT_SPINCOUNT
+    malloc = settings.malloc_tuning and _keep_freed_memory()
+    if settings.numba_threads is not None:
+        numba.set_num_threads(min(settings.numba_threads, numba.config.NUMBA_NUM_THREADS))
+    _tuning = {
+        "spin": user_spin or f"GOMP_SPINCOUNT={DEFAULT_SPINCOUNT} (tinycnn's default)",
+        "numba_threads": numba.get_num_threads(),
+        "malloc_tuning": "on" if malloc else "off",
+    }
+    return _tuning
+
+
+def _keep_freed_memory():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)  # arrays up to 1 GiB come from the heap...
+        libc.mallopt(m_trim_threshold, 2**31 - 1)  # ...and freed heap memory (up to 2 GiB) stays mapped
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+# -- im2col / col2im ---------------------------------------------------------------------------------
+@njit(**_JIT)
+def _im2col(x, kh, kw, sh, sw, top, left, oh, ow, out):
+    n, h, w, c = x.shape
+    for b in prange(n):
+        for i in range(oh):
+            for j in range(ow):
+                row = (b * oh + i) * ow + j
+                for a in range(kh):
+                    hi = i * sh + a - top
+                    for d in range(kw):
+                        wi = j * sw + d - left
+                        base = (a * kw + d) * c
+                        if 0 <= hi < h and 0 <= wi < w:
+                            for ch in range(c):
+                                out[row, base + ch] = x[b, hi, wi, ch]
+                        else:
+                            for ch in range(c):
+                                out[row, base + ch] = 0.0
+
+
+@njit(**_JIT)
+def _col2im(cols, kh, kw, sh, sw, top, left, oh, ow, dx):
+    n, h, w, c = dx.shape
+    for b in prange(n):
+        dx[b] = 0.0
+        for i in range(oh):
+            for j in range(ow):
+                row = (b * oh + i) * ow + j
+                for a in range(kh):
+                    hi = i * sh + a - top
+                    if hi < 0 or hi >= h:
+                        continue
+                    for d in range(kw):
+                        wi = j * sw + d - left
+                        if wi < 0 or wi >= w:
+                            continue
+                        base = (a * kw + d) * c
+                        for ch in range(c):
+                            dx[b, hi, wi, ch] += cols[row, base + ch]
+
+
+def _conv_sizes(x_shape, kh, kw, stride, pads):
+    n, h, w, c = x_shape
+    return (n, h, w, c) + output_hw(h, w, kh, kw, stride, pads)
+
+
+# Convolution by GEMM is cache-blocked: the batch is cut into chunks whose patch matrix fits in the
+# cores' L2 caches, so each chunk is written by im2col and read back by the GEMM without a trip to
+# memory. Backward recomputes each chunk's patches instead of keeping the whole matrix (73,728 x 144
+# floats = 42 MB for the Week2 model's second convolution). Week2 step on a 2-core Zen 5 machine
+# (2 x 1 MiB L2): 1 MiB chunks 30.7-31.1 ms, 2 MiB 30.9-31.3, 4 MiB 31.6-35.2, 8 MiB 39-40, unchunked 45.
+CHUNK_BYTES = 2 << 20
+
+# Direct convolution (cpu_conv) applies to float32/float64 layers with at most this many input and
+# output channels: there the GEMM has as few columns as the layer has filters and runs at a
+# fraction of the machine's rate, while the direct loops keep 8 pixels x 16 filters in registers.
+# Week2 conv2 (16 -> 16, 3x3, 128 images of 26x26) forward on a 2-core Zen 5: 1.1-1.4 ms direct,
+# 3.2-3.7 ms GEMM. Larger layers were not measured, so they keep the GEMM.
+DIRECT_MAX_CHANNELS = 64
+
+
+def _chunk(bytes_per_image, n):
+    return max(1, min(n, CHUNK_BYTES // bytes_per_image))
+
+
+def _chunk_cols(x, start, stop, kh, kw, stride, pads, oh, ow):
+    cols = scratch_buffer("cols", ((stop - start) * oh * ow, kh * kw * x.shape[3]), x.dtype)
+    _im2col(x[start:stop], kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, cols)
+    return cols
+
+
+# -- pooling ----------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _clip_window(o, s, pad, k, size):
+    """First input index of output o's window and the valid window offsets [k0, k1)."""
+    start = o * s - pad
+    return start, max(0, -start), min(k, size - start)
+
+
+@njit(**_JIT)
+def _maxpool_forward(x, ph, pw, sh, sw, top, left, y, argmax):
+    n, h, w, c = x.shape
+    _, oh, ow, _ = y.shape
+    for b in prange(n):
+        for i in range(oh):
+            hi, a0, a1 = _clip_window(i, sh, top, ph, h)
+            for j in range(ow):
+                wi, d0, d1 = _clip_window(j, sw, left, pw, w)
+                for ch in range(c):
+                    best = x[b, hi + a0, wi + d0, ch]
+                    k = a0 * pw + d0
+                    for a in range(a0, a1):
+                        for d in range(d0, d1):
+                            v = x[b, hi + a, wi + d, ch]
+                            if v > best:  # strict: ties go to the first, as in the reference
+                                best = v
+                                k = a * pw + d
+                    y[b, i, j, ch] = best
+                    argmax[b, i, j, ch] = k
+
+
+@njit(**_JIT)
+def _maxpool_backward(dy, argmax, pw, sh, sw, top, left, dx):
+    n, oh, ow, c = dy.shape
+    for b in prange(n):
+        dx[b] = 0.0
+        for i in range(oh):
+            for j in range(ow):
+                for ch in range(c):
+                    k = argmax[b, i, j, ch]
+                    dx[b, i * sh + k // pw - top, j * sw + k % pw - left, ch] += dy[b, i, j, ch]
+
+
+@njit(**_JIT)
+def _avgpool_forward(x, ph, pw, sh, sw, top, left, y):
+    n, h, w, c = x.shape
+    _, oh, ow, _ = y.shape
+    for b in prange(n):
+        for i in range(oh):
+            hi, a0, a1 = _clip_window(i, sh, top, ph, h)
+            for j in range(ow):
+                wi, d0, d1 = _clip_window(j, sw, left, pw, w)
+                count = (a1 - a0) * (d1 - d0)
+                for ch in range(c):
+                    total = 0.0
+                    for a in range(a0, a1):
+                        for d in range(d0, d1):
+                            total += x[b, hi + a, wi + d, ch]
+                    y[b, i, j, ch] = total / count
+
+
+@njit(**_JIT)
+def _avgpool_backward(dy, ph, pw, sh, sw, top, left, dx):
+    n, h, w, c = dx.shape
+    _, oh, ow, _ = dy.shape
+    for b in prange(n):
+        dx[b] = 0.0
+        for i in range(oh):
+            hi, a0, a1 = _clip_window(i, sh, top, ph, h)
+            for j in range(ow):
+                wi, d0, d1 = _clip_window(j, sw, left, pw, w)
+                count = (a1 - a0) * (d1 - d0)
+                for a in range(a0, a1):
+                    for d in range(d0, d1):
+                        for ch in range(c):
+                            dx[b, hi + a, wi + d, ch] += dy[b, i, j, ch] / count
+
+
+# -- depthwise convolution (MobileNet's blocks): one image per task, channels innermost ---------------
+@njit(**_JIT)
+def _depthwise_forward(xpad, kernel, sh, sw, z):
+    n, oh, ow, cm = z.shape
+    kh, kw, c, m = kernel.shape
+    for b in prange(n):
+        z[b] = 0.0
+        for i in range(oh):
+            for j in range(ow):
+                for a in range(kh):
+                    for d in range(kw):
+                        for ch in range(c):
+                            v = xpad[b, i * sh + a, j * sw + d, ch]
+                            for q in range(m):
+                                z[b, i, j, ch * m + q] += v * kernel[a, d, ch, q]
+
+
+@njit(**_JIT)
+def _depthwise_backward(xpad, dz, kernel, sh, sw, need_dx, partial, dxpad):
+    """partial[b]: image b's share of the kernel gradient (summed by the caller in a fixed order);
+    dxpad[b]: image b's input gradient, padded."""
+    n, oh, ow, cm = dz.shape
+    kh, kw, c, m = kernel.shape
+    for b in prange(n):
+        partial[b] = 0.0
+        if need_dx:
+            dxpad[b] = 0.0
+        for i in range(oh):
+            for j in range(ow):
+                for a in range(kh):
+                    for d in range(kw):
+                        for ch in range(c):
+                            v = xpad[b, i * sh + a, j * sw + d, ch]
+                            g = 0.0
+                            for q in range(m):
+                                dzq = dz[b, i, j, ch * m + q]
+                                partial[b, a, d, ch, q] += v * dzq
+                                g += dzq * kernel[a, d, ch, q]
+                            if need_dx:
+                                dxpad[b, i * sh + a, j * sw + d, ch] += g
+
+
+# -- ReLU, BatchNormalization, Dropout -----------------------------------------------------------------
+@njit(**_JIT)
+def _relu_backward(dy, y, dx):
+    fdy, fy, fdx = dy.reshape(-1), y.reshape(-1), dx.reshape(-1)
+    for i in prange(fdy.size):
+        fdx[i] = fdy[i] if fy[i] > 0 else 0.0
+
+
+# BatchNormalization over the rows of (M, C), optionally fused with the Dropout after it.
+# Statistics: one pass, float64 sums of x - shift (shift = the first row, so the variance does not
+# cancel); each of _BLOCKS row blocks sums into its own partial row and the partials are added in a
+# fixed order, so results do not depend on the thread count. Backward recomputes xhat from x instead
+# of storing it: forward writes one tensor (y), not two.
+_BLOCKS = 64
+
+
+@njit(cache=True, inline="always")
+def _hash_keep(i, key, threshold):
+    """The counter-based dropout decision of the reference set, for element index i."""
+    m32 = np.uint64(0xFFFFFFFF)
+    h = np.uint64(i) ^ key
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x7FEB352D)) & m32
+    h = h ^ (h >> np.uint64(15))
+    h = (h * np.uint64(0x846CA68B)) & m32
+    h = h ^ (h >> np.uint64(16))
+    return (h >> np.uint64(8)) >= threshold
+
+
+@njit(**_JIT)
+def _bn_stats(x2d):
+    m, c = x2d.shape
+    step = (m + _BLOCKS - 1) // _BLOCKS
+    partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
+    for blk in prange(_BLOCKS):
+        for r in range(blk * step, min(m, (blk + 1) * step)):
+            for ch in range(c):
+                v = np.float64(x2d[r, ch]) - np.float64(x2d[0, ch])
+                partial[blk, 0, ch] += v
+                partial[blk, 1, ch] += v * v
+    mean = np.empty(c, dtype=np.float64)
+    var = np.empty(c, dtype=np.float64)
+    for ch in range(c):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(_BLOCKS):
+            s1 += partial[blk, 0, ch]
+            s2 += partial[blk, 1, ch]
+        d = s1 / m
+        mean[ch] = np.float64(x2d[0, ch]) + d
+        var[ch] = max(s2 / m - d * d, 0.0)
+    return mean, var
+
+
+@njit(**_JIT)
+def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, y, keep):
+    m, c = x2d.shape
+    for r in prange(m):
+        for ch in range(c):
+            v = (x2d[r, ch] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch]
+            if use_dropout:
+                k = _hash_keep(r * c + ch, key, threshold)
+                keep[r, ch] = k
+                v = v * scale if k else 0.0
+            y[r, ch] = v
+
+
+@njit(**_JIT)
+def _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask):
+    m, c = dy2d.shape
+    step = (m + _BLOCKS - 1) // _BLOCKS
+    partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
+    for blk in prange(_BLOCKS):
+        for r in range(blk * step, min(m, (blk + 1) * step)):
+            for ch in range(c):
+                g = dy2d[r, ch]
+                if use_mask:
+                    g = g * scale if keep[r, ch] else 0.0
+                partial[blk, 0, ch] += g
+                partial[blk, 1, ch] += g * ((x2d[r, ch] - mean[ch]) * inv_std[ch])
+    total = np.zeros((2, c), dtype=np.float64)
+    for blk in range(_BLOCKS):
+        for ch in range(c):
+            total[0, ch] += partial[blk, 0, ch]
+            total[1, ch] += partial[blk, 1, ch]
+    return total
+
+
+@njit(**_JIT)
+def _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, k, dbeta_m, dgamma_m, dx):
+    m, c = dy2d.shape
+    for r in prange(m):
+        for ch in range(c):
+            g = dy2d[r, ch]
+            if use_mask:
+                g = g * scale if keep[r, ch] else 0.0
+            xhat = (x2d[r, ch] - mean[ch]) * inv_std[ch]
+            dx[r, ch] = k[ch] * (g - dbeta_m[ch] - xhat * dgamma_m[ch])
+
+
+@njit(**_JIT)
+def _bn_affine(x2d, scale, shift, y):
+    m, c = x2d.shape
+    for r in prange(m):
+        for ch in range(c):
+            y[r, ch] = x2d[r, ch] * scale[ch] + shift[ch]
+
+
+# Dropout alone (when no BatchNormalization precedes it): the same counter-based mask, stored as 0/1
+# bytes; backward applies mask and scale in one pass.
+@njit(**_JIT)
+def _dropout_forward(x, key, threshold, scale, y, keep):
+    flat_x, flat_y, flat_k = x.reshape(-1), y.reshape(-1), keep.reshape(-1)
+    for i in prange(flat_x.size):
+        k = _hash_keep(i, key, threshold)
+        flat_k[i] = k
+        flat_y[i] = flat_x[i] * scale if k else 0.0
+
+
+@njit(**_JIT)
+def _dropout_backward(dy, keep, scale, dx):
+    flat_dy, flat_dx, flat_k = dy.reshape(-1), dx.reshape(-1), keep.reshape(-1)
+    for i in prange(flat_dy.size):
+        flat_dx[i] = flat_dy[i] * scale if flat_k[i] else 0.0
+
+
+class CPUKernels(ReferenceKernels):
+    """numba overrides of the reference set. `conv` chooses the convolution algorithm: 'direct'
+    (register-blocked loops, cpu_conv) where it applies, else 'gemm' (chunked im2col + OpenBLAS)."""
+
+    name = "cpu"
+    overrides = (
+        "im2col", "col2im", "conv2d_forward", "conv2d_backward",
+        "depthwise_conv2d_forward", "depthwise_conv2d_backward",
+        "maxpool_forward", "maxpool_backward", "avgpool_forward", "avgpool_backward",
+        "relu_backward",
+        "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_forward_infer",
+        "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train",
+        "dropout_forward", "dropout_backward",
+    )
+
+    def __init__(self, conv="direct"):
+        self.conv = conv
+
+    def describe(self):
+        return f"cpu (numba; convolutions: {self.conv})"
+
+    # -- convolution ----------------------------------------------------------------------------
+    def im2col(self, x, kh, kw, stride, pads):
+        n, h, w, c, oh, ow = _conv_sizes(x.shape, kh, kw, stride, pads)
+        out = np.empty((n * oh * ow, kh * kw * c), dtype=x.dtype)
+        _im2col(np.ascontiguousarray(x), kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, out)
+        return out
+
+    def col2im(self, cols, x_shape, kh, kw, stride, pads):
+        _, _, _, _, oh, ow = _conv_sizes(x_shape, kh, kw, stride, pads)
+        dx = np.empty(x_shape, dtype=cols.dtype)
+        _col2im(np.ascontiguousarray(cols), kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx)
+        return dx
+
+    def _conv_algorithm(self, x, kernel2d):
+        """'direct' or 'gemm': the convolution algorithm this set uses for x and kernel2d."""
+        direct = (self.conv == "direct" and x.dtype in (np.float32, np.float64)
+                  and x.shape[3] <= DIRECT_MAX_CHANNELS and kernel2d.shape[1] <= DIRECT_MAX_CHANNELS)
+        return "direct" if direct else "gemm"
+
+    def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):
+        """As the reference; `saved` is (algorithm, input), the algorithm that ran first."""
+        x = np.ascontiguousarray(x)
+        n, h, w, c, oh, ow = _conv_sizes(x.shape, kh, kw, stride, pads)
+        algorithm = self._conv_algorithm(x, kernel2d)
+        if algorithm == "direct":
+            xpad = np.ascontiguousarray(pad_nhwc(x, pads))
+            z = cpu_conv.forward(xpad, np.ascontiguousarray(kernel2d), kh, kw, stride, oh, ow)
+            return z, (algorithm, xpad)
+        chunk = _chunk(oh * ow * kh * kw * c * x.itemsize, n)
+        z = np.empty((n * oh * ow, kernel2d.shape[1]), dtype=x.dtype)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            cols = _chunk_cols(x, start, stop, kh, kw, stride, pads, oh, ow)
+            np.matmul(cols, kernel2d, out=z[start * oh * ow : stop * oh * ow])
+        return z, (algorithm, x)
+
+    def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
+        algorithm, x = saved
+        dz = np.ascontiguousarray(dz)
+        n, h, w, c, oh, ow = _conv_sizes(x_shape, kh, kw, stride, pads)
+        if algorithm == "direct":
+            cpu_conv.filter_grad(x, dz, kh, kw, stride, oh, ow, dkernel2d)
+            if not need_dx:
+                return None
+            # The gather form needs stride 1 and pads below the kernel size; with few input channels
+            # its output (padded to 16 channels) wastes more than the GEMM + col2im costs.
+            gather = stride == (1, 1) and max(pads[:2]) < kh and max(pads[2:]) < kw and c >= cpu_conv.LANES // 2
+            if gather:
+                return cpu_conv.input_grad(dz, x_shape, np.ascontiguousarray(kernel2d), kh, kw, pads, oh, ow)
+            return self._gemm_input_grad(dz, x_shape, kernel2d, kh, kw, stride, pads)
+        rows = oh * ow
+        chunk = _chunk(rows * kh * kw * c * x.itemsize, n)
+        dkernel2d[...] = 0
+        part = np.empty_like(dkernel2d)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            cols = _chunk_cols(x, start, stop, kh, kw, stride, pads, oh, ow)
+            np.matmul(cols.T, dz[start * rows : stop * rows], out=part)
+            dkernel2d += part
+        return self._gemm_input_grad(dz, x_shape, kernel2d, kh, kw, stride, pads) if need_dx else None
+
+    def _gemm_input_grad(self, dz, x_shape, kernel2d, kh, kw, stride, pads):
+        """dx = col2im(dz @ kernel^T), a chunk of images at a time (the chunk's dcols stay in cache)."""
+        n, h, w, c, oh, ow = _conv_sizes(x_shape, kh, kw, stride, pads)
+        rows = oh * ow
+        chunk = _chunk(rows * kh * kw * c * dz.itemsize, n)
+        dx = np.empty(x_shape, dtype=dz.dtype)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            dcols = scratch_buffer("dcols", ((stop - start) * rows, kh * kw * c), dz.dtype)
+            np.matmul(dz[start * rows : stop * rows], kernel2d.T, out=dcols)
+            _col2im(dcols, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx[start:stop])
+        return dx
+
+    def depthwise_conv2d_forward(self, x, kernel, stride, pads):
+        n, h, w, c = x.shape
+        kh, kw, _, m = kernel.shape
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        xpad = np.ascontiguousarray(pad_nhwc(x, pads))
+        z = np.empty((n, oh, ow, c * m), dtype=x.dtype)
+        _depthwise_forward(xpad, np.ascontiguousarray(kernel), stride[0], stride[1], z)
+        return z, xpad
+
+    def depthwise_conv2d_backward(self, dz, saved, x_shape, kernel, stride, pads, dkernel, need_dx):
+        xpad = saved
+        n, h, w, c = x_shape
+        top, _, left, _ = pads
+        partial = np.empty((n,) + kernel.shape, dtype=dz.dtype)
+        dxpad = np.empty(xpad.shape if need_dx else (1, 1, 1, 1), dtype=dz.dtype)
+        _depthwise_backward(xpad, np.ascontiguousarray(dz), np.ascontiguousarray(kernel), stride[0], stride[1],
+                            need_dx, partial, dxpad)
+        dkernel[...] = partial.sum(axis=0)  # a fixed order: no dependence on the thread count
+        if not need_dx:
+            return None
+        return np.ascontiguousarray(dxpad[:, top : top + h, left : left + w, :])
+
+    # -- pooling ------------------------------------------------------------------------------------
+    def maxpool_forward(self, x, pool, stride, pads):
+        n, h, w, c = x.shape
+        oh, ow = output_hw(h, w, pool[0], pool[1], stride, pads)
+        y = np.empty((n, oh, ow, c), dtype=x.dtype)
+        argmax = np.empty((n, oh, ow, c), dtype=np.int32)
+        _maxpool_forward(np.ascontiguousarray(x), pool[0], pool[1], stride[0], stride[1], pads[0], pads[2], y, argmax)
+        return y, argmax
+
+    def maxpool_backward(self, dy, argmax, x_shape, pool, stride, pads):
+        dx = np.empty(x_shape, dtype=dy.dtype)
+        _maxpool_backward(np.ascontiguousarray(dy), argmax, pool[1], stride[0], stride[1], pads[0], pads[2], dx)
+        return dx
+
+    def avgpool_forward(self, x, pool, stride, pads):
+        n, h, w, c = x.shape
+        oh, ow = output_hw(h, w, pool[0], pool[1], stride, pads)
+        y = np.empty((n, oh, ow, c), dtype=x.dtype)
+        _avgpool_forward(np.ascontiguousarray(x), pool[0], pool[1], stride[0], stride[1], pads[0], pads[2], y)
+        return y
+
+    def avgpool_backward(self, dy, x_shape, pool, stride, pads):
+        dx = np.empty(x_shape, dtype=dy.dtype)
+        _avgpool_backward(np.ascontiguousarray(dy), pool[0], pool[1], stride[0], stride[1], pads[0], pads[2], dx)
+        return dx
+
+    # -- ReLU -----------------------------------------------------------------------------------------
+    def relu_backward(self, dy, y):
+        """One pass instead of NumPy's two (a boolean temporary, then the product)."""
+        if dy.size < SMALL:
+            return super().relu_backward(dy, y)
+        dx = np.empty(dy.shape, dtype=dy.dtype)
+        _relu_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y), dx)
+        return dx
+
+    # -- BatchNormalization (small inputs take the reference path, forward and backward alike) ----------
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed):
+        x2d = np.ascontiguousarray(x2d)
+        mean64, var64 = _bn_stats(x2d)
+        dtype = x2d.dtype
+        mean, var = mean64.astype(dtype), var64.astype(dtype)
+        inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+        y = np.empty_like(x2d)
+        use_dropout = rate > 0.0
+        keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
+        scale = dtype.type(1.0 / (1.0 - rate))
+        key = np.uint64(dropout_key(seed) if use_dropout else 0)
+        _bn_normalize(x2d, mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
+                      use_dropout, y, keep)
+        saved = (x2d, mean, keep if use_dropout else None, scale)
+        return y, saved, mean, var, inv_std
+
+    def _bn_backward(self, dy2d, saved, gamma, inv_std):
+        x2d, mean, keep, scale = saved
+        dy2d = np.ascontiguousarray(dy2d)
+        m = dy2d.shape[0]
+        use_mask = keep is not None
+        keep = keep if use_mask else np.empty((1, 1), dtype=np.uint8)
+        sums = _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask)
+        dtype = dy2d.dtype
+        dbeta, dgamma = sums[0].astype(dtype), sums[1].astype(dtype)
+        dx = np.empty_like(dy2d)
+        # dx = gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy after the dropout mask
+        _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, (gamma * inv_std).astype(dtype),
+                        (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
+        return dx, dgamma, dbeta
+
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps):
+        if x2d.size < SMALL:
+            return super().batchnorm_forward_train(x2d, gamma, beta, eps)
+        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0)
+
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std):
+        if dy2d.size < SMALL:
+            return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std)
+        return self._bn_backward(dy2d, saved, gamma, inv_std)
+
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed):
+        if x2d.size < SMALL:
+            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed)
+        return self._bn_forward(x2d, gamma, beta, eps, rate, seed)
+
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std):
+        if dy2d.size < SMALL:
+            return super().batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std)
+        return self._bn_backward(dy2d, saved, gamma, inv_std)
+
+    def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
+        """Inference: one pass of x * scale + shift (NumPy's version makes two, with a temporary)."""
+        if x2d.size < SMALL:
+            return super().batchnorm_forward_infer(x2d, gamma, beta, moving_mean, moving_var, eps)
+        scale = (gamma / np.sqrt(moving_var + eps)).astype(x2d.dtype)
+        shift = (beta - moving_mean * scale).astype(x2d.dtype)
+        y = np.empty(x2d.shape, dtype=x2d.dtype)
+        _bn_affine(np.ascontiguousarray(x2d), scale, shift, y)
+        return y, scale
+
+    # -- Dropout ---------------------------------------------------------------------------------------
+    def dropout_forward(self, x, rate, seed):
+        if x.size < SMALL:
+            return super().dropout_forward(x, rate, seed)
+        x = np.ascontiguousarray(x)
+        scale = x.dtype.type(1.0 / (1.0 - rate))
+        y = np.empty_like(x)
+        keep = np.empty(x.shape, dtype=np.uint8)
+        _dropout_forward(x, np.uint64(dropout_key(seed)), np.uint64(dropout_keep_threshold(rate)), scale, y, keep)
+        return y, (keep, scale)
+
+    def dropout_backward(self, dy, saved):
+        if dy.size < SMALL:
+            return super().dropout_backward(dy, saved)
+        keep, scale = saved
+        dy = np.ascontiguousarray(dy)
+        dx = np.empty_like(dy)
+        _dropout_backward(dy, keep, scale, dx)
+        return dx

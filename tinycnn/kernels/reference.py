@@ -1,0 +1,286 @@
+"""The reference kernel set: the definition of every kernel, written once against the array
+module of its inputs (NumPy on the CPU, CuPy on the GPU).
+
+A backend's kernel set is a subclass that overrides some entries with faster code (numba on the
+CPU, CUDA on the GPU) and declares them in `overrides`; the class refuses to exist if the two
+disagree or if it defines a public method the reference set does not have (a misspelt
+override would otherwise fall back to the reference silently). Composite kernels here call the
+primitives through `self`, so an override of a primitive changes every composite that uses it.
+Tests compare every override with the reference on awkward shapes.
+
+Conventions shared by every implementation (all images NHWC):
+- `pads` is (top, bottom, left, right); `stride` is (sh, sw); `pool` is (ph, pw).
+- im2col rows are output pixels in (n, oh, ow) order and columns are (kh, kw, c), so a Keras
+  kernel of shape (kh, kw, c_in, c_out) reshaped to (kh*kw*c_in, c_out) multiplies it directly.
+- Max-pool argmax is the int32 offset i*pw + j of the first maximum in its window.
+- Kernels return new arrays and never modify their inputs unless a name says so (`*_update`).
+"""
+from ..arrays import get_array_module
+from ..randomness import dropout_keep_threshold, dropout_key, lowbias32
+
+
+def output_hw(h, w, kh, kw, stride, pads=(0, 0, 0, 0)):
+    """(OH, OW) of a kh x kw window moving by `stride` over an h x w image padded by `pads`."""
+    return (h + pads[0] + pads[1] - kh) // stride[0] + 1, (w + pads[2] + pads[3] - kw) // stride[1] + 1
+
+
+def pad_nhwc(x, pads, value=0.0):
+    """x with `pads` rows and columns of `value` around each image (x itself when pads are 0)."""
+    if not any(pads):
+        return x
+    xp = get_array_module(x)
+    top, bottom, left, right = pads
+    return xp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+
+
+def _window_slice(i, j, stride, oh, ow):
+    """The (rows, cols) slices of a padded image that window offset (i, j) visits."""
+    sh, sw = stride
+    return slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
+
+
+class ReferenceKernels:
+    """Plain array-module kernels: what every faster set is tested against."""
+
+    name = "reference"
+    overrides = ()  # a subclass lists the entries it defines itself
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        defined = {name for name, value in vars(cls).items()
+                   if callable(value) and not name.startswith("_") and name != "describe"}
+        unknown = defined - set(kernel_names())
+        if unknown:
+            raise TypeError(f"{cls.__name__} defines {', '.join(sorted(unknown))}, which the reference kernel set "
+                            "does not have (a misspelt override?)")
+        if defined != set(cls.overrides):
+            raise TypeError(f"{cls.__name__}.overrides must list exactly the kernels it defines: declared "
+                            f"{sorted(cls.overrides)}, defined {sorted(defined)}")
+
+    def describe(self):
+        return self.name
+
+    # -- convolution ------------------------------------------------------------------------
+    def im2col(self, x, kh, kw, stride, pads):
+        """(N, H, W, C) -> (N*OH*OW, kh*kw*C) patch matrix.
+
+        A loop over the kh*kw kernel offsets only; each step copies one strided slice of the
+        whole batch, so the Python overhead is kh*kw array operations whatever the image size."""
+        xp = get_array_module(x)
+        n, h, w, c = x.shape
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        xpad = pad_nhwc(x, pads)
+        cols = xp.empty((n, oh, ow, kh, kw, c), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                rows, columns = _window_slice(i, j, stride, oh, ow)
+                cols[:, :, :, i, j, :] = xpad[:, rows, columns, :]
+        return cols.reshape(n * oh * ow, kh * kw * c)
+
+    def col2im(self, cols, x_shape, kh, kw, stride, pads):
+        """Adjoint of im2col: sums each patch entry back onto the input pixel it was copied from."""
+        xp = get_array_module(cols)
+        n, h, w, c = x_shape
+        top, bottom, left, right = pads
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        cols = cols.reshape(n, oh, ow, kh, kw, c)
+        dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=cols.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                rows, columns = _window_slice(i, j, stride, oh, ow)
+                dx[:, rows, columns, :] += cols[:, :, :, i, j, :]
+        return dx[:, top : top + h, left : left + w, :]
+
+    def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):
+        """Convolution as im2col + one GEMM. Returns (z as (N*OH*OW, F), what backward needs)."""
+        cols = self.im2col(x, kh, kw, stride, pads)
+        return cols @ kernel2d, cols
+
+    def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
+        """Writes the kernel gradient into dkernel2d (K, F); returns the input gradient (or None)."""
+        xp = get_array_module(dz)
+        cols = saved
+        xp.matmul(cols.T, dz, out=dkernel2d)
+        if not need_dx:
+            return None
+        return self.col2im(dz @ kernel2d.T, x_shape, kh, kw, stride, pads)
+
+    def depthwise_conv2d_forward(self, x, kernel, stride, pads):
+        """Each input channel c convolved with its own M filters kernel[:, :, c, :] (Keras layout
+        (kh, kw, C, M)); output channel c*M + m. Returns (z as (N, OH, OW, C*M), saved)."""
+        xp = get_array_module(x)
+        n, h, w, c = x.shape
+        kh, kw, _, m = kernel.shape
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        cols = self.im2col(x, kh, kw, stride, pads).reshape(-1, kh * kw, c)
+        z = xp.einsum("pkc,kcm->pcm", cols, kernel.reshape(kh * kw, c, m))
+        return z.reshape(n, oh, ow, c * m), cols
+
+    def depthwise_conv2d_backward(self, dz, saved, x_shape, kernel, stride, pads, dkernel, need_dx):
+        """Writes the kernel gradient into dkernel (kh, kw, C, M); returns the input gradient (or None)."""
+        xp = get_array_module(dz)
+        kh, kw, c, m = kernel.shape
+        cols = saved
+        dz3 = dz.reshape(-1, c, m)
+        dkernel[...] = xp.einsum("pkc,pcm->kcm", cols, dz3).reshape(dkernel.shape)
+        if not need_dx:
+            return None
+        dcols = xp.einsum("pcm,kcm->pkc", dz3, kernel.reshape(kh * kw, c, m))
+        return self.col2im(dcols.reshape(cols.shape[0], kh * kw * c), x_shape, kh, kw, stride, pads)
+
+    # -- pooling ----------------------------------------------------------------------------
+    def _windows(self, x, pool, stride, pads, fill):
+        """(N, OH, OW, ph*pw, C): every pooling window of x padded with `fill`."""
+        xp = get_array_module(x)
+        n, h, w, c = x.shape
+        (ph, pw) = pool
+        oh, ow = output_hw(h, w, ph, pw, stride, pads)
+        xpad = pad_nhwc(x, pads, fill)
+        win = xp.empty((n, oh, ow, ph * pw, c), dtype=x.dtype)
+        for i in range(ph):
+            for j in range(pw):
+                rows, columns = _window_slice(i, j, stride, oh, ow)
+                win[:, :, :, i * pw + j, :] = xpad[:, rows, columns, :]
+        return win
+
+    def maxpool_forward(self, x, pool, stride, pads):
+        """Max-pooling (padding never wins: it is -inf). Returns (y, argmax); ties go to the first
+        maximum, so the gradient is exact."""
+        xp = get_array_module(x)
+        win = self._windows(x, pool, stride, pads, -xp.inf)
+        argmax = xp.argmax(win, axis=3).astype(xp.int32)
+        y = xp.take_along_axis(win, argmax[:, :, :, None, :].astype(xp.intp), axis=3)[:, :, :, 0, :]
+        return y, argmax
+
+    def maxpool_backward(self, dy, argmax, x_shape, pool, stride, pads):
+        xp = get_array_module(dy)
+        n, h, w, c = x_shape
+        top, bottom, left, right = pads
+        ph, pw = pool
+        oh, ow = dy.shape[1], dy.shape[2]
+        dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=dy.dtype)
+        for i in range(ph):
+            for j in range(pw):
+                rows, columns = _window_slice(i, j, stride, oh, ow)
+                dx[:, rows, columns, :] += dy * (argmax == (i * pw + j))
+        return dx[:, top : top + h, left : left + w, :]
+
+    def _window_counts(self, x_shape, pool, stride, pads, xp, dtype):
+        """(1, OH, OW, 1): how many real (unpadded) pixels each window covers."""
+        _, h, w, _ = x_shape
+        ones = xp.ones((1, h, w, 1), dtype=dtype)
+        return self._windows(ones, pool, stride, pads, 0.0).sum(axis=3)
+
+    def avgpool_forward(self, x, pool, stride, pads):
+        """Average pooling over the real pixels of each window (padding is not counted, as in Keras)."""
+        xp = get_array_module(x)
+        win = self._windows(x, pool, stride, pads, 0.0)
+        return win.sum(axis=3) / self._window_counts(x.shape, pool, stride, pads, xp, x.dtype)
+
+    def avgpool_backward(self, dy, x_shape, pool, stride, pads):
+        xp = get_array_module(dy)
+        n, h, w, c = x_shape
+        top, bottom, left, right = pads
+        ph, pw = pool
+        oh, ow = dy.shape[1], dy.shape[2]
+        share = dy / self._window_counts(x_shape, pool, stride, pads, xp, dy.dtype)
+        dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=dy.dtype)
+        for i in range(ph):
+            for j in range(pw):
+                rows, columns = _window_slice(i, j, stride, oh, ow)
+                dx[:, rows, columns, :] += share
+        return dx[:, top : top + h, left : left + w, :]
+
+    # -- activations --------------------------------------------------------------------------
+    def relu_forward(self, x):
+        return get_array_module(x).maximum(x, 0)
+
+    def relu_backward(self, dy, y):
+        """Gradient of ReLU given its output y (y > 0 exactly where the input was > 0)."""
+        return dy * (y > 0)
+
+    # -- batch normalization ------------------------------------------------------------------
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps):
+        """Batch statistics over rows of (M, C). Returns y, saved, mean, biased var, 1/sqrt(var+eps),
+        where `saved` is what batchnorm_backward_train of the same set needs (here: xhat)."""
+        xp = get_array_module(x2d)
+        mean = x2d.mean(axis=0)
+        centered = x2d - mean
+        var = (centered * centered).mean(axis=0)
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        xhat = centered * inv_std
+        return xhat * gamma + beta, xhat, mean, var, inv_std
+
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std):
+        """The full batch-statistics gradient (mean and variance depend on every row).
+        Returns dx, dgamma, dbeta."""
+        xhat = saved
+        m = dy2d.shape[0]
+        dbeta = dy2d.sum(axis=0)
+        dgamma = (dy2d * xhat).sum(axis=0)
+        dx = (gamma * inv_std / m) * (m * dy2d - dbeta - xhat * dgamma)
+        return dx, dgamma, dbeta
+
+    def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
+        """Inference: an affine map per channel. Returns y and the per-channel scale."""
+        scale = gamma / get_array_module(x2d).sqrt(moving_var + eps)
+        return x2d * scale + (beta - moving_mean * scale), scale
+
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed):
+        """BatchNormalization then Dropout(rate) with the mask of dropout_forward(., rate, seed):
+        one kernel where a set can fuse them. Returns y, saved, mean, var, inv_std."""
+        y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps)
+        y, mask = self.dropout_forward(y, rate, seed)
+        return y, (saved, mask), mean, var, inv_std
+
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std):
+        bn_saved, mask = saved
+        return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std)
+
+    # -- dropout --------------------------------------------------------------------------------
+    def dropout_forward(self, x, rate, seed):
+        """Inverted dropout with a counter-based mask: element i is kept when
+        hash(i ^ key(seed)) >> 8 >= threshold. The mask depends only on (seed, i), so every
+        implementation (NumPy, numba, CuPy) draws the same mask for the same seed, in parallel.
+        Returns y and what backward needs (here the scaled mask)."""
+        xp = get_array_module(x)
+        index = xp.arange(x.size, dtype=xp.uint64)
+        bits = lowbias32(index ^ xp.uint64(dropout_key(seed))) >> 8
+        keep = (bits >= dropout_keep_threshold(rate)).reshape(x.shape)
+        mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - rate))
+        return x * mask, mask
+
+    def dropout_backward(self, dy, saved):
+        return dy * saved
+
+    # -- loss and optimizer ----------------------------------------------------------------------
+    def softmax_cross_entropy(self, logits, targets, eps=1e-7):
+        """Softmax and categorical cross-entropy from logits, numerically stable.
+
+        Returns (probs, per-sample loss, gradient of the per-sample loss w.r.t. the logits).
+        The loss clips probabilities to [eps, 1 - eps] as Keras does, so the printed loss matches;
+        the gradient is the exact softmax-CE gradient p - t (it differs from Keras's clipped
+        gradient only where a target class has p < 1e-7)."""
+        xp = get_array_module(logits)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        exp = xp.exp(shifted)
+        total = exp.sum(axis=1, keepdims=True)
+        probs = exp / total
+        log_probs = shifted - xp.log(total)
+        log_probs = xp.clip(log_probs, xp.log(logits.dtype.type(eps)), xp.log1p(logits.dtype.type(-eps)))
+        loss = -(targets * log_probs).sum(axis=1)
+        return probs, loss, probs - targets
+
+    def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
+        """In-place Keras Adam step with the bias correction folded into lr_t (epsilon-hat form):
+        m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); p -= lr_t * m / (sqrt(v) + eps)."""
+        xp = get_array_module(param)
+        m += (grad - m) * (1 - beta_1)
+        v += (grad * grad - v) * (1 - beta_2)
+        param -= lr_t * m / (xp.sqrt(v) + epsilon)
+
+
+def kernel_names():
+    """Every kernel of the reference set: its public methods, in definition order."""
+    return tuple(name for name, value in vars(ReferenceKernels).items()
+                 if callable(value) and not name.startswith("_") and name != "describe")

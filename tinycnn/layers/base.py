@@ -1,0 +1,331 @@
+"""The layer protocol, the input layer, and the base of layers that end in an activation.
+
+A layer is configured for one input shape (from `input_shape=`, an `Input`, or its first call),
+built once for one backend and dtype (its weights, in Keras order, in `layer.weights`), and then
+computes with two methods that keep no state between calls:
+
+    y, saved = layer.forward(x, training)
+    dx, grads = layer.backward(saved, dy, need_input_grad)
+
+`saved` holds what the backward pass needs; whoever runs the layer (a model's execution plan,
+the gradient checker) keeps it only when a backward pass will follow, so inference keeps
+nothing, and a layer used twice in one graph has one `saved` per use. `grads` maps each
+trainable weight's name to its gradient; the plan sums the gradients of every use. Neither
+method may modify its inputs (`x`, `dy`, `saved` may be shared).
+
+Layer math is written once against `self.xp` (NumPy or CuPy); the hot loops go through
+`self.kernels`, the backend's kernel set.
+"""
+import inspect
+import math
+
+import numpy as np
+
+from .. import activations, naming
+from ..arrays import is_array, to_numpy
+from ..backend import get_backend
+from ..errors import GraphError, ShapeError
+from ..graph import Node, SymbolicTensor
+
+
+def pair(value, what):
+    """A (height, width) pair of positive ints from an int or a pair."""
+    if isinstance(value, (int, np.integer)):
+        value = (int(value), int(value))
+    try:
+        value = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"{what} must be a positive int or a pair of positive ints, got {value!r}") from None
+    if len(value) != 2 or min(value) < 1:
+        raise ValueError(f"{what} must be a positive int or a pair of positive ints, got {value!r}")
+    return value
+
+
+def padding_mode(padding, what):
+    mode = str(padding).lower()
+    if mode not in ("valid", "same"):
+        raise ValueError(f"{what} padding must be 'valid' or 'same', got {padding!r}")
+    return mode
+
+
+def window_pads(mode, size_hw, window, strides):
+    """(top, bottom, left, right) of a window moving by `strides`: zeros for 'valid'; for 'same'
+    enough to give ceil(size / stride) outputs, the odd pixel at the bottom/right as Keras does."""
+    if mode == "valid":
+        return (0, 0, 0, 0)
+    pads = []
+    for size, k, s in zip(size_hw, window, strides):
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def glorot_uniform(rng, shape, dtype):
+    """Keras's default kernel initializer, with Keras's fans for dense and convolution kernels."""
+    receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+
+
+def _shape_tuple(shape, what):
+    try:
+        shape = tuple(int(d) for d in shape)
+    except TypeError:
+        raise ShapeError(f"{what} must be a tuple of positive ints, got {shape!r}") from None
+    if not shape or min(shape) < 1:
+        raise ShapeError(f"{what} must be a non-empty tuple of positive ints (no batch axis), got {shape!r}")
+    return shape
+
+
+class Layer:
+    """Base class: naming, configuring, building, weights, calling on tensors or arrays."""
+
+    base_name = "layer"
+    multi_input = False  # merge layers take a list of inputs
+
+    def __init__(self, name=None, input_shape=None, **unknown):
+        if unknown:
+            accepted = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "kwargs")]
+            accepted += ["name", "input_shape"]
+            raise TypeError(
+                f"{type(self).__name__} got unknown argument(s) {', '.join(map(repr, sorted(unknown)))}; "
+                f"it accepts: {', '.join(dict.fromkeys(accepted))}"
+            )
+        self.name = name or naming.unique_name(self.base_name)
+        self.input_shape = None if input_shape is None else _shape_tuple(input_shape, f"{self.name} input_shape")
+        self.output_shape = None
+        self.built = False
+        self.backend = None
+        self.weights = {}  # name -> device array, Keras order
+        self.trainable_names = []
+        self.inbound_nodes = []  # one Node per call on a symbolic tensor
+
+    # -- configuring and building ---------------------------------------------------------------
+    def configure(self, input_shape):
+        """Fix the input shape (without the batch axis) and compute the output shape; no weights.
+        A layer keeps one input shape: calling it again on another shape is a ShapeError."""
+        if self.multi_input:
+            input_shape = [tuple(int(d) for d in s) for s in input_shape]
+        else:
+            input_shape = tuple(int(d) for d in input_shape)
+        if self.input_shape is not None and _as_key(self.input_shape) != _as_key(input_shape):
+            raise ShapeError(f"layer {self.name} was configured for inputs of shape {self.input_shape}, "
+                             f"got {input_shape}")
+        output_shape = self.compute_output_shape(input_shape)
+        self.input_shape, self.output_shape = input_shape, tuple(output_shape)
+        return self.output_shape
+
+    def build(self, input_shape, backend=None, dtype="float32", seed=None):
+        """Create the weights for inputs of shape `input_shape` (without the batch axis) on
+        `backend` in `dtype`, initialized from `seed`. A layer is built once: building it again
+        (for instance by a second model that shares it) checks that everything matches and keeps
+        the weights."""
+        backend = get_backend(backend)
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"layers compute in float32 or float64, not {dtype}")
+        if self.built:
+            if backend is not self.backend or dtype != self.dtype:
+                raise GraphError(f"layer {self.name} was built for {self.dtype} on {self.backend.name}; it cannot "
+                                 f"also compute in {dtype} on {backend.name} (make a new layer)")
+            self.configure(input_shape)
+            return self.output_shape
+        self.configure(input_shape)
+        self.backend, self.xp, self.kernels, self.dtype = backend, backend.xp, backend.kernels, dtype
+        self.weights, self.trainable_names = {}, []
+        self.create_weights(self.input_shape, np.random.default_rng(seed))
+        self.built = True
+        return self.output_shape
+
+    def create_weights(self, input_shape, rng):
+        """Subclasses with weights call `add_weight` here (host-side init, so CPU and GPU agree)."""
+
+    def add_weight(self, name, value, trainable):
+        self.weights[name] = self.backend.asarray(np.asarray(value, dtype=self.dtype))
+        if trainable:
+            self.trainable_names.append(name)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # -- weights ----------------------------------------------------------------------------
+    def count_params(self):
+        return int(sum(w.size for w in self.weights.values()))
+
+    def count_trainable_params(self):
+        return int(sum(self.weights[n].size for n in self.trainable_names))
+
+    def get_weights(self):
+        """NumPy copies in Keras order (kernel, bias; gamma, beta, moving_mean, moving_variance)."""
+        return [np.array(to_numpy(w), copy=True) for w in self.weights.values()]
+
+    def check_weights(self, values):
+        """`values` as NumPy arrays after checking count, shapes and finiteness (nothing assigned)."""
+        values = list(values)
+        if len(values) != len(self.weights):
+            raise ValueError(f"layer {self.name} has {len(self.weights)} weights, got {len(values)}")
+        checked = []
+        for (name, current), value in zip(self.weights.items(), values):
+            value = np.asarray(to_numpy(value))
+            if value.shape != current.shape:
+                raise ShapeError(f"layer {self.name} weight {name!r}: expected shape {current.shape}, got {value.shape}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"layer {self.name} weight {name!r} contains NaN or inf")
+            checked.append(value)
+        return checked
+
+    def set_weights(self, values):
+        """Assign in place (views into a model's flat buffers stay valid). Every value is checked
+        before any is assigned, so a bad list leaves the layer untouched."""
+        for current, value in zip(self.weights.values(), self.check_weights(values)):
+            current[...] = self.xp.asarray(value, dtype=self.dtype)
+
+    # -- computing --------------------------------------------------------------------------
+    def forward(self, x, training):
+        """(y, saved): the output, and what `backward` needs."""
+        raise NotImplementedError
+
+    def backward(self, saved, dy, need_input_grad=True):
+        """(dx, grads): the input gradient (None when not needed) and {weight name: gradient}."""
+        raise NotImplementedError
+
+    def reseed(self, seed):
+        """Layers that draw random numbers during training restart their stream from `seed`."""
+
+    def __call__(self, inputs, training=False):
+        """On a symbolic tensor (from tinycnn.Input): record the call in the graph and return the
+        output tensor. On arrays: compute the output (building the layer on first use)."""
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        symbolic = [isinstance(t, SymbolicTensor) for t in items]
+        if any(symbolic):
+            if not all(symbolic):
+                raise GraphError(f"layer {self.name} got a mix of symbolic tensors and arrays")
+            return self._call_symbolic(inputs)
+        return self._call_arrays(inputs, training)
+
+    def _check_arity(self, inputs):
+        if self.multi_input:
+            if not isinstance(inputs, (list, tuple)) or len(inputs) < 2:
+                raise GraphError(f"{type(self).__name__} {self.name} merges a list of two or more inputs")
+        elif isinstance(inputs, (list, tuple)):
+            raise GraphError(f"{type(self).__name__} {self.name} takes one input, got a list of {len(inputs)}")
+
+    def _call_symbolic(self, inputs):
+        self._check_arity(inputs)
+        shapes = [t.shape[1:] for t in inputs] if self.multi_input else inputs.shape[1:]
+        output_shape = self.configure(shapes)
+        node = Node(self, list(inputs) if self.multi_input else [inputs], (None,) + output_shape)
+        self.inbound_nodes.append(node)
+        return node.output
+
+    def _call_arrays(self, inputs, training):
+        self._check_arity(inputs)
+        arrays = list(inputs) if self.multi_input else [inputs]
+        if not all(is_array(a) for a in arrays):
+            raise TypeError(f"layer {self.name} takes NumPy/CuPy arrays or tinycnn symbolic tensors, "
+                            f"got {', '.join(type(a).__name__ for a in arrays)}")
+        shapes = [tuple(a.shape[1:]) for a in arrays]
+        if not self.built:
+            dtype = arrays[0].dtype if arrays[0].dtype in (np.float32, np.float64) else np.float32
+            self.build(shapes if self.multi_input else shapes[0], dtype=dtype)
+        expected = self.input_shape if self.multi_input else [self.input_shape]
+        if [tuple(s) for s in expected] != shapes:
+            raise ShapeError(f"layer {self.name} expects inputs of shape {self.input_shape} (without the batch "
+                             f"axis), got {shapes if self.multi_input else shapes[0]}")
+        arrays = [self.backend.asarray(a, dtype=self.dtype) for a in arrays]
+        return self.forward(arrays if self.multi_input else arrays[0], training)[0]
+
+    # -- Keras's graph accessors ------------------------------------------------------------
+    def _only_node(self, what):
+        if len(self.inbound_nodes) != 1:
+            raise AttributeError(f"layer {self.name} has {len(self.inbound_nodes)} inbound nodes, so its {what} is "
+                                 "ill-defined (it was called on a symbolic tensor " +
+                                 ("never)" if not self.inbound_nodes else "more than once)"))
+        return self.inbound_nodes[0]
+
+    @property
+    def output(self):
+        """The symbolic output of this layer's one call in a graph."""
+        return self._only_node("output").output
+
+    @property
+    def input(self):
+        """The symbolic input(s) of this layer's one call in a graph."""
+        inputs = self._only_node("input").inputs
+        return inputs if self.multi_input else inputs[0]
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name}>"
+
+
+def _as_key(shape):
+    if shape and isinstance(shape[0], (list, tuple)):
+        return [tuple(s) for s in shape]
+    return tuple(shape)
+
+
+class InputLayer(Layer):
+    """The entry of a graph: `tinycnn.Input(shape)` makes one and returns its output tensor.
+    In a Sequential list it declares the input shape (Keras's `InputLayer(input_shape=...)`)."""
+
+    base_name = "input"
+
+    def __init__(self, input_shape=None, name=None, shape=None):
+        shape = shape if shape is not None else input_shape
+        if shape is None:
+            raise ShapeError("InputLayer needs shape=(...) (the shape of one sample, without the batch axis)")
+        super().__init__(name=name, input_shape=shape)
+        self.configure(self.input_shape)
+        self.inbound_nodes.append(Node(self, [], (None,) + self.input_shape))
+
+    def forward(self, x, training):
+        return x, None
+
+    def backward(self, saved, dy, need_input_grad=True):
+        return dy, {}
+
+
+def Input(shape=None, name=None, batch_size=None, dtype=None):
+    """A symbolic input of per-sample shape `shape` (Keras's `keras.Input`): call layers on it, then
+    make a model with `tinycnn.Model(inputs, outputs)`. `batch_size` and `dtype` are accepted for
+    Keras compatibility: batches may have any size and the model's dtype applies."""
+    if shape is None:
+        raise ShapeError("Input needs shape=(...): the shape of one sample, without the batch axis")
+    return InputLayer(shape=shape, name=name).output
+
+
+class ActivatedLayer(Layer):
+    """A layer that computes a linear (affine) part and then applies `self.activation`.
+
+    Subclasses implement `forward_linear(x, training) -> (z, saved)` and
+    `backward_linear(saved, dz, need_input_grad) -> (dx, grads)`. Splitting them lets an execution
+    plan run a layer without its activation (a softmax that the loss applies, fused with
+    cross-entropy) without the layer knowing about it."""
+
+    # Conv2D and Dense activate a product they just computed, so ReLU may overwrite it in place;
+    # the Activation layer's input belongs to the layer before and must not change.
+    owns_linear_output = True
+
+    def set_activation(self, activation):
+        self.activation = activations.get(activation)  # validates the name now, not at build time
+
+    def forward_linear(self, x, training):
+        raise NotImplementedError
+
+    def backward_linear(self, saved, dz, need_input_grad=True):
+        raise NotImplementedError
+
+    def forward(self, x, training):
+        z, saved = self.forward_linear(x, training)
+        act = self.activation
+        if act is activations.relu and self.owns_linear_output:
+            y = self.xp.maximum(z, 0, out=z)
+            return y, (saved, None, y)
+        y = act.forward(z, self.kernels)
+        return y, (saved, z if act.uses_x else None, y if act.uses_y else None)
+
+    def backward(self, saved, dy, need_input_grad=True):
+        linear_saved, z, y = saved
+        dz = self.activation.backward(dy, z, y, self.kernels)
+        return self.backward_linear(linear_saved, dz, need_input_grad)

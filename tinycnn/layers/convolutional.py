@@ -1,0 +1,173 @@
+"""Convolutions: Conv2D, DepthwiseConv2D and SeparableConv2D (MobileNet's block)."""
+import numpy as np
+
+from ..errors import ShapeError
+from ..kernels.reference import output_hw
+from .base import ActivatedLayer, glorot_uniform, pair, padding_mode, window_pads
+
+
+class _Conv(ActivatedLayer):
+    """Shared configuration: kernel size, strides, padding, output size."""
+
+    def _configure_window(self, kernel_size, strides, padding, use_bias, activation):
+        kind = type(self).__name__
+        self.kernel_size = pair(kernel_size, f"{kind} kernel_size")
+        self.strides = pair(strides, f"{kind} strides")
+        self.padding = padding_mode(padding, kind)
+        self.use_bias = bool(use_bias)
+        self.set_activation(activation)
+
+    def _output_hw(self, input_shape):
+        kind = type(self).__name__
+        if len(input_shape) != 3:
+            raise ShapeError(f"{kind} {self.name} needs (height, width, channels) inputs, got shape {input_shape}")
+        h, w, _ = input_shape
+        self.pads = window_pads(self.padding, (h, w), self.kernel_size, self.strides)
+        oh, ow = output_hw(h, w, *self.kernel_size, self.strides, self.pads)
+        if oh < 1 or ow < 1:
+            raise ShapeError(f"{kind} {self.name}: kernel {self.kernel_size} does not fit input {input_shape}")
+        return oh, ow
+
+
+class Conv2D(_Conv):
+    """2-D convolution. Kernel (kh, kw, c_in, c_out) as in Keras; the backend's kernel set chooses
+    the algorithm (direct loops or im2col + GEMM on the CPU, im2col + cuBLAS on the GPU)."""
+
+    base_name = "conv2d"
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        if int(filters) < 1:
+            raise ValueError(f"Conv2D filters must be positive, got {filters!r}")
+        self.filters = int(filters)
+        self._configure_window(kernel_size, strides, padding, use_bias, activation)
+
+    def compute_output_shape(self, input_shape):
+        return self._output_hw(input_shape) + (self.filters,)
+
+    def create_weights(self, input_shape, rng):
+        kh, kw = self.kernel_size
+        self.add_weight("kernel", glorot_uniform(rng, (kh, kw, input_shape[2], self.filters), self.dtype), True)
+        if self.use_bias:
+            self.add_weight("bias", np.zeros(self.filters), True)
+
+    def forward_linear(self, x, training):
+        kh, kw = self.kernel_size
+        kernel2d = self.weights["kernel"].reshape(-1, self.filters)
+        z, saved = self.kernels.conv2d_forward(x, kernel2d, kh, kw, self.strides, self.pads)
+        if self.use_bias:
+            z += self.weights["bias"]
+        return z.reshape((x.shape[0],) + self.output_shape), (saved, x.shape)
+
+    def backward_linear(self, saved, dz, need_input_grad=True):
+        conv_saved, x_shape = saved
+        kh, kw = self.kernel_size
+        kernel = self.weights["kernel"]
+        dz2d = dz.reshape(-1, self.filters)
+        grads = {}
+        if self.use_bias:
+            grads["bias"] = dz2d.sum(axis=0)
+        dkernel2d = self.xp.empty((kernel.size // self.filters, self.filters), dtype=kernel.dtype)
+        dx = self.kernels.conv2d_backward(dz2d, conv_saved, x_shape, kernel.reshape(-1, self.filters), kh, kw,
+                                          self.strides, self.pads, dkernel2d, need_input_grad)
+        grads["kernel"] = dkernel2d.reshape(kernel.shape)
+        return dx, grads
+
+
+class DepthwiseConv2D(_Conv):
+    """Each input channel convolved with its own `depth_multiplier` filters: output channel
+    c * depth_multiplier + m. Weights `depthwise_kernel` (kh, kw, c_in, depth_multiplier), `bias`."""
+
+    base_name = "depthwise_conv2d"
+
+    def __init__(self, kernel_size, strides=1, padding="valid", depth_multiplier=1, activation=None, use_bias=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if int(depth_multiplier) < 1:
+            raise ValueError(f"DepthwiseConv2D depth_multiplier must be positive, got {depth_multiplier!r}")
+        self.depth_multiplier = int(depth_multiplier)
+        self._configure_window(kernel_size, strides, padding, use_bias, activation)
+
+    def compute_output_shape(self, input_shape):
+        return self._output_hw(input_shape) + (input_shape[2] * self.depth_multiplier,)
+
+    def create_weights(self, input_shape, rng):
+        kh, kw = self.kernel_size
+        shape = (kh, kw, input_shape[2], self.depth_multiplier)
+        self.add_weight("depthwise_kernel", glorot_uniform(rng, shape, self.dtype), True)
+        if self.use_bias:
+            self.add_weight("bias", np.zeros(input_shape[2] * self.depth_multiplier), True)
+
+    def forward_linear(self, x, training):
+        z, saved = self.kernels.depthwise_conv2d_forward(x, self.weights["depthwise_kernel"], self.strides, self.pads)
+        if self.use_bias:
+            z += self.weights["bias"]
+        return z, (saved, x.shape)
+
+    def backward_linear(self, saved, dz, need_input_grad=True):
+        dw_saved, x_shape = saved
+        kernel = self.weights["depthwise_kernel"]
+        grads = {}
+        if self.use_bias:
+            grads["bias"] = dz.reshape(-1, dz.shape[-1]).sum(axis=0)
+        dkernel = self.xp.empty(kernel.shape, dtype=kernel.dtype)
+        dx = self.kernels.depthwise_conv2d_backward(dz, dw_saved, x_shape, kernel, self.strides, self.pads, dkernel,
+                                                    need_input_grad)
+        grads["depthwise_kernel"] = dkernel
+        return dx, grads
+
+
+class SeparableConv2D(_Conv):
+    """A depthwise convolution followed by a 1x1 convolution to `filters` channels (no bias
+    between them). Weights `depthwise_kernel` (kh, kw, c_in, m), `pointwise_kernel`
+    (1, 1, c_in * m, filters), `bias`, as in Keras."""
+
+    base_name = "separable_conv2d"
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", depth_multiplier=1, activation=None,
+                 use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        if int(filters) < 1 or int(depth_multiplier) < 1:
+            raise ValueError(f"SeparableConv2D filters and depth_multiplier must be positive, got {filters!r}, "
+                             f"{depth_multiplier!r}")
+        self.filters = int(filters)
+        self.depth_multiplier = int(depth_multiplier)
+        self._configure_window(kernel_size, strides, padding, use_bias, activation)
+
+    def compute_output_shape(self, input_shape):
+        return self._output_hw(input_shape) + (self.filters,)
+
+    def create_weights(self, input_shape, rng):
+        kh, kw = self.kernel_size
+        mid = input_shape[2] * self.depth_multiplier
+        self.add_weight("depthwise_kernel", glorot_uniform(rng, (kh, kw, input_shape[2], self.depth_multiplier),
+                                                           self.dtype), True)
+        self.add_weight("pointwise_kernel", glorot_uniform(rng, (1, 1, mid, self.filters), self.dtype), True)
+        if self.use_bias:
+            self.add_weight("bias", np.zeros(self.filters), True)
+
+    def forward_linear(self, x, training):
+        w = self.weights
+        mid, dw_saved = self.kernels.depthwise_conv2d_forward(x, w["depthwise_kernel"], self.strides, self.pads)
+        pointwise2d = w["pointwise_kernel"].reshape(-1, self.filters)
+        z, pw_saved = self.kernels.conv2d_forward(mid, pointwise2d, 1, 1, (1, 1), (0, 0, 0, 0))
+        if self.use_bias:
+            z += w["bias"]
+        return z.reshape((x.shape[0],) + self.output_shape), (dw_saved, pw_saved, x.shape, mid.shape)
+
+    def backward_linear(self, saved, dz, need_input_grad=True):
+        dw_saved, pw_saved, x_shape, mid_shape = saved
+        w = self.weights
+        dz2d = dz.reshape(-1, self.filters)
+        grads = {}
+        dpointwise2d = self.xp.empty((mid_shape[-1], self.filters), dtype=dz.dtype)
+        dmid = self.kernels.conv2d_backward(dz2d, pw_saved, mid_shape, w["pointwise_kernel"].reshape(-1, self.filters),
+                                            1, 1, (1, 1), (0, 0, 0, 0), dpointwise2d, True)
+        ddepthwise = self.xp.empty(w["depthwise_kernel"].shape, dtype=dz.dtype)
+        dx = self.kernels.depthwise_conv2d_backward(dmid, dw_saved, x_shape, w["depthwise_kernel"], self.strides,
+                                                    self.pads, ddepthwise, need_input_grad)
+        grads["depthwise_kernel"] = ddepthwise
+        grads["pointwise_kernel"] = dpointwise2d.reshape(w["pointwise_kernel"].shape)
+        if self.use_bias:
+            grads["bias"] = dz2d.sum(axis=0)
+        return dx, grads

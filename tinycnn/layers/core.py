@@ -1,0 +1,96 @@
+"""Dense and the activation layers."""
+import numpy as np
+
+from .. import activations
+from ..errors import ShapeError
+from .base import ActivatedLayer, glorot_uniform
+
+
+class Dense(ActivatedLayer):
+    """Fully connected layer on (batch, features) inputs; kernel (in, units) as in Keras."""
+
+    base_name = "dense"
+
+    def __init__(self, units, activation=None, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        if int(units) < 1:
+            raise ValueError(f"Dense units must be positive, got {units!r}")
+        self.units = int(units)
+        self.use_bias = bool(use_bias)
+        self.set_activation(activation)
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 1:
+            raise ShapeError(f"Dense {self.name} needs flat (features,) inputs, got shape {input_shape}; add Flatten()")
+        return (self.units,)
+
+    def create_weights(self, input_shape, rng):
+        self.add_weight("kernel", glorot_uniform(rng, (input_shape[0], self.units), self.dtype), True)
+        if self.use_bias:
+            self.add_weight("bias", np.zeros(self.units), True)
+
+    def forward_linear(self, x, training):
+        z = x @ self.weights["kernel"]
+        if self.use_bias:
+            z += self.weights["bias"]
+        return z, x
+
+    def backward_linear(self, saved, dz, need_input_grad=True):
+        x = saved
+        grads = {"kernel": x.T @ dz}
+        if self.use_bias:
+            grads["bias"] = dz.sum(axis=0)
+        return (dz @ self.weights["kernel"].T if need_input_grad else None), grads
+
+
+class Activation(ActivatedLayer):
+    """An activation by name (or an ActivationFunction): elementwise, or softmax over the last axis."""
+
+    base_name = "activation"
+    owns_linear_output = False
+
+    def __init__(self, activation, **kwargs):
+        super().__init__(**kwargs)
+        self.set_activation(activation)
+
+    def forward_linear(self, x, training):
+        return x, None
+
+    def backward_linear(self, saved, dz, need_input_grad=True):
+        return dz, {}
+
+
+class ReLU(Activation):
+    base_name = "re_lu"
+
+    def __init__(self, **kwargs):
+        super().__init__("relu", **kwargs)
+
+
+class Softmax(Activation):
+    base_name = "softmax"
+
+    def __init__(self, **kwargs):
+        super().__init__("softmax", **kwargs)
+
+
+class LeakyReLU(Activation):
+    """x for x > 0, negative_slope * x otherwise (Keras's default slope 0.3; `alpha` is Keras 2's name)."""
+
+    base_name = "leaky_re_lu"
+
+    def __init__(self, negative_slope=None, alpha=None, **kwargs):
+        if negative_slope is not None and alpha is not None:
+            raise TypeError("LeakyReLU takes negative_slope or alpha (its Keras 2 name), not both")
+        slope = 0.3 if negative_slope is None and alpha is None else float(alpha if negative_slope is None else negative_slope)
+        if not slope >= 0:
+            raise ValueError(f"LeakyReLU negative_slope must be >= 0, got {slope!r}")
+        super().__init__(activations.make_leaky_relu(slope), **kwargs)
+        self.negative_slope = slope
+
+
+class ELU(Activation):
+    base_name = "elu"
+
+    def __init__(self, **kwargs):
+        super().__init__("elu", **kwargs)

@@ -1,0 +1,20 @@
+"""Rescaling: inputs mapped to x * scale + offset inside the model (e.g. pixels to [0, 1])."""
+from .base import Layer
+
+
+class Rescaling(Layer):
+    base_name = "rescaling"
+
+    def __init__(self, scale, offset=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+        self.offset = float(offset)
+
+    def forward(self, x, training):
+        y = x * x.dtype.type(self.scale)
+        if self.offset:
+            y += x.dtype.type(self.offset)
+        return y, None
+
+    def backward(self, saved, dy, need_input_grad=True):
+        return (dy * dy.dtype.type(self.scale) if need_input_grad else None), {}

@@ -1,0 +1,40 @@
+"""Dropout."""
+import numpy as np
+
+from .base import Layer
+
+
+class Dropout(Layer):
+    """Inverted dropout in training, the identity in inference. The mask is a counter-based hash of
+    (a seed drawn per call, element index): the same on every backend (tinycnn.randomness)."""
+
+    base_name = "dropout"
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+        self.seed = seed
+
+    def create_weights(self, input_shape, rng):
+        self.reseed(self.seed if self.seed is not None else int(rng.integers(2**31)))
+
+    def reseed(self, seed):
+        # Host-side: each training call draws one 63-bit seed from here; the mask itself is
+        # computed on the device in parallel.
+        self._seeds = np.random.default_rng(int(seed))
+
+    def next_seed(self):
+        """The seed of the next training call's mask."""
+        return int(self._seeds.integers(2**63))
+
+    def forward(self, x, training):
+        if not training or self.rate == 0.0:
+            return x, None
+        return self.kernels.dropout_forward(x, self.rate, self.next_seed())
+
+    def backward(self, saved, dy, need_input_grad=True):
+        if saved is None:
+            return dy, {}
+        return self.kernels.dropout_backward(dy, saved), {}

@@ -1,0 +1,58 @@
+"""Flatten and ZeroPadding2D."""
+import numpy as np
+
+from ..errors import ShapeError
+from .base import Layer
+
+
+class Flatten(Layer):
+    base_name = "flatten"
+
+    def compute_output_shape(self, input_shape):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, training):
+        return x.reshape(x.shape[0], -1), None
+
+    def backward(self, saved, dy, need_input_grad=True):
+        return dy.reshape((dy.shape[0],) + self.input_shape), {}
+
+
+def _padding_pairs(padding):
+    """((top, bottom), (left, right)) from an int, a pair (symmetric height, width) or two pairs."""
+    if isinstance(padding, (int, np.integer)):
+        return ((int(padding),) * 2,) * 2
+    padding = tuple(padding)
+    if len(padding) == 2 and all(isinstance(p, (int, np.integer)) for p in padding):
+        return ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
+    if len(padding) == 2 and all(len(tuple(p)) == 2 for p in padding):
+        return tuple(tuple(int(v) for v in p) for p in padding)
+    raise ValueError(f"ZeroPadding2D padding must be an int, (h, w) or ((top, bottom), (left, right)), got {padding!r}")
+
+
+class ZeroPadding2D(Layer):
+    """Rows and columns of zeros around each image."""
+
+    base_name = "zero_padding2d"
+
+    def __init__(self, padding=(1, 1), **kwargs):
+        super().__init__(**kwargs)
+        self.padding = _padding_pairs(padding)
+        if min(min(p) for p in self.padding) < 0:
+            raise ValueError(f"ZeroPadding2D padding must be >= 0, got {padding!r}")
+
+    def compute_output_shape(self, input_shape):
+        if len(input_shape) != 3:
+            raise ShapeError(f"ZeroPadding2D {self.name} needs (h, w, c) inputs, got {input_shape}")
+        (top, bottom), (left, right) = self.padding
+        h, w, c = input_shape
+        return (h + top + bottom, w + left + right, c)
+
+    def forward(self, x, training):
+        (top, bottom), (left, right) = self.padding
+        return self.xp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), None
+
+    def backward(self, saved, dy, need_input_grad=True):
+        (top, _), (left, _) = self.padding
+        h, w, _ = self.input_shape
+        return self.xp.ascontiguousarray(dy[:, top : top + h, left : left + w, :]), {}

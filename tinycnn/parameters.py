@@ -1,0 +1,64 @@
+"""A model's trainable weights as views into one flat buffer, and their gradients into another.
+
+The optimizer then updates every parameter with one fused kernel call per step (12,316 numbers
+for the Week2 model, not 22 small arrays). Each layer's `weights[name]` *is* the view, so layer
+code reads the current values with no copy.
+
+A layer may belong to several models (Keras lets two models share layers). Its weights live in
+the buffer of the model that bound them last: before a model trains, `bind()` takes back any
+weight another model took, copying its current value in, so shared weights always have one
+current value and every model updates the copy its optimizer state describes.
+"""
+
+
+class ParameterBuffer:
+    def __init__(self, entries, xp, dtype):
+        """`entries`: (layer, weight name) pairs in a fixed order (the model's layer order)."""
+        self.entries = list(entries)
+        self.xp = xp
+        sizes = [layer.weights[name].size for layer, name in self.entries]
+        self.size = int(sum(sizes))
+        self.params = xp.empty(self.size, dtype=dtype)
+        self.grads = xp.zeros(self.size, dtype=dtype)
+        self.views, self.grad_views, offset = [], [], 0
+        for (layer, name), size in zip(self.entries, sizes):
+            shape = layer.weights[name].shape
+            self.views.append(self.params[offset : offset + size].reshape(shape))
+            self.grad_views.append(self.grads[offset : offset + size].reshape(shape))
+            offset += size
+        self.index = {(id(layer), name): k for k, (layer, name) in enumerate(self.entries)}
+        self._written = [False] * len(self.entries)
+        self.bind()
+
+    def bind(self):
+        """Make every entry's layer weight this buffer's view again (copying the current value in
+        where another model's buffer or a fresh build holds it). Returns how many were rebound."""
+        rebound = 0
+        for (layer, name), view in zip(self.entries, self.views):
+            current = layer.weights[name]
+            if current is not view:
+                view[...] = current
+                layer.weights[name] = view
+                rebound += 1
+        return rebound
+
+    def owns_all(self):
+        return all(layer.weights[name] is view for (layer, name), view in zip(self.entries, self.views))
+
+    # -- gradients: one backward pass writes each entry once per use, summing uses -------------
+    def start_gradients(self):
+        self._written = [False] * len(self.entries)
+
+    def add_gradient(self, layer, name, value):
+        k = self.index[(id(layer), name)]
+        if self._written[k]:
+            self.grad_views[k] += value
+        else:
+            self.grad_views[k][...] = value
+            self._written[k] = True
+
+    def finish_gradients(self):
+        """Zero the gradients of weights no step of this backward pass reached."""
+        for written, view in zip(self._written, self.grad_views):
+            if not written:
+                view[...] = 0

@@ -1,0 +1,210 @@
+"""How a model's graph runs: the execution plan, the fusions it chooses, and the tape of a step.
+
+A plan turns the model's nodes (in topological order) into steps and numbers every tensor, so
+running the graph is a loop over a list. Planning is the one place where fusion is decided,
+from the graph alone; the layers know nothing about it:
+
+- A BatchNormalization whose output only a Dropout reads becomes one step that runs the fused
+  kernel (the normalization and the mask in one pass over the activations, forward and backward;
+  the same masks as the Dropout alone). Only in training; in inference the two run as they are.
+- When the loss applies a softmax fused with cross-entropy (gradient p - t, no division by a
+  probability that may underflow), the output layer's softmax is left out of the step: it emits
+  logits. Only plans made with `logits_output=True` (training and evaluation); `predict` runs the
+  layer whole.
+
+`forward` keeps each step's `saved` on a tape only when a backward pass will follow; `backward`
+walks the tape in reverse, sums gradients where a tensor fans out or a layer is used twice, and
+writes weight gradients into the model's ParameterBuffer.
+"""
+from .activations import softmax
+from .layers.base import ActivatedLayer
+from .layers.normalization import BatchNormalization
+from .layers.regularization import Dropout
+
+
+class Step:
+    """One unit of execution: reads tensors `inputs` (ids), writes tensor `output`."""
+
+    def __init__(self, inputs, output, layers):
+        self.inputs = tuple(inputs)
+        self.output = output
+        self.layers = tuple(layers)  # whose weight gradients this step produces
+        self.trains = any(layer.trainable_names for layer in self.layers)
+        self.need_dx = (False,) * len(self.inputs)  # set by the plan
+        self.runs_backward = False  # set by the plan
+
+    def describe(self):
+        return " + ".join(layer.name for layer in self.layers)
+
+
+class LayerStep(Step):
+    """A layer as it is."""
+
+    def __init__(self, node, inputs, output):
+        super().__init__(inputs, output, [node.layer])
+        self.layer = node.layer
+        self.multi = node.layer.multi_input
+
+    def forward(self, values, training):
+        if self.multi:
+            return self.layer.forward([values[i] for i in self.inputs], training)
+        return self.layer.forward(values[self.inputs[0]], training)
+
+    def backward(self, saved, dy):
+        if self.multi:
+            dxs, grads = self.layer.backward(saved, dy, any(self.need_dx))
+            return dxs, grads
+        dx, grads = self.layer.backward(saved, dy, self.need_dx[0])
+        return (dx,), grads
+
+
+class LogitsStep(LayerStep):
+    """An ActivatedLayer whose softmax the loss applies: its linear part only."""
+
+    def forward(self, values, training):
+        return self.layer.forward_linear(values[self.inputs[0]], training)
+
+    def backward(self, saved, dy):
+        dx, grads = self.layer.backward_linear(saved, dy, self.need_dx[0])
+        return (dx,), grads
+
+    def describe(self):
+        return f"{self.layer.name} (logits: softmax fused into the loss)"
+
+
+class BatchNormDropoutStep(Step):
+    """A BatchNormalization and the Dropout reading it, as one kernel in training."""
+
+    def __init__(self, bn_node, dropout_node, inputs, output):
+        super().__init__(inputs, output, [bn_node.layer, dropout_node.layer])
+        self.bn, self.dropout = bn_node.layer, dropout_node.layer
+
+    def forward(self, values, training):
+        x = values[self.inputs[0]]
+        bn, drop = self.bn, self.dropout
+        if not training or drop.rate == 0.0:
+            y, bn_saved = bn.forward(x, training)
+            z, drop_saved = drop.forward(y, training)
+            return z, ("apart", bn_saved, drop_saved)
+        w = bn.weights
+        y2d, saved, mean, var, inv_std = bn.kernels.batchnorm_dropout_forward_train(
+            x.reshape(-1, x.shape[-1]), w["gamma"], w["beta"], bn.epsilon, drop.rate, drop.next_seed())
+        bn.update_moving_statistics(mean, var)
+        return y2d.reshape(x.shape), ("fused", saved, inv_std)
+
+    def backward(self, saved, dy):
+        mode, a, b = saved
+        if mode == "apart":
+            dy, _ = self.dropout.backward(b, dy, True)
+            dx, grads = self.bn.backward(a, dy, self.need_dx[0])
+            return (dx,), grads
+        dx2d, dgamma, dbeta = self.bn.kernels.batchnorm_dropout_backward_train(
+            dy.reshape(-1, dy.shape[-1]), a, self.bn.weights["gamma"], b)
+        return ((dx2d.reshape(dy.shape) if self.need_dx[0] else None),), {"gamma": dgamma, "beta": dbeta}
+
+    def describe(self):
+        return f"{self.bn.name} + {self.dropout.name} (fused in training)"
+
+
+class Plan:
+    """The steps of a graph, ready to run."""
+
+    def __init__(self, nodes, inputs, outputs, fuse_batchnorm_dropout=True, logits_output=False):
+        ids = {}
+
+        def tensor_id(tensor):
+            return ids.setdefault(id(tensor), len(ids))
+
+        self.input_ids = [tensor_id(t) for t in inputs]
+        consumers = {}
+        for node in nodes:
+            for t in node.inputs:
+                consumers.setdefault(id(t), []).append(node)
+        output_keys = {id(t) for t in outputs}
+
+        def only_reader(node):
+            """The one node reading `node`'s output, if it is not also a model output."""
+            readers = consumers.get(id(node.output), [])
+            return readers[0] if len(readers) == 1 and id(node.output) not in output_keys else None
+
+        self.emits_logits = False
+        steps, absorbed = [], set()
+        for node in nodes:
+            layer = node.layer
+            if id(node) in absorbed or not node.inputs:  # fused into the step before, or a model input
+                continue
+            in_ids = [tensor_id(t) for t in node.inputs]
+            after = only_reader(node)
+            if (fuse_batchnorm_dropout and isinstance(layer, BatchNormalization) and after is not None
+                    and isinstance(after.layer, Dropout)):
+                steps.append(BatchNormDropoutStep(node, after, in_ids, tensor_id(after.output)))
+                absorbed.add(id(after))
+            elif (logits_output and len(outputs) == 1 and node.output is outputs[0] and not consumers.get(id(node.output))
+                  and isinstance(layer, ActivatedLayer) and layer.activation is softmax):
+                steps.append(LogitsStep(node, in_ids, tensor_id(node.output)))
+                self.emits_logits = True
+            else:
+                steps.append(LayerStep(node, in_ids, tensor_id(node.output)))
+        self.steps = steps
+        self.output_ids = [tensor_id(t) for t in outputs]
+        self.size = len(ids)
+
+        # Which tensors need a gradient: those that depend on a trainable weight. A step's
+        # backward runs only if its output needs one; its input gradients only where they do.
+        requires = [False] * self.size
+        for step in steps:
+            step.need_dx = tuple(requires[i] for i in step.inputs)
+            step.runs_backward = step.trains or any(step.need_dx)
+            requires[step.output] = step.runs_backward
+
+        # Free each tensor after its last reader (inference then holds only what is live).
+        last_read = {}
+        for k, step in enumerate(steps):
+            for i in step.inputs:
+                last_read[i] = k
+        self.free_after = [[] for _ in steps]
+        for i, k in last_read.items():
+            if i not in self.output_ids:
+                self.free_after[k].append(i)
+
+    def forward(self, inputs, training, keep_for_backward):
+        """Run every step. Returns (outputs, tape); the tape is None unless keep_for_backward."""
+        values = [None] * self.size
+        for i, x in zip(self.input_ids, inputs):
+            values[i] = x
+        tape = [] if keep_for_backward else None
+        for step, free in zip(self.steps, self.free_after):
+            y, saved = step.forward(values, training)
+            values[step.output] = y
+            if tape is not None:
+                tape.append(saved if step.runs_backward else None)
+            for i in free:
+                values[i] = None
+        return [values[i] for i in self.output_ids], tape
+
+    def backward(self, tape, output_grads, params):
+        """Backpropagate `output_grads` (one per output, None for none) through the tape, writing
+        every trainable weight's gradient into `params` (a ParameterBuffer)."""
+        grads = [None] * self.size
+        for i, g in zip(self.output_ids, output_grads):
+            grads[i] = g
+        params.start_gradients()
+        for step, saved in zip(reversed(self.steps), reversed(tape)):
+            if not step.runs_backward:
+                continue
+            dy = grads[step.output]
+            grads[step.output] = None
+            if dy is None:
+                continue
+            dxs, weight_grads = step.backward(saved, dy)
+            for i, need, dx in zip(step.inputs, step.need_dx, dxs):
+                if need and dx is not None:
+                    grads[i] = dx if grads[i] is None else grads[i] + dx
+            for layer in step.layers:
+                for name in layer.trainable_names:
+                    params.add_gradient(layer, name, weight_grads[name])
+        params.finish_gradients()
+
+    def describe(self):
+        """One line per step (what runs, in order)."""
+        return [step.describe() for step in self.steps]

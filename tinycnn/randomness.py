@@ -1,0 +1,48 @@
+"""Counter-based random numbers that every backend computes bit for bit alike.
+
+A dropout mask or a shuffle is a hash of (key, element index): no generator state to carry
+between devices or threads, so NumPy, numba and CUDA draw the same mask for the same seed, in
+parallel, and a resumed run replays its epochs exactly.
+"""
+import numpy as np
+
+HASH_MASK = 0xFFFFFFFF
+
+
+def lowbias32(h):
+    """A 32-bit integer hash (bijective, good avalanche) on uint64 arrays holding 32-bit values.
+    Written with explicit masking so NumPy, numba and CUDA compute the same bits."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & HASH_MASK
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & HASH_MASK
+    return h ^ (h >> 16)
+
+
+def dropout_keep_threshold(rate):
+    """Entries whose 24-bit hash is below this are dropped: P(drop) = rate to within 2**-24."""
+    return min(int(round(rate * (1 << 24))), (1 << 24) - 1)
+
+
+def dropout_key(seed):
+    """The per-call key mixed into every element's hash (seed: a Python int drawn by the layer)."""
+    low = int(lowbias32(np.array([seed & HASH_MASK], dtype=np.uint64))[0])
+    return low ^ ((seed >> 32) & HASH_MASK)
+
+
+def permutation(xp, n, seed):
+    """A random permutation of range(n) computed with array module `xp`: the order of the
+    counter-based hashes of the indices (a bijection, so no ties). The same seed gives the same
+    permutation on every backend."""
+    keys = lowbias32(xp.arange(n, dtype=xp.uint64) ^ xp.uint64(dropout_key(seed)))
+    return xp.argsort(keys)
+
+
+def derive_seed(*parts):
+    """A 31-bit seed from a tuple of ints: independent streams per (model seed, epoch, layer)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def fresh_seed():
+    """A 31-bit seed from the operating system's entropy (for models built without a seed)."""
+    return int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF)
