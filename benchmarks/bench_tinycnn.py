@@ -100,7 +100,7 @@ def main():
     if be.name == "cpu" and not args.quick:
         C.log("numba compile: cold cache vs warm cache")
         cold, warm = cold_compile_seconds()
-        result["compile_cold_s"] = C._r(cold - warm)
+        result["compile_cold_s"] = C.rounded(cold - warm)
         notes.append(f"first step in a fresh process: {cold:.1f} s with an empty numba cache, {warm:.1f} s with it warm")
     result["notes"] = "; ".join(notes)
     C.emit(result)

@@ -243,11 +243,11 @@ def stats(values):
     vals = [float(v) for v in values]
     if not vals:
         return None
-    return {"median": _r(statistics.median(vals)), "min": _r(min(vals)), "max": _r(max(vals)),
-            "runs": [_r(v) for v in vals]}
+    return {"median": rounded(statistics.median(vals)), "min": rounded(min(vals)), "max": rounded(max(vals)),
+            "runs": [rounded(v) for v in vals]}
 
 
-def _r(v):
+def rounded(v):
     return float(f"{v:.6g}")
 
 
@@ -290,7 +290,7 @@ def compile_seconds(first_step_s, step_ms_stats):
     """First step minus the steady (median) step, in s; never negative."""
     if first_step_s is None or not step_ms_stats:
         return None
-    return _r(max(0.0, first_step_s - step_ms_stats["median"] / 1e3))
+    return rounded(max(0.0, first_step_s - step_ms_stats["median"] / 1e3))
 
 
 def peak_rss_mb():
@@ -299,7 +299,7 @@ def peak_rss_mb():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if sys.platform == "darwin":
         rss /= 1024
-    return _r(rss / 1024)
+    return rounded(rss / 1024)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -226,3 +226,108 @@ def test_batchnorm_dropout_fusion_changes_nothing_but_speed(device):
     assert plans[1][1:3] == names[1:3]
     for a, b in zip(*runs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class Recorder(tc.callbacks.Callback):
+    """Records every hook Keras would call, with copies of its logs."""
+
+    def __init__(self, stop_after_batch=None):
+        super().__init__()
+        self.events, self.stop_after_batch = [], stop_after_batch
+
+    def on_train_begin(self, logs=None):
+        self.events.append(("train_begin",))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.events.append(("epoch_begin", epoch))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.events.append(("batch_begin", batch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.events.append(("batch_end", batch, {k: float(v) for k, v in logs.items()}))
+        if batch == self.stop_after_batch:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.events.append(("epoch_end", epoch, dict(logs)))
+
+    def on_train_end(self, logs=None):
+        self.events.append(("train_end",))
+
+
+def test_callbacks_get_keras_hooks_and_batch_logs():
+    x, y, _ = _tiny_problem(n=40)
+    model = _tiny_cnn("cpu")
+    rec = Recorder()
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[rec])
+    kinds = [e[0] for e in rec.events]
+    assert kinds == ["train_begin"] + (["epoch_begin"] + ["batch_begin", "batch_end"] * 3 + ["epoch_end"]) * 2 + [
+        "train_end"]
+    batch_logs = [e[2] for e in rec.events if e[0] == "batch_end"]
+    assert all(set(logs) == {"loss", "acc"} for logs in batch_logs)
+    # Keras's batch logs are the epoch's running means: the last batch's equal the epoch's
+    epoch_logs = [e[2] for e in rec.events if e[0] == "epoch_end"]
+    assert batch_logs[2]["loss"] == pytest.approx(epoch_logs[0]["loss"], rel=1e-6)
+    assert batch_logs[2]["acc"] == pytest.approx(epoch_logs[0]["acc"], rel=1e-6)
+
+
+def test_keras_2_batch_hook_names_are_called():
+    seen = []
+
+    class Old(tc.callbacks.Callback):
+        def on_batch_end(self, batch, logs=None):
+            seen.append((batch, sorted(logs)))
+
+    x, y, _ = _tiny_problem(n=32)
+    _tiny_cnn("cpu").fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[Old()])
+    assert seen == [(0, ["acc", "loss"]), (1, ["acc", "loss"])]
+
+
+def test_stop_training_ends_fit_after_the_current_batch():
+    x, y, _ = _tiny_problem(n=48)
+    model = _tiny_cnn("cpu")
+    rec = Recorder(stop_after_batch=1)
+    history = model.fit(x, y, batch_size=16, epochs=5, verbose=0, callbacks=[rec])
+    assert [e[1] for e in rec.events if e[0] == "batch_end"] == [0, 1]
+    assert len(history.history["loss"]) == 1 and model.optimizer.iterations == 2
+    assert rec.events[-1] == ("train_end",)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # a new fit starts afresh
+    assert model.optimizer.iterations == 5
+
+
+def test_set_weights_with_a_bad_last_array_leaves_the_model_untouched():
+    model = tc.Sequential([L.Dense(3, input_shape=(4,)), L.Dense(2)], seed=1)
+    before = model.get_weights()
+    new = [w + 1 for w in before]
+    new[-1][0] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        model.set_weights(new)
+    assert all(np.array_equal(p, q) for p, q in zip(before, model.get_weights()))
+
+
+def test_inference_keeps_nothing_for_a_backward_pass():
+    """predict frees each activation after its last reader and keeps no backward caches: its peak
+    memory is a fraction of what the training forward holds on its tape."""
+    import tracemalloc
+
+    import week2_model
+
+    model = week2_model.build_week2_model(device="cpu", seed=0)
+    model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["accuracy"])
+    x = np.random.default_rng(0).random((128, 28, 28, 1), dtype=np.float32)
+    model.predict(x, batch_size=128)  # warm up: compile, scratch buffers
+    xs = model.check_inputs(x)
+    tracemalloc.start()
+    model.plan().forward(xs, training=True, keep_for_backward=True)  # the tape, dropped on return
+    _, training_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    model.predict(x, batch_size=128)
+    _, inference_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert inference_peak < 0.5 * training_peak, (inference_peak, training_peak)  # Week2: 12.5 MB vs 31 MB
+    _, tape = model.plan().forward(xs, training=False, keep_for_backward=False)
+    assert tape is None
+    for layer in model.layers:  # layers hold weights and configuration, never activations
+        arrays = [k for k, v in vars(layer).items() if isinstance(v, np.ndarray)]
+        assert arrays == [], (layer.name, arrays)

@@ -49,7 +49,7 @@ class Model(Trainer):
         self.built = False
         self.params = None
         self._plans = {}
-        self._init_trainer()
+        Trainer.__init__(self)
 
     def _set_graph(self, inputs, outputs):
         self.single_input = not isinstance(inputs, (list, tuple))

@@ -174,9 +174,10 @@ class Plan:
             values[i] = x
         tape = [] if keep_for_backward else None
         for step, free in zip(self.steps, self.free_after):
-            y, saved = step.forward(values, training)
-            values[step.output] = y
-            if tape is not None:
+            if tape is None:  # nothing of `saved` outlives the step
+                values[step.output] = step.forward(values, training)[0]
+            else:
+                values[step.output], saved = step.forward(values, training)
                 tape.append(saved if step.runs_backward else None)
             for i in free:
                 values[i] = None

@@ -61,7 +61,7 @@ class Trainer:
     # requested batch as sub-batches small enough for their activations to stay in cache.
     CPU_INFERENCE_BATCH = 128
 
-    def _init_trainer(self):
+    def __init__(self):
         self.optimizer = None
         self.loss = None
         self.metric_names = []
