@@ -11,13 +11,13 @@ misclassified.png (with matplotlib installed).
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from example_tools import EpochRecorder, TeeLog, machine, plot_curves, plot_misclassified, write_json_atomic  # noqa: E402
 from week2_model import build_week2_model  # noqa: E402
 
 import tinycnn as tc  # noqa: E402
@@ -30,61 +30,6 @@ TARGET_BEST, TARGET_FINAL = 0.9940, 0.9935
 def learning_rate(epoch):
     """The seed's per-epoch schedule: 0.003 / (1 + 0.319 * epoch), epoch counted from 0."""
     return 0.003 / (1 + 0.319 * epoch)
-
-
-class TeeLog:
-    """Writes to the terminal and to log.txt; the file gets each line as it finally reads
-    (a progress bar redrawn in place with \\r appears once, finished)."""
-
-    def __init__(self, stream, path, mode):
-        self.stream, self.file, self.pending = stream, open(path, mode), ""
-
-    def write(self, text):
-        self.stream.write(text)
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            self.file.write(line.rsplit("\r", 1)[-1].replace("\b", "") + "\n")
-        self.file.flush()
-
-    def flush(self):
-        self.stream.flush()
-
-    def isatty(self):
-        return self.stream.isatty()
-
-    def close(self):
-        self.file.close()
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "platform": platform.platform()}
-
-
-def write_json_atomic(path, data):
-    with tc.files.atomic_write(path, "w") as f:
-        json.dump(data, f, indent=1)
-
-
-class EpochRecorder(tc.callbacks.Callback):
-    """After every epoch: the history so far to history.json and a checkpoint to resume from."""
-
-    def __init__(self, out, run_info, records):
-        super().__init__()
-        self.out, self.run_info, self.records = out, run_info, records
-
-    def on_epoch_end(self, epoch, logs=None):
-        entry = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
-        self.records.append(entry)
-        tc.saving.save_checkpoint(self.model, os.path.join(self.out, "checkpoint.npz"), epoch + 1, self.records)
-        write_json_atomic(os.path.join(self.out, "history.json"), {**self.run_info, "epochs": self.records})
 
 
 def load_mnist(limit):
@@ -112,45 +57,8 @@ def comparison_table(records, seed_log):
 
 
 def plot(out, records, seed_log, x_test, labels, predicted):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('(matplotlib is not installed: no curves.png / misclassified.png; pip install -e ".[plot]")')
-        return
-    epochs = [r["epoch"] for r in records]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(epochs, [r["loss"] for r in records], label="train")
-    ax1.plot(epochs, [r["val_loss"] for r in records], label="validation")
-    ax1.plot([e["epoch"] for e in seed_log], [e["val_loss"] for e in seed_log], "k--", label="seed (Keras) validation")
-    ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
-    ax2.plot(epochs, [r["acc"] for r in records], label="train")
-    ax2.plot(epochs, [r["val_acc"] for r in records], label="validation")
-    ax2.plot([e["epoch"] for e in seed_log], [e["val_acc"] for e in seed_log], "k--", label="seed (Keras) validation")
-    ax2.axhline(TARGET_BEST, color="grey", lw=0.5)
-    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0.97, 1.0), title="accuracy")
-    for ax in (ax1, ax2):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
-    plt.close(fig)
-
-    wrong = np.flatnonzero(predicted != labels)[:48]
-    cols = 12
-    rows = max(1, (len(wrong) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
-        ax.imshow(x_test[i, :, :, 0], cmap="gray_r")
-        ax.set_title(f"{labels[i]}→{predicted[i]}", fontsize=9)
-    fig.suptitle(f"{int((predicted != labels).sum())} misclassified test images (true→predicted), first {len(wrong)}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "misclassified.png"), dpi=100)
-    plt.close(fig)
+    plot_curves(os.path.join(out, "curves.png"), records, seed_log, "seed (Keras) validation", TARGET_BEST)
+    plot_misclassified(os.path.join(out, "misclassified.png"), x_test, labels, predicted)
 
 
 def main(argv=None):
