@@ -3,6 +3,7 @@ atomic JSON, per-epoch records with a checkpoint, and the learning-curve and mis
 import json
 import os
 import platform
+import sys
 
 import numpy as np
 
@@ -32,6 +33,18 @@ class TeeLog:
 
     def close(self):
         self.file.close()
+
+
+def run_logged(out, run, append=False):
+    """`run()` with everything it prints also written to out/log.txt; returns what run returns."""
+    os.makedirs(out, exist_ok=True)
+    log = TeeLog(sys.stdout, os.path.join(out, "log.txt"), "a" if append else "w")
+    sys.stdout = log
+    try:
+        return run()
+    finally:
+        sys.stdout = log.stream
+        log.close()
 
 
 def machine():

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from example_tools import EpochRecorder, TeeLog, machine, plot_curves, plot_misclassified, write_json_atomic  # noqa: E402
+from example_tools import EpochRecorder, machine, plot_curves, plot_misclassified, run_logged, write_json_atomic  # noqa: E402
 
 import tinycnn as tc  # noqa: E402
 from tinycnn import layers as L  # noqa: E402
@@ -29,18 +29,24 @@ from tinycnn.datasets import DatasetError, fashion_mnist  # noqa: E402
 TARGET = 0.92
 
 
+# BatchNormalization's moving statistics follow the weights with this momentum. Keras's default,
+# 0.99, averages over ~100 steps and lagged the weights in a 10-epoch run here: the same weights gave
+# 91.8 % test accuracy with batch statistics but 88.1 % with the moving ones. 0.9 tracks them closely.
+BN_MOMENTUM = 0.9
+
+
 def learning_rate(epoch):
-    """Inverse-time decay per epoch, as in the Week2 model: 0.002 / (1 + 0.2 * epoch)."""
-    return 0.002 / (1 + 0.2 * epoch)
+    """Inverse-time decay per epoch, as in the Week2 model: 0.002 / (1 + 0.4 * epoch)."""
+    return 0.002 / (1 + 0.4 * epoch)
 
 
 def residual_block(x, filters, name):
     """conv-BN-ReLU-conv-BN, added to its input, then ReLU (the input fans out to both paths)."""
     y = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
-    y = L.BatchNormalization(name=f"{name}_bn1")(y)
+    y = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
     y = L.ReLU(name=f"{name}_relu1")(y)
     y = L.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
-    y = L.BatchNormalization(name=f"{name}_bn2")(y)
+    y = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
     return L.ReLU(name=f"{name}_out")(L.Add(name=f"{name}_add")([x, y]))
 
 
@@ -48,12 +54,12 @@ def build_model(width=32, device=None, seed=None):
     inputs = tc.Input(shape=(28, 28, 1), name="image")
     x = L.Rescaling(1 / 255, name="scale")(inputs)  # the model takes uint8 pixels
     x = L.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(x)
-    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = L.ReLU(name="stem_relu")(x)
     x = L.MaxPooling2D(2, name="stem_pool")(x)  # 14 x 14
     x = residual_block(x, width, "block1")
     x = L.Conv2D(2 * width, 3, strides=2, padding="same", use_bias=False, name="down_conv")(x)  # 7 x 7
-    x = L.BatchNormalization(name="down_bn")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name="down_bn")(x)
     x = L.ReLU(name="down_relu")(x)
     x = residual_block(x, 2 * width, "block2")
     x = L.GlobalAveragePooling2D(name="pool")(x)
@@ -82,14 +88,7 @@ def main(argv=None):
     if args.summary:
         model.summary()
         return 0
-    os.makedirs(args.out, exist_ok=True)
-    log = TeeLog(sys.stdout, os.path.join(args.out, "log.txt"), "w")
-    sys.stdout = log
-    try:
-        return run(args, model)
-    finally:
-        sys.stdout = log.stream
-        log.close()
+    return run_logged(args.out, lambda: run(args, model))
 
 
 def run(args, model):

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from example_tools import EpochRecorder, TeeLog, machine, plot_curves, plot_misclassified, write_json_atomic  # noqa: E402
+from example_tools import EpochRecorder, machine, plot_curves, plot_misclassified, run_logged, write_json_atomic  # noqa: E402
 from week2_model import build_week2_model  # noqa: E402
 
 import tinycnn as tc  # noqa: E402
@@ -82,16 +82,9 @@ def main(argv=None):
         model.summary()
         return 0
 
-    os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, "checkpoint.npz")
     resuming = args.resume and os.path.exists(checkpoint)
-    log = TeeLog(sys.stdout, os.path.join(args.out, "log.txt"), "a" if resuming else "w")
-    sys.stdout = log
-    try:
-        return run(args, model, checkpoint, resuming)
-    finally:
-        sys.stdout = log.stream
-        log.close()
+    return run_logged(args.out, lambda: run(args, model, checkpoint, resuming), append=resuming)
 
 
 def run(args, model, checkpoint, resuming):

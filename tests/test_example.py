@@ -62,3 +62,26 @@ def test_short_run_writes_everything_and_resume_matches_an_uninterrupted_run(tmp
 
     resumed_history = json.loads((resumed / "history.json").read_text())
     assert metrics(resumed_history["epochs"]) == metrics(history["epochs"])
+
+
+FASHION = os.path.join(ROOT, "examples", "fashion_mnist_resnet.py")
+
+
+def test_fashion_example_prints_a_graph_summary_and_trains(tmp_path):
+    summary = subprocess.run([sys.executable, FASHION, "--summary", "--device", "cpu"], capture_output=True, text=True,
+                             timeout=600)
+    assert summary.returncode == 0, summary.stderr
+    lines = summary.stdout.splitlines()
+    assert lines[0] == 'Model: "fashion_resnet"' and "Connected to" in lines[2]
+    add = lines.index(next(l for l in lines if l.startswith("block1_add (Add)")))
+    assert lines[add].rstrip().endswith("stem_pool[0][0]") and lines[add + 1].strip() == "block1_bn2[0][0]"
+    assert "Total params: 112,682" in lines
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, FASHION, "--device", "cpu", "--epochs", "1", "--train-limit", "512",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr  # a short run does not judge the target
+    for name in ("log.txt", "history.json", "weights.npz", "checkpoint.npz"):
+        assert (out / name).exists(), name
+    history = json.loads((out / "history.json").read_text())
+    assert history["train_samples"] == 512 and len(history["epochs"]) == 1 and history["target"] == 0.92
+    assert "target 92% within 1 epochs: NOT MET" in result.stdout
