@@ -820,3 +820,20 @@ def test_load_real_fashion_mnist(real_fashion):
     assert sha(x) == fashion_mnist.EXPECTED_SHA256["x_train"] and sha(yt) == fashion_mnist.EXPECTED_SHA256["y_test"]
     assert np.bincount(y).tolist() == [6000] * 10 and np.bincount(yt).tolist() == [1000] * 10
     assert y[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]  # ankle boot, T-shirt, T-shirt, dress, ...
+
+
+def test_a_download_cut_short_moves_on_to_the_next_source(tmp_path, monkeypatch):
+    import http.client
+
+    def download(url, dest, timeout):
+        raise http.client.IncompleteRead(b"1234567", 1000)
+
+    def run(cmd, cwd, **kw):
+        return subprocess.CompletedProcess(cmd, 100, stdout=b"E: no network")
+
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(sources, "download", download)
+    monkeypatch.setattr(fashion_mnist.subprocess, "run", run)
+    with pytest.raises(DatasetError) as ei:
+        fashion_mnist.load_data(cache_dir=tmp_path, verbose=False)
+    assert str(ei.value).count("IncompleteRead") >= 2 and "apt-get download exited 100" in str(ei.value)

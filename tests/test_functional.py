@@ -265,3 +265,71 @@ def test_get_layer_and_weight_lists():
     assert model.trainable_weights[0] is conv.weights["kernel"]  # the view the optimizer updates
     with pytest.raises(ValueError, match="has no layer named 'nope'"):
         model.get_layer("nope")
+
+
+def test_layers_come_in_keras_order():
+    """By depth from the outputs, then in the order a walk from the outputs meets them (Keras 3's
+    order, which weight files follow), not in the order the layers were called."""
+    inputs = tc.Input(shape=(6, 6, 2))
+    conv_a = L.Conv2D(2, 3, padding="same", name="conv_a")
+    conv_b = L.Conv2D(2, 3, padding="same", name="conv_b")
+    proj = L.Conv2D(2, 1, name="proj")
+    x = L.Add(name="add")([proj(inputs), conv_b(conv_a(inputs))])
+    model = tc.Model(inputs, x)
+    assert [l.name for l in model.compute_layers] == ["conv_a", "proj", "conv_b", "add"]
+
+
+def test_layer_names_must_be_unique():
+    inputs = tc.Input(shape=(3,))
+    with pytest.raises(tc.GraphError, match="the layer name 'd' is used 2 times"):
+        tc.Model(inputs, L.Dense(2, name="d")(L.Dense(4, name="d")(inputs)))
+
+
+def test_a_call_can_fix_its_mode():
+    """Dropout(rate)(x, training=True) stays on in inference (Monte Carlo dropout), as in Keras."""
+    inputs = tc.Input(shape=(1000,))
+    model = tc.Model(inputs, L.Dropout(0.5)(inputs, training=True), seed=0)
+    zeroed = (model.predict(np.ones((4, 1000), np.float32)) == 0).mean()
+    assert 0.4 < zeroed < 0.6
+    plain = tc.Model(inputs, L.Dropout(0.5)(inputs), seed=0)
+    assert (plain.predict(np.ones((4, 1000), np.float32)) == 0).mean() == 0
+
+
+def test_sequential_refuses_a_layer_that_does_not_fit_and_stays_usable():
+    model = tc.Sequential([L.Dense(5, input_shape=(4,))], seed=0)
+    with pytest.raises(tc.ShapeError, match=r"Conv2D .* needs \(height, width, channels\) inputs, got shape \(5,\)"):
+        model.add(L.Conv2D(2, 3))
+    assert len(model.layers) == 1 and model.predict(np.ones((2, 4), np.float32)).shape == (2, 5)
+
+
+def test_one_optimizer_serves_one_model():
+    opt = tc.optimizers.Adam(0.01)
+    a = tc.Sequential([L.Dense(3, input_shape=(4,), activation="softmax")], seed=0)
+    a.compile(opt, "categorical_crossentropy")
+    b = tc.Sequential([L.Dense(3, input_shape=(4,), activation="softmax")], seed=1)
+    with pytest.raises(ValueError, match="already holds the state of model 'sequential_.*'; give model"):
+        b.compile(opt, "categorical_crossentropy")
+
+
+def test_rebuilt_optimizer_state_starts_at_step_zero():
+    model = tc.Sequential([L.Dense(4, input_shape=(3,))], seed=0)
+    model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy")
+    x, y = np.ones((8, 3), np.float32), np.eye(4, dtype=np.float32)[[0, 1, 2, 3] * 2]
+    model.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    model.add(L.Activation("softmax"))
+    model.train_on_batch(x, y)
+    assert model.optimizer.iterations == 1  # fresh moments need a fresh bias correction
+
+
+def test_an_output_that_is_not_batch_by_classes_is_named():
+    model = tc.Sequential([L.Conv2D(3, 3, input_shape=(6, 6, 1), activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(tc.ShapeError, match=r"output of shape \(batch, classes\); this model's is \(None, 4, 4, 3\)"):
+        model.fit(np.zeros((4, 6, 6, 1), np.float32), np.zeros(4, int), verbose=0)
+
+
+def test_predict_returns_a_list_for_a_list_of_outputs():
+    inputs = tc.Input(shape=(3,))
+    model = tc.Model(inputs, [L.Dense(2)(inputs)])
+    assert isinstance(model.predict(np.ones((2, 3), np.float32)), list)
+    assert isinstance(model(np.ones((2, 3), np.float32)), list)

@@ -331,3 +331,9 @@ def test_inference_keeps_nothing_for_a_backward_pass():
     for layer in model.layers:  # layers hold weights and configuration, never activations
         arrays = [k for k, v in vars(layer).items() if isinstance(v, np.ndarray)]
         assert arrays == [], (layer.name, arrays)
+
+
+def test_evaluate_checks_its_batch_size():
+    x, y, _ = _tiny_problem(n=16)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        _tiny_cnn("cpu").evaluate(x, y, batch_size=0, verbose=0)

@@ -16,7 +16,7 @@ import numpy as np
 from . import naming, saving
 from .backend import get_backend
 from .errors import GraphError, ShapeError
-from .graph import SymbolicTensor, topological_nodes
+from .graph import SymbolicTensor, layer_order, topological_nodes
 from .layers.base import InputLayer, Layer
 from .parameters import ParameterBuffer
 from .plan import Plan
@@ -56,11 +56,12 @@ class Model(Trainer):
         self.single_output = not isinstance(outputs, (list, tuple))
         self.inputs, self.outputs = _as_list(inputs), _as_list(outputs)
         self.nodes = topological_nodes(self.inputs, self.outputs)
-        seen, layers = set(), []
-        for node in self.nodes:
-            if id(node.layer) not in seen:
-                seen.add(id(node.layer))
-                layers.append(node.layer)
+        layers = layer_order(self.nodes)
+        names = [layer.name for layer in layers]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise GraphError(f"the layer name {repeated[0]!r} is used {names.count(repeated[0])} times in the model; "
+                             "layer names must be unique (weights are saved and loaded by name)")
         self._graph_layers = layers
         self.built = False
         self._plans = {}
@@ -307,6 +308,11 @@ class Sequential(Model):
             raise GraphError(f"{type(layer).__name__} merges several inputs; use the functional API "
                              "(tinycnn.Input and tinycnn.Model) for graphs with branches")
         else:
+            shape = self._declared_input_shape() if self._stack or self._input_layer else layer.input_shape
+            if shape is not None and (self._stack or self._input_layer):
+                for before in self._stack:  # refuse a layer that does not fit, before it is added
+                    shape = before.configure(shape)
+                layer.configure(shape)
             self._stack.append(layer)
         self.built = False
         self._plans = {}

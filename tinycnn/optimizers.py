@@ -17,15 +17,22 @@ class Optimizer:
         self.learning_rate = learning_rate  # a float, or a schedule called with the step count
         self.iterations = 0
         self._slots = {}
+        self.owner = None  # the model whose parameters the state describes
 
     def current_learning_rate(self):
         lr = self.learning_rate
         return float(lr(self.iterations)) if callable(lr) else float(lr)
 
-    def build(self, params, backend):
-        """Allocate the optimizer's state for the flat parameter buffer `params`."""
+    def build(self, params, backend, owner=None):
+        """Fresh state (zero slots, step 0) for the flat parameter buffer `params` of model `owner`.
+        An optimizer serves one model: its state describes that model's parameters."""
+        if owner is not None and self.owner is not None and self.owner is not owner:
+            raise ValueError(f"this {type(self).__name__} already holds the state of model {self.owner.name!r}; "
+                             f"give model {owner.name!r} an optimizer of its own")
         self.backend = backend
         self._slots = {name: backend.xp.zeros_like(params) for name in self.slot_names}
+        self.iterations = 0
+        self.owner = owner
 
     slot_names = ()
 

@@ -38,14 +38,17 @@ class Step:
 
 
 class LayerStep(Step):
-    """A layer as it is."""
+    """A layer as it is (in the mode its call fixed, if it fixed one)."""
 
     def __init__(self, node, inputs, output):
         super().__init__(inputs, output, [node.layer])
         self.layer = node.layer
         self.multi = node.layer.multi_input
+        self.fixed_training = node.training
 
     def forward(self, values, training):
+        if self.fixed_training is not None:
+            training = self.fixed_training
         if self.multi:
             return self.layer.forward([values[i] for i in self.inputs], training)
         return self.layer.forward(values[self.inputs[0]], training)
@@ -62,6 +65,8 @@ class LogitsStep(LayerStep):
     """An ActivatedLayer whose softmax the loss applies: its linear part only."""
 
     def forward(self, values, training):
+        if self.fixed_training is not None:
+            training = self.fixed_training
         return self.layer.forward_linear(values[self.inputs[0]], training)
 
     def backward(self, saved, dy):
@@ -136,7 +141,7 @@ class Plan:
             in_ids = [tensor_id(t) for t in node.inputs]
             after = only_reader(node)
             if (fuse_batchnorm_dropout and isinstance(layer, BatchNormalization) and after is not None
-                    and isinstance(after.layer, Dropout)):
+                    and isinstance(after.layer, Dropout) and node.training is None and after.training is None):
                 steps.append(BatchNormDropoutStep(node, after, in_ids, tensor_id(after.output)))
                 absorbed.add(id(after))
             elif (logits_output and len(outputs) == 1 and node.output is outputs[0] and not consumers.get(id(node.output))

@@ -92,7 +92,7 @@ class Trainer:
         (a rebuilt model, after Sequential.add, gets fresh state)."""
         self.build()
         if self._optimizer_buffer is not self.params.params:
-            self.optimizer.build(self.params.params, self.backend)
+            self.optimizer.build(self.params.params, self.backend, owner=self)
             self._optimizer_buffer = self.params.params
 
     def _require_compiled(self, what):
@@ -143,6 +143,9 @@ class Trainer:
 
     def check_targets(self, y, n, what="y"):
         """Targets as dense one-hot rows on the device, after checking shape and range."""
+        if len(self.outputs[0].shape) != 2:
+            raise ShapeError(f"{self.loss.name} needs a model output of shape (batch, classes); this model's is "
+                             f"{self.outputs[0].shape}: add Flatten() or GlobalAveragePooling2D() before the last layer")
         classes = self.outputs[0].shape[-1]
         y = y if hasattr(y, "shape") else np.asarray(y)
         if y.shape[0] != n:
@@ -295,6 +298,8 @@ class Trainer:
     def evaluate(self, x, y, batch_size=32, verbose=1):
         """[loss, acc] in inference mode, like Keras."""
         self._require_compiled("evaluate")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         xs = self.check_inputs(x)
         t = self.check_targets(y, xs[0].shape[0])
         bar = callbacks_module.Progbar(t.shape[0], verbose=verbose) if verbose else None
@@ -321,4 +326,4 @@ class Trainer:
         if bar is not None:
             bar.update(n, lambda: {}, finalize=True)
         joined = [np.concatenate(parts) for parts in outs]
-        return joined[0] if len(joined) == 1 else joined
+        return joined[0] if self.single_output else joined

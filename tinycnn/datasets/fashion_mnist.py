@@ -21,6 +21,7 @@ Every source's arrays are checked against the known SHA-256 of each array before
 then written to the cache atomically. (The mirrors' files are checked that way only: Debian's
 copies are recompressed, so the per-file MD5s published upstream do not apply to them.)
 """
+import http.client
 import io
 import os
 import subprocess
@@ -117,7 +118,7 @@ def fetch_deb(workdir, verbose):
         if digest == DEB_SHA256:
             return load_deb(deb, workdir, verbose)
         problems.append(f"{DEB_URL}: SHA-256 {digest} does not match {DEB_SHA256}")
-    except (OSError, ValueError) as exc:  # urllib errors are OSErrors
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # urllib's errors are OSErrors
         problems.append(f"{DEB_URL}: {getattr(exc, 'reason', exc)}")
     progress(verbose, f"trying apt-get download {DEBIAN_PACKAGE}")
     apt_dir = os.path.join(workdir, "apt")

@@ -10,6 +10,7 @@ atomically (tinycnn.files), and a cache that fails its check is deleted and rebu
 """
 import dataclasses
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -186,8 +187,8 @@ def fetch_mirrors(dataset, workdir, verbose):
             except urllib.error.HTTPError as exc:
                 errors.append(f"{url}: HTTP {exc.code} {exc.reason}")
                 continue
-            except (urllib.error.URLError, OSError, ValueError) as exc:  # unreachable host, timeout
-                errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+                errors.append(f"{url}: {getattr(exc, 'reason', exc)}")  # unreachable, timed out, cut short
                 dead.add(mirror)
                 continue
             if md5 is not None and got != md5:

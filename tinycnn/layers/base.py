@@ -126,7 +126,7 @@ class Layer:
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"layers compute in float32 or float64, not {dtype}")
         if self.built:
-            if backend is not self.backend or dtype != self.dtype:
+            if backend.name != self.backend.name or dtype != self.dtype:
                 raise GraphError(f"layer {self.name} was built for {self.dtype} on {self.backend.name}; it cannot "
                                  f"also compute in {dtype} on {backend.name} (make a new layer)")
             self.configure(input_shape)
@@ -193,16 +193,18 @@ class Layer:
     def reseed(self, seed):
         """Layers that draw random numbers during training restart their stream from `seed`."""
 
-    def __call__(self, inputs, training=False):
+    def __call__(self, inputs, training=None):
         """On a symbolic tensor (from tinycnn.Input): record the call in the graph and return the
-        output tensor. On arrays: compute the output (building the layer on first use)."""
+        output tensor; `training=True/False` fixes the mode of this call (else the model's applies).
+        On arrays: compute the output (building the layer on first use), in inference mode unless
+        `training=True`."""
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         symbolic = [isinstance(t, SymbolicTensor) for t in items]
         if any(symbolic):
             if not all(symbolic):
                 raise GraphError(f"layer {self.name} got a mix of symbolic tensors and arrays")
-            return self._call_symbolic(inputs)
-        return self._call_arrays(inputs, training)
+            return self._call_symbolic(inputs, training)
+        return self._call_arrays(inputs, bool(training))
 
     def _check_arity(self, inputs):
         if self.multi_input:
@@ -211,11 +213,11 @@ class Layer:
         elif isinstance(inputs, (list, tuple)):
             raise GraphError(f"{type(self).__name__} {self.name} takes one input, got a list of {len(inputs)}")
 
-    def _call_symbolic(self, inputs):
+    def _call_symbolic(self, inputs, training):
         self._check_arity(inputs)
         shapes = [t.shape[1:] for t in inputs] if self.multi_input else inputs.shape[1:]
         output_shape = self.configure(shapes)
-        node = Node(self, list(inputs) if self.multi_input else [inputs], (None,) + output_shape)
+        node = Node(self, list(inputs) if self.multi_input else [inputs], (None,) + output_shape, training)
         self.inbound_nodes.append(node)
         return node.output
 
