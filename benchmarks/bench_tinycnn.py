@@ -91,8 +91,8 @@ def main():
     result["peak_rss_mb"] = C.peak_rss_mb()
 
     C.log("inference")
-    model.predict(x_test[: C.PREDICT_BATCH], batch_size=C.PREDICT_BATCH)
-    result["inference_s"] = C.stats(C.time_per_call(lambda: model.predict(x_test, batch_size=C.PREDICT_BATCH), 1,
+    model.predict(x_test[: C.PREDICT_BATCH], batch_size=C.PREDICT_BATCH, verbose=0)
+    result["inference_s"] = C.stats(C.time_per_call(lambda: model.predict(x_test, batch_size=C.PREDICT_BATCH, verbose=0), 1,
                                                     counts.repeats, scale=1.0, sync=sync))
 
     if not args.no_kernels:

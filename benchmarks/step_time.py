@@ -56,7 +56,7 @@ def time_steps(model, x, y, repeats, steps):
 
 def layer_breakdown(model, x, y, steps=20):
     """Forward and backward time of every step of the training plan (fused layers count as one)."""
-    plan = model.plan(logits_output=True)
+    plan = model.plan(strip_activation="softmax")
     names = plan.describe()
     fwd, bwd = [0.0] * len(names), [0.0] * len(names)
     for _ in range(steps):
@@ -69,6 +69,7 @@ def layer_breakdown(model, x, y, steps=20):
             fwd[k] += time.perf_counter() - t
             tape.append(saved)
         _, _, d = model.loss.compute(values[plan.output_ids[0]], y, plan.emits_logits, model.backend.kernels)
+        d *= d.dtype.type(1.0 / y.shape[0])
         grads = {plan.output_ids[0]: d}
         for k in reversed(range(len(plan.steps))):
             step_ = plan.steps[k]
@@ -81,7 +82,7 @@ def layer_breakdown(model, x, y, steps=20):
                 grads[i] = dx
     t = time.perf_counter()
     for _ in range(steps):
-        model.optimizer.apply(model.params.params, model.params.grads)
+        model.optimizer.apply(model.params.params, model.params.grads, model.params.grad_views)
     adam = (time.perf_counter() - t) / steps * 1e3
     print(f"{'step':56} {'fwd ms':>8} {'bwd ms':>8}")
     for name, f, b in zip(names, fwd, bwd):

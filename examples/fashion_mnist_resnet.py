@@ -103,7 +103,7 @@ def run(args, model):
         x_train, y_train = x_train[: args.train_limit], y_train[: args.train_limit]
     x_train, x_test = x_train[..., None], x_test[..., None]  # uint8 with a channel axis; the model rescales
     model.compile(optimizer=tc.optimizers.Adam(learning_rate(0)), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+                  metrics=["acc"])
     records = []
     run_info = {"device": model.backend.name, "backend": model.backend.describe(), "seed": args.seed,
                 "width": args.width, "batch_size": args.batch_size, "train_samples": int(x_train.shape[0]),
@@ -122,7 +122,7 @@ def run(args, model):
           f"training took {wall:.0f} s ({wall / len(accs):.1f} s per epoch, validation included)")
     write_json_atomic(os.path.join(args.out, "history.json"),
                       {**run_info, "epochs": records, "wall_seconds": wall, "target": TARGET, "target_met": met})
-    predicted = model.predict(x_test, batch_size=1000).argmax(axis=1)
+    predicted = model.predict(x_test, batch_size=1000, verbose=0).argmax(axis=1)
     plot_curves(os.path.join(args.out, "curves.png"), records, target=TARGET, acc_range=(0.8, 1.0))
     plot_misclassified(os.path.join(args.out, "misclassified.png"), x_test, y_test, predicted,
                        names=fashion_mnist.CLASS_NAMES)

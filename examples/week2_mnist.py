@@ -95,7 +95,7 @@ def run(args, model, checkpoint, resuming):
     except DatasetError as exc:
         print(f"week2_mnist: {exc}", file=sys.stderr)
         return 1
-    model.compile(optimizer=tc.optimizers.Adam(0.003), loss="categorical_crossentropy", metrics=["accuracy"])
+    model.compile(optimizer=tc.optimizers.Adam(0.003), loss="categorical_crossentropy", metrics=["acc"])
     records, done = [], 0
     if args.resume and not resuming:
         print(f"(no checkpoint in {args.out}: starting from epoch 1)")
@@ -125,7 +125,7 @@ def run(args, model, checkpoint, resuming):
                 history = json.load(f)
         history["wall_seconds_this_invocation"] = wall
         write_json_atomic(os.path.join(args.out, "history.json"), history)
-        predicted = model.predict(x_test, batch_size=1000).argmax(axis=1)
+        predicted = model.predict(x_test, batch_size=1000, verbose=0).argmax(axis=1)
         plot(args.out, records, seed_log, x_test, test_labels, predicted)
     return 0
 

@@ -208,11 +208,38 @@ def test_sparse_categorical_crossentropy_equals_dense_on_one_hot():
     labels = rng.integers(0, 4, 8)
     logits = rng.standard_normal((8, 4))
     sparse = tc.losses.SparseCategoricalCrossentropy()
-    dense = sparse.targets_to_dense(labels, 4)
+    dense = sparse.dense_targets(labels, logits)
     result = gradcheck.check_loss(sparse, logits, dense)
     assert result.ok, str(result)
     p = tc.activations.softmax(logits)
     assert sparse(labels, p) == pytest.approx(-np.log(p[np.arange(8), labels]).mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_binary_crossentropy(from_logits):
+    rng = np.random.default_rng(2)
+    targets = rng.integers(0, 2, (6, 3)).astype(np.float64)
+    output = rng.standard_normal((6, 3)) * 2
+    if not from_logits:
+        output = 1 / (1 + np.exp(-output))
+    result = gradcheck.check_loss(tc.losses.BinaryCrossentropy(), output, targets, from_logits=from_logits)
+    assert result.ok, str(result)
+
+
+def test_mean_squared_error():
+    rng = np.random.default_rng(3)
+    result = gradcheck.check_loss(tc.losses.MeanSquaredError(), rng.standard_normal((5, 4)),
+                                  rng.standard_normal((5, 4)), from_logits=False)
+    assert result.ok, str(result)
+
+
+def test_categorical_crossentropy_on_rows_that_do_not_sum_to_one():
+    """Keras normalizes probability rows before the log; the gradient follows the normalization."""
+    rng = np.random.default_rng(4)
+    output = rng.uniform(0.05, 1.0, (4, 5))
+    targets = np.eye(5)[[0, 2, 4, 1]]
+    result = gradcheck.check_loss(tc.losses.CategoricalCrossentropy(), output, targets, from_logits=False)
+    assert result.ok, str(result)
 
 
 def _small_model(device, dense=False):

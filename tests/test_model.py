@@ -173,7 +173,11 @@ class TestBadInput:
             m.fit(np.zeros((2, 3)), np.zeros((2, 2)))
 
     def test_unknown_loss_and_metric(self):
-        with pytest.raises(ValueError, match="unknown loss 'mse'"):
-            self.model.compile("adam", "mse")
+        with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+            self.model.compile("adam", "hinge")
+        with pytest.raises(ValueError, match="custom loss function 'my_loss'.*no backward pass"):
+            def my_loss(y_true, y_pred):
+                return y_pred
+            self.model.compile("adam", my_loss)
         with pytest.raises(ValueError, match="unknown metric 'f1'"):
             self.model.compile("adam", "categorical_crossentropy", ["f1"])

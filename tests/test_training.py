@@ -93,7 +93,7 @@ def _tiny_cnn(device, seed=0):
                            L.BatchNormalization(), L.Dropout(0.1), L.MaxPooling2D(2),
                            L.Conv2D(8, 3, activation="relu", padding="same"), L.Flatten(),
                            L.Dense(4), L.Activation("softmax")], device=device, seed=seed)
-    model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy", ["accuracy"])
+    model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy", ["acc"])
     return model
 
 
@@ -219,7 +219,7 @@ def test_batchnorm_dropout_fusion_changes_nothing_but_speed(device):
         model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy", ["accuracy"])
         model.fit(x, y, batch_size=16, epochs=2, verbose=0)
         runs.append(model.get_weights())
-        plans.append(model.plan(logits_output=True).describe())
+        plans.append(model.plan(strip_activation="softmax").describe())
     names = [layer.name for layer in model.layers]
     # the fused model ran BatchNormalization and Dropout as one step; the other ran them apart
     assert plans[0][1].endswith("(fused in training)") and len(plans[0]) == len(plans[1]) - 1
@@ -335,5 +335,5 @@ def test_inference_keeps_nothing_for_a_backward_pass():
 
 def test_evaluate_checks_its_batch_size():
     x, y, _ = _tiny_problem(n=16)
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         _tiny_cnn("cpu").evaluate(x, y, batch_size=0, verbose=0)

@@ -117,19 +117,36 @@ class Model(Trainer):
             shapes = [t.shape[1:] for t in node.inputs]
             layer.build(shapes if layer.multi_input else shapes[0], self.backend, self.dtype,
                         seed=derive_seed(self.seed, 0, order[id(layer)]))
-        entries = [(layer, name) for layer in self.compute_layers for name in layer.trainable_names]
-        self.params = ParameterBuffer(entries, self.xp, self.dtype)
-        self._plans = {}
         self.built = True
+        self.params = None
+        self.refresh_parameters()
 
-    def plan(self, logits_output=False):
-        """The execution plan of the graph (tinycnn.plan); `logits_output`: the loss applies the
-        output's softmax itself."""
+    def _trainable_signature(self):
+        return tuple(layer.trainable for layer in self.compute_layers)
+
+    def refresh_parameters(self):
+        """Keep the flat parameter buffer in step with the layers: rebuilt (and the plans with it)
+        when a layer was frozen or unfrozen since it was made; otherwise it takes back any weight a
+        model sharing a layer with this one holds. Runs before every training step."""
         self.build()
-        key = bool(logits_output)
-        if key not in self._plans:
-            self._plans[key] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, key)
-        return self._plans[key]
+        signature = self._trainable_signature()
+        if self.params is None or signature != self._params_signature:
+            entries = [(layer, name) for layer in self.compute_layers for name in layer.trainable_names]
+            self.params = ParameterBuffer(entries, self.xp, self.dtype)
+            self._params_signature = signature
+            self._plans = {}
+        else:
+            self.params.bind()
+
+    def plan(self, strip_activation=None):
+        """The execution plan of the graph (tinycnn.plan). `strip_activation` ("softmax" or
+        "sigmoid"): the loss applies that activation of the output layer itself."""
+        self.build()
+        if not self._plans or self._params_signature != self._trainable_signature():
+            self.refresh_parameters()
+        if strip_activation not in self._plans:
+            self._plans[strip_activation] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, strip_activation)
+        return self._plans[strip_activation]
 
     def __call__(self, x, training=False):
         """The outputs for input arrays (device arrays; a list for several outputs)."""

@@ -1,20 +1,48 @@
-"""Optimizers that update one flat parameter buffer with one fused kernel call per step.
+"""Optimizers that update one flat parameter buffer per step, with Keras 3's update rules.
 
-The model keeps every trainable weight as a view into one flat array (and every gradient
-as a view into another), so Adam is a single pass over 12,316 numbers, not 22 small ones.
+The model keeps every trainable weight as a view into one flat array (and every gradient as a
+view into another), so Adam is a single pass over 12,316 numbers for the Week2 model, not 22 small
+ones. Every optimizer takes Keras's common options, applied in Keras's order before its update:
+gradient clipping (`clipnorm` per weight, `global_clipnorm` over all, or `clipvalue`), then
+decoupled weight decay (`weight_decay`: w -= w * weight_decay * learning_rate). The learning rate
+is a float or a schedule called with the step count (`tinycnn.optimizers.schedules`).
 """
 import math
 
 import numpy as np
 
-from .backend import to_numpy
+from . import schedules
+from .arrays import to_numpy
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adadelta", "schedules", "get"]
+
+
+def _positive_or_none(value, name):
+    if value is None:
+        return None
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    return value
 
 
 class Optimizer:
-    def __init__(self, learning_rate):
+    slot_names = ()
+
+    def __init__(self, learning_rate, weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 name=None):
         if not callable(learning_rate) and not float(learning_rate) > 0:
             raise ValueError(f"learning_rate must be positive or a schedule, got {learning_rate!r}")
+        if sum(v is not None for v in (clipnorm, clipvalue, global_clipnorm)) > 1:
+            raise ValueError("use at most one of clipnorm, clipvalue and global_clipnorm")
         self.learning_rate = learning_rate  # a float, or a schedule called with the step count
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.clipnorm = _positive_or_none(clipnorm, "clipnorm")
+        self.clipvalue = _positive_or_none(clipvalue, "clipvalue")
+        self.global_clipnorm = _positive_or_none(global_clipnorm, "global_clipnorm")
+        self.name = name or type(self).__name__.lower()
         self.iterations = 0
         self._slots = {}
         self.owner = None  # the model whose parameters the state describes
@@ -34,9 +62,32 @@ class Optimizer:
         self.iterations = 0
         self.owner = owner
 
-    slot_names = ()
+    def apply(self, params, grads, grad_views=None):
+        """One step: clip `grads` (in place), decay the weights, update `params` (in place).
+        `grad_views`: the per-weight views of `grads`, which `clipnorm` clips one by one."""
+        lr = self.current_learning_rate()
+        self._clip(grads, grad_views)
+        if self.weight_decay:
+            params -= params * params.dtype.type(self.weight_decay) * params.dtype.type(lr)  # Keras's order
+        self.update(params, grads, lr)
+        self.iterations += 1
 
-    def apply(self, params, grads):
+    def _clip(self, grads, grad_views):
+        xp = self.backend.xp
+        if self.clipnorm:
+            for g in grad_views if grad_views is not None else [grads]:
+                norm = float(xp.sqrt((g * g).sum()))
+                if norm > self.clipnorm:
+                    g *= g.dtype.type(self.clipnorm / norm)
+        elif self.global_clipnorm:
+            norm = float(xp.sqrt((grads * grads).sum()))
+            if norm > self.global_clipnorm:
+                grads *= grads.dtype.type(self.global_clipnorm / norm)
+        elif self.clipvalue:
+            xp.clip(grads, -self.clipvalue, self.clipvalue, out=grads)
+
+    def update(self, params, grads, lr):
+        """The optimizer's own rule, at step `self.iterations + 1` with learning rate `lr`."""
         raise NotImplementedError
 
     def get_state(self):
@@ -54,59 +105,143 @@ class Optimizer:
             self._slots[name][...] = self.backend.asarray(value, dtype=self._slots[name].dtype)
         self.iterations = int(state["iterations"])
 
+    def get_config(self):
+        lr = self.learning_rate
+        return {"name": self.name, "learning_rate": lr if not callable(lr) else repr(lr),
+                "weight_decay": self.weight_decay, "clipnorm": self.clipnorm, "clipvalue": self.clipvalue,
+                "global_clipnorm": self.global_clipnorm}
+
+
+class SGD(Optimizer):
+    """Gradient descent with optional (Nesterov) momentum, Keras 3 form: v = mu*v - lr*g."""
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.slot_names = ("velocity",) if self.momentum else ()
+
+    def update(self, params, grads, lr):
+        if not self.momentum:
+            params -= lr * grads
+            return
+        velocity = self._slots["velocity"]
+        velocity *= self.momentum
+        velocity -= lr * grads
+        if self.nesterov:
+            params += self.momentum * velocity - lr * grads
+        else:
+            params += velocity
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
+
 
 class Adam(Optimizer):
     """Adam as Keras 3 computes it: bias correction folded into the step size (epsilon-hat)."""
 
     slot_names = ("m", "v")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-        super().__init__(learning_rate)
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
         if not (0 <= beta_1 < 1 and 0 <= beta_2 < 1 and epsilon > 0):
             raise ValueError("Adam needs 0 <= beta_1, beta_2 < 1 and epsilon > 0")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
-    def apply(self, params, grads):
-        lr = self.current_learning_rate()
+    def update(self, params, grads, lr):
         t = self.iterations + 1
         lr_t = lr * math.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)  # a Python float: no float64 upcast
         self.backend.kernels.adam_update(
             params, grads, self._slots["m"], self._slots["v"], lr_t, self.beta_1, self.beta_2, self.epsilon
         )
-        self.iterations = t
+
+    def get_config(self):
+        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
 
 
-class SGD(Optimizer):
-    """Gradient descent with optional (Nesterov) momentum, Keras 3 form: v = mu*v - lr*g."""
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Keras 3's default 0.004)."""
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
-        super().__init__(learning_rate)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.momentum, self.nesterov = float(momentum), bool(nesterov)
-        self.slot_names = ("velocity",) if self.momentum else ()
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
+        if weight_decay is None:
+            raise ValueError("AdamW needs a weight_decay (a float)")
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay=weight_decay, **kwargs)
 
-    def apply(self, params, grads):
-        lr = self.current_learning_rate()
-        if not self.momentum:
-            params -= lr * grads
+
+class RMSprop(Optimizer):
+    """v = rho v + (1 - rho) g^2; step lr g / sqrt(v + eps) (minus the squared mean gradient when
+    centered), through a momentum accumulator when momentum > 0; as Keras 3 computes it."""
+
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        if not (0 <= rho < 1 and 0 <= momentum < 1 and epsilon > 0):
+            raise ValueError("RMSprop needs 0 <= rho < 1, 0 <= momentum < 1 and epsilon > 0")
+        self.rho, self.momentum, self.epsilon, self.centered = float(rho), float(momentum), float(epsilon), bool(centered)
+        self.slot_names = ("velocity",) + (("momentum",) if self.momentum else ()) + (
+            ("average_gradient",) if self.centered else ())
+
+    def update(self, params, grads, lr):
+        xp = self.backend.xp
+        rho = self.rho
+        velocity = self._slots["velocity"]
+        velocity *= rho
+        velocity += (1 - rho) * (grads * grads)
+        if self.centered:
+            average = self._slots["average_gradient"]
+            average *= rho
+            average += (1 - rho) * grads
+            denominator = velocity - average * average + self.epsilon
         else:
-            velocity = self._slots["velocity"]
-            velocity *= self.momentum
-            velocity -= lr * grads
-            if self.nesterov:
-                params += self.momentum * velocity - lr * grads
-            else:
-                params += velocity
-        self.iterations += 1
+            denominator = velocity + self.epsilon
+        increment = lr * grads / xp.sqrt(denominator)
+        if self.momentum:
+            momentum = self._slots["momentum"]
+            momentum *= self.momentum
+            momentum += increment
+            params -= momentum
+        else:
+            params -= increment
+
+    def get_config(self):
+        return {**super().get_config(), "rho": self.rho, "momentum": self.momentum, "epsilon": self.epsilon,
+                "centered": self.centered}
 
 
-_OPTIMIZERS = {"adam": Adam, "sgd": SGD}
+class Adadelta(Optimizer):
+    """Keras 3's Adadelta: accumulated squared gradients and updates set each weight's step size."""
+
+    slot_names = ("accumulated_grad", "accumulated_delta_var")
+
+    def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        if not (0 <= rho < 1 and epsilon > 0):
+            raise ValueError("Adadelta needs 0 <= rho < 1 and epsilon > 0")
+        self.rho, self.epsilon = float(rho), float(epsilon)
+
+    def update(self, params, grads, lr):
+        xp = self.backend.xp
+        rho, eps = self.rho, self.epsilon
+        acc_grad, acc_delta = self._slots["accumulated_grad"], self._slots["accumulated_delta_var"]
+        acc_grad *= rho
+        acc_grad += (1 - rho) * (grads * grads)
+        delta = -xp.sqrt(acc_delta + eps) * grads / xp.sqrt(acc_grad + eps)
+        acc_delta *= rho
+        acc_delta += (1 - rho) * (delta * delta)
+        params += lr * delta
+
+    def get_config(self):
+        return {**super().get_config(), "rho": self.rho, "epsilon": self.epsilon}
+
+
+_OPTIMIZERS = {"adam": Adam, "sgd": SGD, "adamw": AdamW, "rmsprop": RMSprop, "adadelta": Adadelta}
 
 
 def get(optimizer):
     if isinstance(optimizer, Optimizer):
         return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        return optimizer()
     if isinstance(optimizer, str) and optimizer.lower() in _OPTIMIZERS:
         return _OPTIMIZERS[optimizer.lower()]()
     raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(_OPTIMIZERS)} or pass an instance")

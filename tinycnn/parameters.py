@@ -27,6 +27,8 @@ class ParameterBuffer:
             self.grad_views.append(self.grads[offset : offset + size].reshape(shape))
             offset += size
         self.index = {(id(layer), name): k for k, (layer, name) in enumerate(self.entries)}
+        self.regularized = [(k, layer.regularizers[name]) for k, (layer, name) in enumerate(self.entries)
+                            if name in layer.regularizers]
         self._written = [False] * len(self.entries)
         self.bind()
 
@@ -62,3 +64,19 @@ class ParameterBuffer:
         for written, view in zip(self._written, self.grad_views):
             if not written:
                 view[...] = 0
+
+    # -- regularizers: their penalty joins the loss and their gradient the weights' gradients ------
+    def regularization_penalty(self):
+        """The sum of the regularizers' penalties (a device scalar), or None without regularizers."""
+        if not self.regularized:
+            return None
+        total = 0.0
+        for k, regularizer in self.regularized:
+            total = total + regularizer.penalty(self.views[k])
+        return total
+
+    def add_regularization(self):
+        """Add each regularizer's gradient to its weight's gradient; returns the penalty (or None)."""
+        for k, regularizer in self.regularized:
+            self.grad_views[k] += regularizer.gradient(self.views[k])
+        return self.regularization_penalty()

@@ -7,16 +7,16 @@ from the graph alone; the layers know nothing about it:
 - A BatchNormalization whose output only a Dropout reads becomes one step that runs the fused
   kernel (the normalization and the mask in one pass over the activations, forward and backward;
   the same masks as the Dropout alone). Only in training; in inference the two run as they are.
-- When the loss applies a softmax fused with cross-entropy (gradient p - t, no division by a
-  probability that may underflow), the output layer's softmax is left out of the step: it emits
-  logits. Only plans made with `logits_output=True` (training and evaluation); `predict` runs the
-  layer whole.
+- When the loss applies the output layer's activation itself (a softmax fused with cross-entropy,
+  a sigmoid with binary cross-entropy: gradient p - t, no division by a probability that may
+  underflow), that activation is left out of the step: it emits logits. Only plans made with
+  `strip_activation` (training and evaluation); `predict` runs the layer whole.
 
 `forward` keeps each step's `saved` on a tape only when a backward pass will follow; `backward`
 walks the tape in reverse, sums gradients where a tensor fans out or a layer is used twice, and
 writes weight gradients into the model's ParameterBuffer.
 """
-from .activations import softmax
+from . import activations
 from .layers.base import ActivatedLayer
 from .layers.normalization import BatchNormalization
 from .layers.regularization import Dropout
@@ -62,7 +62,7 @@ class LayerStep(Step):
 
 
 class LogitsStep(LayerStep):
-    """An ActivatedLayer whose softmax the loss applies: its linear part only."""
+    """An ActivatedLayer whose activation the loss applies: its linear part only."""
 
     def forward(self, values, training):
         if self.fixed_training is not None:
@@ -74,7 +74,7 @@ class LogitsStep(LayerStep):
         return (dx,), grads
 
     def describe(self):
-        return f"{self.layer.name} (logits: softmax fused into the loss)"
+        return f"{self.layer.name} (logits: {self.layer.activation.name} fused into the loss)"
 
 
 class BatchNormDropoutStep(Step):
@@ -87,13 +87,13 @@ class BatchNormDropoutStep(Step):
     def forward(self, values, training):
         x = values[self.inputs[0]]
         bn, drop = self.bn, self.dropout
-        if not training or drop.rate == 0.0:
+        if not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)):
             y, bn_saved = bn.forward(x, training)
             z, drop_saved = drop.forward(y, training)
             return z, ("apart", bn_saved, drop_saved)
-        w = bn.weights
+        gamma, beta = bn.affine()
         y2d, saved, mean, var, inv_std = bn.kernels.batchnorm_dropout_forward_train(
-            x.reshape(-1, x.shape[-1]), w["gamma"], w["beta"], bn.epsilon, drop.rate, drop.next_seed())
+            x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed())
         bn.update_moving_statistics(mean, var)
         return y2d.reshape(x.shape), ("fused", saved, inv_std)
 
@@ -104,8 +104,8 @@ class BatchNormDropoutStep(Step):
             dx, grads = self.bn.backward(a, dy, self.need_dx[0])
             return (dx,), grads
         dx2d, dgamma, dbeta = self.bn.kernels.batchnorm_dropout_backward_train(
-            dy.reshape(-1, dy.shape[-1]), a, self.bn.weights["gamma"], b)
-        return ((dx2d.reshape(dy.shape) if self.need_dx[0] else None),), {"gamma": dgamma, "beta": dbeta}
+            dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b)
+        return ((dx2d.reshape(dy.shape) if self.need_dx[0] else None),), self.bn.affine_grads(dgamma, dbeta)
 
     def describe(self):
         return f"{self.bn.name} + {self.dropout.name} (fused in training)"
@@ -114,7 +114,7 @@ class BatchNormDropoutStep(Step):
 class Plan:
     """The steps of a graph, ready to run."""
 
-    def __init__(self, nodes, inputs, outputs, fuse_batchnorm_dropout=True, logits_output=False):
+    def __init__(self, nodes, inputs, outputs, fuse_batchnorm_dropout=True, strip_activation=None):
         ids = {}
 
         def tensor_id(tensor):
@@ -144,8 +144,9 @@ class Plan:
                     and isinstance(after.layer, Dropout) and node.training is None and after.training is None):
                 steps.append(BatchNormDropoutStep(node, after, in_ids, tensor_id(after.output)))
                 absorbed.add(id(after))
-            elif (logits_output and len(outputs) == 1 and node.output is outputs[0] and not consumers.get(id(node.output))
-                  and isinstance(layer, ActivatedLayer) and layer.activation is softmax):
+            elif (strip_activation and len(outputs) == 1 and node.output is outputs[0]
+                  and not consumers.get(id(node.output)) and isinstance(layer, ActivatedLayer)
+                  and layer.activation is activations.get(strip_activation) and node.training is None):
                 steps.append(LogitsStep(node, in_ids, tensor_id(node.output)))
                 self.emits_logits = True
             else:

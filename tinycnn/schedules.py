@@ -32,3 +32,54 @@ class InverseTimeDecay(LearningRateSchedule):
     def __repr__(self):
         return (f"InverseTimeDecay({self.initial_learning_rate}, {self.decay_steps}, {self.decay_rate}, "
                 f"staircase={self.staircase})")
+
+
+class ExponentialDecay(LearningRateSchedule):
+    """initial_learning_rate * decay_rate ** (step / decay_steps), the exponent floored when staircase."""
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False):
+        if decay_steps <= 0 or initial_learning_rate <= 0 or decay_rate <= 0:
+            raise ValueError("ExponentialDecay needs positive initial_learning_rate, decay_steps and decay_rate")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.decay_steps = decay_steps
+        self.decay_rate = float(decay_rate)
+        self.staircase = bool(staircase)
+
+    def __call__(self, step):
+        progress = step / self.decay_steps
+        if self.staircase:
+            progress = math.floor(progress)
+        return self.initial_learning_rate * self.decay_rate**progress
+
+
+class PiecewiseConstantDecay(LearningRateSchedule):
+    """values[0] up to boundaries[0] (inclusive), values[1] up to boundaries[1], ..., values[-1] after."""
+
+    def __init__(self, boundaries, values):
+        if len(values) != len(boundaries) + 1:
+            raise ValueError("PiecewiseConstantDecay needs one more value than boundaries")
+        if list(boundaries) != sorted(boundaries):
+            raise ValueError("PiecewiseConstantDecay boundaries must increase")
+        self.boundaries, self.values = list(boundaries), [float(v) for v in values]
+
+    def __call__(self, step):
+        for boundary, value in zip(self.boundaries, self.values):
+            if step <= boundary:
+                return value
+        return self.values[-1]
+
+
+class CosineDecay(LearningRateSchedule):
+    """Cosine from initial_learning_rate down to alpha * initial_learning_rate over decay_steps."""
+
+    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0):
+        if decay_steps <= 0 or initial_learning_rate <= 0:
+            raise ValueError("CosineDecay needs positive initial_learning_rate and decay_steps")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.decay_steps = decay_steps
+        self.alpha = float(alpha)
+
+    def __call__(self, step):
+        completed = min(step, self.decay_steps) / self.decay_steps
+        cosine = 0.5 * (1 + math.cos(math.pi * completed))
+        return self.initial_learning_rate * ((1 - self.alpha) * cosine + self.alpha)

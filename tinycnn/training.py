@@ -3,12 +3,16 @@
 `Trainer` is a base class of `tinycnn.Model` (as Keras 3 does it): the model holds structure and
 weights, this module holds what trains and runs it. It relies on the model for `build()`, its
 `backend` and `dtype`, its symbolic `inputs` and `outputs`, `compute_layers`, the parameter
-buffer `params` and `plan(logits_output)`, the execution plan of its graph.
+buffer `params` (`refresh_parameters()` keeps it in step with frozen layers) and
+`plan(strip_activation)`, the execution plan of its graph.
 
 One training step (`train_step`) is: the plan's forward in training mode, keeping each step's
-saved values on a tape; the loss and its gradient; the plan's backward into the flat gradient
-buffer; one fused optimizer update. `fit` adds shuffling (a counter-based permutation per epoch,
-so a resumed run replays it), batching, metrics kept on the device, validation and callbacks.
+saved values on a tape; the loss and its gradient (sample-weighted); the plan's backward into the
+flat gradient buffer; the regularizers' gradients; one fused optimizer update. `fit` adds
+shuffling (a counter-based permutation per epoch, so a resumed run replays it), batching, metrics
+kept on the device, validation and callbacks. Losses and metrics follow Keras 3: the logged loss
+is the sample-weighted per-sample loss summed over the batch and divided by its size, plus the
+regularization penalty; a metric is the sample-weighted mean of its per-sample values.
 """
 import sys
 import time
@@ -17,6 +21,7 @@ import numpy as np
 
 from . import callbacks as callbacks_module
 from . import losses as losses_module
+from . import metrics as metrics_module
 from . import optimizers as optimizers_module
 from .arrays import to_numpy
 from .errors import ShapeError
@@ -24,34 +29,55 @@ from .randomness import derive_seed
 
 
 class EpochMetrics:
-    """Sums of loss and correct predictions, kept on the device; synced only when read."""
+    """Sums of the loss and of each metric, kept on the device; synced only when read."""
 
-    def __init__(self, metric_names):
-        self.metric_names = metric_names
+    def __init__(self, metrics):
+        self.metrics = metrics
         self.loss_sum = 0.0
-        self.correct = 0
         self.seen = 0
+        self.sums = [0] * len(metrics)
+        self.weights = [0] * len(metrics)
 
-    def add(self, loss_sum, correct, n):
-        self.loss_sum = self.loss_sum + loss_sum
-        self.correct = self.correct + correct
+    def add(self, batch_loss_sum, predictions, targets, sample_weight):
+        n = targets.shape[0]
+        self.loss_sum = self.loss_sum + batch_loss_sum
         self.seen += n
+        for i, metric in enumerate(self.metrics):
+            values = metric.values(predictions, targets)
+            if sample_weight is None:
+                self.sums[i] = self.sums[i] + values.sum()
+                self.weights[i] = self.weights[i] + n
+            else:
+                self.sums[i] = self.sums[i] + (values * sample_weight).sum()
+                self.weights[i] = self.weights[i] + sample_weight.sum()
 
     def averages(self, prefix=""):
         """Python floats (a host sync on the GPU)."""
         if not self.seen:
             return {}
         values = {prefix + "loss": float(self.loss_sum) / self.seen}
-        if "acc" in self.metric_names:
-            values[prefix + "acc"] = float(self.correct) / self.seen
+        for metric, total, weight in zip(self.metrics, self.sums, self.weights):
+            values[prefix + metric.name] = float(total) / float(weight)
         return values
 
     def running(self):
         """The same means as device scalars (no sync): Keras's batch logs."""
         values = {"loss": self.loss_sum / self.seen}
-        if "acc" in self.metric_names:
-            values["acc"] = self.correct / self.seen
+        for metric, total, weight in zip(self.metrics, self.sums, self.weights):
+            values[metric.name] = total / weight
         return values
+
+
+def _auto(verbose):
+    return 1 if verbose == "auto" else int(verbose)
+
+
+def _batch_size(batch_size):
+    if batch_size is None:
+        return 32
+    if int(batch_size) != batch_size or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
 class Trainer:
@@ -64,51 +90,89 @@ class Trainer:
     def __init__(self):
         self.optimizer = None
         self.loss = None
-        self.metric_names = []
+        self.metrics = []
         self.history = None
         self.stop_training = False
         self._optimizer_buffer = None  # the flat parameter array the optimizer's state was built for
 
+    @property
+    def metrics_names(self):
+        return ["loss"] + [m.name for m in self.metrics]
+
     # -- compiling ------------------------------------------------------------------------------
-    def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None):
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, run_eagerly=None, jit_compile=None,
+                steps_per_execution=None):
+        """Keras's compile. tinycnn always runs eagerly; `run_eagerly`, `jit_compile` and
+        `steps_per_execution` are accepted and change nothing."""
         if self.buildable():  # else (a Sequential with no input shape yet) the first data builds it
             self.build()
         if len(self.outputs) > 1:
             raise ValueError(f"training a model with {len(self.outputs)} outputs is not supported yet; "
                              "fit/evaluate need a single output")
         self.optimizer = optimizers_module.get(optimizer)
-        self.loss = losses_module.get(loss)
-        self.metric_names = []
-        for metric in metrics or []:
-            if metric not in ("accuracy", "acc"):
-                raise ValueError(f"unknown metric {metric!r}: tinycnn supports 'accuracy'")
-            self.metric_names.append("acc")
+        self.loss = None if loss is None else losses_module.get(loss)
+        if isinstance(metrics, (str, metrics_module.Metric)) or callable(metrics):
+            metrics = [metrics]
+        self._metric_identifiers = list(metrics or [])
+        self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:] if self.outputs else ())
+                        for m in self._metric_identifiers]
+        names = self.metrics_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"metric names must be unique, got {names}")
         self._optimizer_buffer = None
         if self.built:  # else the optimizer's state is made on the first step
             self.build_optimizer()
+        self._warn_if_probabilities_are_logits()
+
+    def _warn_if_probabilities_are_logits(self):
+        """A loss told the output is a probability, on a model ending in neither softmax nor sigmoid:
+        Keras trains that silently to poor accuracy; say so once, at compile."""
+        if self.loss is None or self.loss.from_logits or self.loss.fuses_activation is None or not self.outputs:
+            return
+        last = self.outputs[0].node.layer
+        activation = getattr(getattr(last, "activation", None), "name", None)
+        if activation in (None, "linear"):
+            import warnings
+
+            warnings.warn(f"{self.loss.name} is told (from_logits=False) that the model's output is a probability, "
+                          f"but the last layer, {last.name}, ends in no activation: pass from_logits=True to the loss "
+                          f"or end the model in a {self.loss.fuses_activation}", stacklevel=3)
 
     def build_optimizer(self):
         """Make the optimizer's state for the model's parameter buffer, unless it already has it
-        (a rebuilt model, after Sequential.add, gets fresh state)."""
-        self.build()
+        (a rebuilt model, after Sequential.add or a layer frozen, gets fresh state)."""
+        self.refresh_parameters()
         if self._optimizer_buffer is not self.params.params:
             self.optimizer.build(self.params.params, self.backend, owner=self)
             self._optimizer_buffer = self.params.params
 
     def _require_compiled(self, what):
         if self.loss is None:
-            raise RuntimeError(f"call model.compile(...) before model.{what}(...)")
+            if self.optimizer is None:
+                raise RuntimeError(f"call model.compile(...) before model.{what}(...)")
+            raise RuntimeError(f"model.{what}() needs a loss: compile with one, e.g. "
+                               "model.compile(optimizer, loss='sparse_categorical_crossentropy')")
+
+    def _finish_compile(self):
+        """Resolve what compile could not before the output shape was known."""
+        self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:]) for m in self._metric_identifiers]
+        self._warn_if_probabilities_are_logits()
 
     def _loss_plan(self):
-        return self.plan(logits_output=self.loss.fuses_softmax)
+        strip = None if self.loss.from_logits else self.loss.fuses_activation
+        return self.plan(strip_activation=strip)
 
     # -- input checks -----------------------------------------------------------------------------
     def check_inputs(self, x, what="x"):
         """The model's input arrays, on its device in its dtype, after checking type, shape and
         values. `x` is an array, or a list of arrays for a model with several inputs."""
+        if x is None:
+            raise ValueError(f"{what} is None: pass the input data as an array")
         items = list(x) if isinstance(x, (list, tuple)) and x and hasattr(x[0], "shape") else [x]
         if not self.built:  # a Sequential without an input shape takes it from the data
             self.build(None if self.buildable() else (None,) + tuple(np.shape(items[0])[1:]))
+            if self.loss is not None:
+                self._finish_compile()
         if len(items) != len(self.inputs):
             raise ShapeError(f"the model has {len(self.inputs)} inputs; {what} gives {len(items)} arrays")
         arrays = []
@@ -123,7 +187,7 @@ class Trainer:
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             x = np.asarray(x)
         kind = np.dtype(x.dtype).kind
-        if kind not in "fiu":
+        if kind not in "biuf":
             raise TypeError(f"{what} must hold numbers (float or integer), got dtype {x.dtype}")
         if tuple(x.shape[1:]) != tuple(expected):
             hint = ""
@@ -142,72 +206,114 @@ class Trainer:
         return x
 
     def check_targets(self, y, n, what="y"):
-        """Targets as dense one-hot rows on the device, after checking shape and range."""
-        if len(self.outputs[0].shape) != 2:
-            raise ShapeError(f"{self.loss.name} needs a model output of shape (batch, classes); this model's is "
-                             f"{self.outputs[0].shape}: add Flatten() or GlobalAveragePooling2D() before the last layer")
-        classes = self.outputs[0].shape[-1]
+        """Targets prepared by the loss (one-hot rows for the sparse cross-entropy), on the device."""
+        if y is None:
+            raise ValueError(f"{what} is None: pass the targets as an array")
         y = y if hasattr(y, "shape") else np.asarray(y)
-        if y.shape[0] != n:
-            raise ShapeError(f"{what} has {y.shape[0]} rows but x has {n}")
-        if self.loss.sparse:
-            if y.ndim == 2 and y.shape[1] == 1:
-                y = y.reshape(-1)
-            if y.ndim != 1 or np.dtype(y.dtype).kind not in "iuf":
-                raise ShapeError(f"{what} must be integer class labels of shape ({n},) for {self.loss.name}, got {y.shape}")
-            labels = self.backend.asarray(y)
-            lo, hi = float(labels.min()), float(labels.max())
-            if lo < 0 or hi >= classes or bool((labels != self.xp.floor(labels)).any()):
-                raise ValueError(f"{what} has labels outside 0..{classes - 1} (found min {lo:g}, max {hi:g})")
-            return self.loss.targets_to_dense(labels, classes).astype(self.dtype)
-        if y.ndim != 2 or y.shape[1] != classes:
-            hint = " (integer labels? one-hot encode them, or use loss='sparse_categorical_crossentropy')" if y.ndim == 1 else ""
-            raise ShapeError(f"{what} must have shape ({n}, {classes}) for {self.loss.name}, got {tuple(y.shape)}{hint}")
-        y = self.backend.asarray(y, dtype=self.dtype)
-        if not bool(self.xp.isfinite(y).all()):
-            raise ValueError(f"{what} contains NaN or infinite values")
-        if float(y.min()) < 0 or float(y.max()) > 1:
-            raise ValueError(f"{what} must hold probabilities in [0, 1] (one-hot rows); found values outside")
-        return y
+        if y.ndim == 0 or y.shape[0] != n:
+            raise ShapeError(f"{what} has {y.shape[0] if y.ndim else 0} rows but x has {n}")
+        return self.loss.prepare_targets(y, self.outputs[0].shape[1:], self.backend, self.dtype, what)
+
+    def check_sample_weight(self, sample_weight, class_weight, targets, what="sample_weight"):
+        """Per-sample weights on the device (None when neither is given): Keras's sample_weight times
+        the class_weight of each sample's class (its largest target entry, or the rounded target of
+        a single output)."""
+        n = targets.shape[0]
+        weights = None
+        if sample_weight is not None:
+            w = np.asarray(to_numpy(sample_weight), dtype=np.float64)
+            if w.ndim == 2 and w.shape[1] == 1:
+                w = w.reshape(-1)
+            if w.shape != (n,):
+                raise ShapeError(f"{what} must have shape ({n},), got {w.shape}")
+            if not np.all(np.isfinite(w)) or (w < 0).any():
+                raise ValueError(f"{what} must hold finite weights >= 0")
+            weights = w
+        if class_weight is not None:
+            if not isinstance(class_weight, dict):
+                raise TypeError(f"class_weight must be a dict {{class index: weight}}, got {type(class_weight).__name__}")
+            dense = to_numpy(targets)
+            classes = (dense.argmax(axis=-1) if dense.shape[-1] > 1 else np.rint(dense[:, 0])).astype(np.int64)
+            table = np.ones(max(int(classes.max()) + 1, max(map(int, class_weight), default=0) + 1))
+            for cls, value in class_weight.items():
+                table[int(cls)] = float(value)
+            weights = table[classes] if weights is None else weights * table[classes]
+        return None if weights is None else self.backend.asarray(weights, dtype=self.dtype)
 
     # -- the steps -----------------------------------------------------------------------------------
-    def forward_backward(self, inputs, targets):
+    def forward_backward(self, inputs, targets, sample_weight=None):
         """Forward in training mode, the loss, and backward into the flat gradient buffer
-        (`self.params.grads`), on checked device arrays. Returns (probabilities, per-sample loss)."""
-        self.params.bind()  # take back weights of shared layers that another model trained meanwhile
+        (`self.params.grads`), regularizers included, on checked device arrays. Returns
+        (predictions, the batch's loss sum): the loss sum divided by the batch size is the batch loss."""
+        self.refresh_parameters()  # frozen or unfrozen layers; weights another model trained meanwhile
         plan = self._loss_plan()
         (out,), tape = plan.forward(inputs, training=True, keep_for_backward=True)
-        probs, per_sample, dout = self.loss.compute(out, targets, plan.emits_logits, self.backend.kernels)
-        dout *= dout.dtype.type(1.0 / targets.shape[0])  # the loss is the batch mean
+        logits = plan.emits_logits or self.loss.from_logits
+        predictions, per_sample, dout = self.loss.compute(out, targets, logits, self.backend.kernels)
+        n = targets.shape[0]
+        if sample_weight is None:
+            dout *= dout.dtype.type(1.0 / n)  # the loss is the batch mean
+            batch_sum = per_sample.sum()
+        else:
+            scale = (sample_weight / n).reshape((n,) + (1,) * (dout.ndim - 1))
+            dout *= scale.astype(dout.dtype)
+            batch_sum = (per_sample * sample_weight).sum()
         plan.backward(tape, [dout], self.params)
-        return probs, per_sample
+        penalty = self.params.add_regularization()
+        if penalty is not None:
+            batch_sum = batch_sum + penalty * n
+        return predictions, batch_sum
 
-    def train_step(self, inputs, targets):
-        """One optimizer step on checked device arrays (a list of input arrays, dense targets):
-        what `fit` runs per batch. Returns (probabilities, per-sample loss) as device arrays."""
+    def train_step(self, inputs, targets, sample_weight=None):
+        """One optimizer step on checked device arrays (a list of input arrays, targets prepared by
+        the loss, optional per-sample weights): what `fit` runs per batch. Returns (predictions, the
+        batch's loss sum) as device values."""
         self.build_optimizer()
-        probs, per_sample = self.forward_backward(inputs, targets)
-        self.optimizer.apply(self.params.params, self.params.grads)
-        return probs, per_sample
+        predictions, batch_sum = self.forward_backward(inputs, targets, sample_weight)
+        self.optimizer.apply(self.params.params, self.params.grads, self.params.grad_views)
+        return predictions, batch_sum
 
-    def train_on_batch(self, x, y):
-        """One optimizer step on one batch; returns [loss, acc] like Keras."""
+    def _batch_logs(self, predictions, batch_sum, targets, sample_weight):
+        metrics = EpochMetrics(self.metrics)
+        metrics.add(batch_sum, predictions, targets, sample_weight)
+        return metrics.averages()
+
+    def train_on_batch(self, x, y, sample_weight=None, class_weight=None, return_dict=False):
+        """One optimizer step on one batch; returns [loss, *metrics] (or a dict) like Keras."""
         self._require_compiled("train_on_batch")
         xs = self.check_inputs(x)
         tb = self.check_targets(y, xs[0].shape[0])
-        probs, per_sample = self.train_step(xs, tb)
-        return [float(per_sample.mean())] + (
-            [float(losses_module.count_correct(probs, tb)) / tb.shape[0]] if self.metric_names else []
-        )
+        weights = self.check_sample_weight(sample_weight, class_weight, tb)
+        predictions, batch_sum = self.train_step(xs, tb, weights)
+        logs = self._batch_logs(predictions, batch_sum, tb, weights)
+        return logs if return_dict else list(logs.values())
 
-    def loss_and_gradients(self, x, y):
+    def test_on_batch(self, x, y, sample_weight=None, return_dict=False):
+        """Loss and metrics of one batch in inference mode; [loss, *metrics] (or a dict)."""
+        self._require_compiled("test_on_batch")
+        xs = self.check_inputs(x)
+        tb = self.check_targets(y, xs[0].shape[0])
+        weights = self.check_sample_weight(sample_weight, None, tb)
+        metrics = self._evaluate_arrays(xs, tb, weights, tb.shape[0], exact_batch=True)
+        logs = metrics.averages()
+        return logs if return_dict else list(logs.values())
+
+    def predict_on_batch(self, x):
+        """The outputs for one batch, in inference mode, as NumPy arrays."""
+        xs = self.check_inputs(x)
+        outputs, _ = self.plan().forward(xs, training=False, keep_for_backward=False)
+        results = [to_numpy(o) for o in outputs]
+        return results[0] if self.single_output else results
+
+    def loss_and_gradients(self, x, y, sample_weight=None):
         """Mean loss in training mode and the gradient of every trainable weight (NumPy, in the
         order of `trainable_weights`). No optimizer step; used by gradient checks and parity tests."""
         self._require_compiled("loss_and_gradients")
         xs = self.check_inputs(x)
         tb = self.check_targets(y, xs[0].shape[0])
-        _, per_sample = self.forward_backward(xs, tb)
-        return float(per_sample.mean()), [to_numpy(g).copy() for g in self.params.grad_views]
+        weights = self.check_sample_weight(sample_weight, None, tb)
+        _, batch_sum = self.forward_backward(xs, tb, weights)
+        return float(batch_sum / tb.shape[0]), [to_numpy(g).copy() for g in self.params.grad_views]
 
     def seed_random_streams(self, epoch):
         """Restart every layer's random stream (Dropout masks) as at the start of `epoch`, from the
@@ -219,45 +325,67 @@ class Trainer:
         return derive_seed(self.seed, 2, epoch)
 
     # -- fit ---------------------------------------------------------------------------------------------
-    def fit(self, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validation_data=None,
-            shuffle=True, initial_epoch=0):
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_split=0.0,
+            validation_data=None, shuffle=True, class_weight=None, sample_weight=None, initial_epoch=0):
+        """Keras's fit on arrays. `validation_split` holds out the last fraction of the data, before
+        shuffling, as Keras does; `validation_data` is (x, y) or (x, y, sample_weight)."""
         self._require_compiled("fit")
-        if int(batch_size) < 1 or int(epochs) < 0:
-            raise ValueError("batch_size must be >= 1 and epochs >= 0")
-        batch_size = int(batch_size)
+        batch_size = _batch_size(batch_size)
+        verbose = _auto(verbose)
+        if int(epochs) != epochs or int(epochs) < 0 or int(initial_epoch) < 0:
+            raise ValueError(f"epochs and initial_epoch must be integers >= 0, got {epochs!r}, {initial_epoch!r}")
+        epochs = int(epochs)
+        if not 0.0 <= float(validation_split) < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+        if isinstance(callbacks, callbacks_module.Callback):
+            callbacks = [callbacks]
         xs = self.check_inputs(x)
-        n = xs[0].shape[0]
-        t = self.check_targets(y, n)
+        t = self.check_targets(y, xs[0].shape[0])
+        weights = self.check_sample_weight(sample_weight, class_weight, t)
         val = None
-        if validation_data is not None:
-            if len(validation_data) != 2:
-                raise ValueError("validation_data must be a pair (x_val, y_val)")
+        if validation_split and validation_data is None:
+            n_all = t.shape[0]
+            split = n_all - int(n_all * float(validation_split))
+            if split in (0, n_all):
+                raise ValueError(f"validation_split={validation_split} leaves no samples for training or validation "
+                                 f"out of {n_all}")
+            val = ([a[split:] for a in xs], t[split:], None if weights is None else weights[split:])
+            xs, t = [a[:split] for a in xs], t[:split]
+            weights = None if weights is None else weights[:split]
+        elif validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+                raise ValueError("validation_data must be a pair (x_val, y_val) or a triple (x_val, y_val, weights)")
             xv = self.check_inputs(validation_data[0], "validation x")
-            val = (xv, self.check_targets(validation_data[1], xv[0].shape[0], "validation y"))
+            tv = self.check_targets(validation_data[1], xv[0].shape[0], "validation y")
+            wv = None
+            if len(validation_data) == 3:
+                wv = self.check_sample_weight(validation_data[2], None, tv, "validation sample_weight")
+            val = (xv, tv, wv)
+        n = t.shape[0]
 
         history = callbacks_module.History()
-        metric_names = ["loss"] + self.metric_names
-        shown = metric_names + (["val_" + m for m in metric_names] if val else [])
+        shown = self.metrics_names + (["val_" + m for m in self.metrics_names] if val else [])
         cbs = callbacks_module.CallbackList(
             ([callbacks_module.ProgbarLogger(verbose)] if verbose else []) + list(callbacks or []) + [history],
             self, {"epochs": epochs, "samples": n, "batch_size": batch_size, "verbose": verbose, "metrics": shown,
-                   "do_validation": val is not None})
+                   "do_validation": val is not None, "steps": -(-n // batch_size)})
         if verbose and val is not None:
-            sys.stdout.write("Train on %d samples, validate on %d samples\n" % (n, val[0][0].shape[0]))
+            sys.stdout.write("Train on %d samples, validate on %d samples\n" % (n, val[1].shape[0]))
         self.stop_training = False
         cbs.call("on_train_begin", {})
-        for epoch in range(initial_epoch, epochs):
+        for epoch in range(int(initial_epoch), epochs):
             shuffle_seed = self.seed_random_streams(epoch)
             order = self.backend.permutation(n, shuffle_seed) if shuffle else self.xp.arange(n)
             cbs.call("on_epoch_begin", epoch, {})
-            metrics = EpochMetrics(self.metric_names)
+            metrics = EpochMetrics(self.metrics)
             started = time.perf_counter()
             for batch, start in enumerate(range(0, n, batch_size)):
                 cbs.on_train_batch_begin(batch)
                 idx = order[start : start + batch_size]
                 tb = t[idx]
-                probs, per_sample = self.train_step([a[idx] for a in xs], tb)
-                metrics.add(per_sample.sum(), losses_module.count_correct(probs, tb), tb.shape[0])
+                wb = None if weights is None else weights[idx]
+                predictions, batch_sum = self.train_step([a[idx] for a in xs], tb, wb)
+                metrics.add(batch_sum, predictions, tb, wb)
                 cbs.on_train_batch_end(batch, metrics.running)
                 if self.stop_training:
                     break
@@ -269,7 +397,7 @@ class Trainer:
                 )
             logs["seconds"] = time.perf_counter() - started
             if val is not None:
-                logs.update(self._evaluate_arrays(val[0], val[1], batch_size).averages("val_"))
+                logs.update(self._evaluate_arrays(val[0], val[1], val[2], batch_size).averages("val_"))
             cbs.call("on_epoch_end", epoch, logs)
             if self.stop_training:
                 break
@@ -283,40 +411,54 @@ class Trainer:
             batch_size = min(batch_size, self.CPU_INFERENCE_BATCH)
         return range(0, n, batch_size), batch_size
 
-    def _evaluate_arrays(self, xs, t, batch_size):
+    def _evaluate_arrays(self, xs, t, weights, batch_size, exact_batch=False):
         plan = self._loss_plan()
-        metrics = EpochMetrics(self.metric_names)
-        starts, batch_size = self._inference_batches(t.shape[0], batch_size)
+        logits = plan.emits_logits or self.loss.from_logits
+        metrics = EpochMetrics(self.metrics)
+        starts, batch_size = (range(0, t.shape[0], batch_size), batch_size) if exact_batch else \
+            self._inference_batches(t.shape[0], batch_size)
         for start in starts:
             tb = t[start : start + batch_size]
             (out,), _ = plan.forward([a[start : start + batch_size] for a in xs], training=False,
                                      keep_for_backward=False)
-            probs, per_sample, _ = self.loss.compute(out, tb, plan.emits_logits, self.backend.kernels)
-            metrics.add(per_sample.sum(), losses_module.count_correct(probs, tb), tb.shape[0])
+            predictions, per_sample, _ = self.loss.compute(out, tb, logits, self.backend.kernels)
+            wb = None if weights is None else weights[start : start + batch_size]
+            batch_sum = per_sample.sum() if wb is None else (per_sample * wb).sum()
+            penalty = self.params.regularization_penalty()
+            if penalty is not None:
+                batch_sum = batch_sum + penalty * tb.shape[0]
+            metrics.add(batch_sum, predictions, tb, wb)
         return metrics
 
-    def evaluate(self, x, y, batch_size=32, verbose=1):
-        """[loss, acc] in inference mode, like Keras."""
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False,
+                 callbacks=None):
+        """[loss, *metrics] in inference mode (a dict with return_dict=True), like Keras."""
         self._require_compiled("evaluate")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        batch_size = _batch_size(batch_size)
+        verbose = _auto(verbose)
         xs = self.check_inputs(x)
         t = self.check_targets(y, xs[0].shape[0])
+        weights = self.check_sample_weight(sample_weight, None, t)
+        cbs = callbacks_module.CallbackList(list(callbacks or []), self, {"verbose": verbose, "samples": t.shape[0]})
+        cbs.call("on_test_begin", {})
         bar = callbacks_module.Progbar(t.shape[0], verbose=verbose) if verbose else None
-        values = self._evaluate_arrays(xs, t, int(batch_size)).averages()
+        values = self._evaluate_arrays(xs, t, weights, batch_size).averages()
         if bar is not None:
             bar.update(t.shape[0], lambda: values, finalize=True)
-        return [values["loss"]] + ([values["acc"]] if "acc" in values else [])
+        cbs.call("on_test_end", dict(values))
+        return values if return_dict else list(values.values())
 
-    def predict(self, x, batch_size=32, verbose=0):
+    def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
         """Outputs in inference mode as NumPy arrays (a list for a model with several outputs)."""
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        batch_size = _batch_size(batch_size)
+        verbose = _auto(verbose)
         xs = self.check_inputs(x)
         n = xs[0].shape[0]
-        plan = self.plan(logits_output=False)
+        cbs = callbacks_module.CallbackList(list(callbacks or []), self, {"verbose": verbose, "samples": n})
+        cbs.call("on_predict_begin", {})
+        plan = self.plan()
         outs = [[] for _ in self.outputs]
-        starts, batch_size = self._inference_batches(n, int(batch_size))
+        starts, batch_size = self._inference_batches(n, batch_size)
         bar = callbacks_module.Progbar(n, verbose=verbose) if verbose else None
         for start in starts:
             results, _ = plan.forward([a[start : start + batch_size] for a in xs], training=False,
@@ -325,5 +467,6 @@ class Trainer:
                 collected.append(to_numpy(out))
         if bar is not None:
             bar.update(n, lambda: {}, finalize=True)
+        cbs.call("on_predict_end", {})
         joined = [np.concatenate(parts) for parts in outs]
         return joined[0] if self.single_output else joined

@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-from .. import activations, naming
+from .. import activations, initializers, naming
+from .. import regularizers as regularizers_module
 from ..arrays import is_array, to_numpy
 from ..backend import get_backend
 from ..errors import GraphError, ShapeError
@@ -60,12 +61,15 @@ def window_pads(mode, size_hw, window, strides):
     return tuple(pads)
 
 
-def glorot_uniform(rng, shape, dtype):
-    """Keras's default kernel initializer, with Keras's fans for dense and convolution kernels."""
-    receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-    fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+def channels_last(data_format, what):
+    """tinycnn is NHWC throughout: data_format may only be None or "channels_last"."""
+    if data_format not in (None, "channels_last"):
+        raise ValueError(f"{what} supports data_format='channels_last' only (tinycnn is NHWC), got {data_format!r}")
+
+
+def no_dilation(dilation_rate, what):
+    if pair(dilation_rate, f"{what} dilation_rate") != (1, 1):
+        raise ValueError(f"{what} supports dilation_rate=1 only, got {dilation_rate!r}")
 
 
 def _shape_tuple(shape, what):
@@ -79,15 +83,19 @@ def _shape_tuple(shape, what):
 
 
 class Layer:
-    """Base class: naming, configuring, building, weights, calling on tensors or arrays."""
+    """Base class: naming, configuring, building, weights, calling on tensors or arrays.
+
+    `trainable = False` freezes every weight of the layer: the optimizer leaves them alone, the
+    summary counts them as non-trainable, and a BatchNormalization then normalizes with its
+    moving statistics (as in Keras). A model notices the change at its next training step."""
 
     base_name = "layer"
     multi_input = False  # merge layers take a list of inputs
 
-    def __init__(self, name=None, input_shape=None, **unknown):
+    def __init__(self, name=None, input_shape=None, trainable=True, **unknown):
         if unknown:
             accepted = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "kwargs")]
-            accepted += ["name", "input_shape"]
+            accepted += ["name", "input_shape", "trainable"]
             raise TypeError(
                 f"{type(self).__name__} got unknown argument(s) {', '.join(map(repr, sorted(unknown)))}; "
                 f"it accepts: {', '.join(dict.fromkeys(accepted))}"
@@ -97,8 +105,10 @@ class Layer:
         self.output_shape = None
         self.built = False
         self.backend = None
+        self.trainable = bool(trainable)
         self.weights = {}  # name -> device array, Keras order
-        self.trainable_names = []
+        self.weight_trainable = {}  # name -> whether the weight is trainable (moving statistics are not)
+        self.regularizers = {}  # name -> Regularizer, for weights with a penalty
         self.inbound_nodes = []  # one Node per call on a symbolic tensor
 
     # -- configuring and building ---------------------------------------------------------------
@@ -133,7 +143,7 @@ class Layer:
             return self.output_shape
         self.configure(input_shape)
         self.backend, self.xp, self.kernels, self.dtype = backend, backend.xp, backend.kernels, dtype
-        self.weights, self.trainable_names = {}, []
+        self.weights, self.weight_trainable = {}, {}
         self.create_weights(self.input_shape, np.random.default_rng(seed))
         self.built = True
         return self.output_shape
@@ -141,10 +151,22 @@ class Layer:
     def create_weights(self, input_shape, rng):
         """Subclasses with weights call `add_weight` here (host-side init, so CPU and GPU agree)."""
 
-    def add_weight(self, name, value, trainable):
-        self.weights[name] = self.backend.asarray(np.asarray(value, dtype=self.dtype))
-        if trainable:
-            self.trainable_names.append(name)
+    def add_weight(self, name, shape, initializer, rng, trainable=True, regularizer=None):
+        """Create weight `name` of `shape` from `initializer` (an Initializer or a name), drawing
+        from the layer's generator `rng` unless the initializer has a seed of its own."""
+        value = initializers.get(initializer)(shape, self.dtype, rng)
+        self.weights[name] = self.backend.asarray(value)
+        self.weight_trainable[name] = bool(trainable)
+        regularizer = regularizers_module.get(regularizer)
+        if regularizer is not None:
+            self.regularizers[name] = regularizer
+
+    @property
+    def trainable_names(self):
+        """The weights the optimizer updates, in Keras order (none while the layer is frozen)."""
+        if not self.trainable:
+            return []
+        return [name for name, trainable in self.weight_trainable.items() if trainable]
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -1,21 +1,29 @@
 """Convolutions: Conv2D, DepthwiseConv2D and SeparableConv2D (MobileNet's block)."""
-import numpy as np
-
+from .. import initializers, regularizers
 from ..errors import ShapeError
 from ..kernels.reference import output_hw
-from .base import ActivatedLayer, glorot_uniform, pair, padding_mode, window_pads
+from .base import ActivatedLayer, channels_last, no_dilation, pair, padding_mode, window_pads
 
 
 class _Conv(ActivatedLayer):
-    """Shared configuration: kernel size, strides, padding, output size."""
+    """Shared configuration: kernel size, strides, padding, bias, output size."""
 
-    def _configure_window(self, kernel_size, strides, padding, use_bias, activation):
+    def _configure_window(self, kernel_size, strides, padding, use_bias, activation, data_format=None,
+                          dilation_rate=1, bias_initializer="zeros", bias_regularizer=None):
         kind = type(self).__name__
         self.kernel_size = pair(kernel_size, f"{kind} kernel_size")
         self.strides = pair(strides, f"{kind} strides")
         self.padding = padding_mode(padding, kind)
+        channels_last(data_format, kind)
+        no_dilation(dilation_rate, kind)
         self.use_bias = bool(use_bias)
         self.set_activation(activation)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+
+    def _add_bias(self, size, rng):
+        if self.use_bias:
+            self.add_weight("bias", (size,), self.bias_initializer, rng, regularizer=self.bias_regularizer)
 
     def _output_hw(self, input_shape):
         kind = type(self).__name__
@@ -35,21 +43,26 @@ class Conv2D(_Conv):
 
     base_name = "conv2d"
 
-    def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None, use_bias=True, **kwargs):
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
+                 bias_regularizer=None, data_format=None, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
-        if int(filters) < 1:
-            raise ValueError(f"Conv2D filters must be positive, got {filters!r}")
+        if int(filters) != filters or int(filters) < 1:
+            raise ValueError(f"Conv2D filters must be a positive integer, got {filters!r}")
         self.filters = int(filters)
-        self._configure_window(kernel_size, strides, padding, use_bias, activation)
+        self._configure_window(kernel_size, strides, padding, use_bias, activation, data_format, dilation_rate,
+                               bias_initializer, bias_regularizer)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
 
     def compute_output_shape(self, input_shape):
         return self._output_hw(input_shape) + (self.filters,)
 
     def create_weights(self, input_shape, rng):
         kh, kw = self.kernel_size
-        self.add_weight("kernel", glorot_uniform(rng, (kh, kw, input_shape[2], self.filters), self.dtype), True)
-        if self.use_bias:
-            self.add_weight("bias", np.zeros(self.filters), True)
+        self.add_weight("kernel", (kh, kw, input_shape[2], self.filters), self.kernel_initializer, rng,
+                        regularizer=self.kernel_regularizer)
+        self._add_bias(self.filters, rng)
 
     def forward_linear(self, x, training):
         kh, kw = self.kernel_size
@@ -81,22 +94,25 @@ class DepthwiseConv2D(_Conv):
     base_name = "depthwise_conv2d"
 
     def __init__(self, kernel_size, strides=1, padding="valid", depth_multiplier=1, activation=None, use_bias=True,
-                 **kwargs):
+                 depthwise_initializer="glorot_uniform", bias_initializer="zeros", depthwise_regularizer=None,
+                 bias_regularizer=None, data_format=None, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
-        if int(depth_multiplier) < 1:
-            raise ValueError(f"DepthwiseConv2D depth_multiplier must be positive, got {depth_multiplier!r}")
+        if int(depth_multiplier) != depth_multiplier or int(depth_multiplier) < 1:
+            raise ValueError(f"DepthwiseConv2D depth_multiplier must be a positive integer, got {depth_multiplier!r}")
         self.depth_multiplier = int(depth_multiplier)
-        self._configure_window(kernel_size, strides, padding, use_bias, activation)
+        self._configure_window(kernel_size, strides, padding, use_bias, activation, data_format, dilation_rate,
+                               bias_initializer, bias_regularizer)
+        self.depthwise_initializer = initializers.get(depthwise_initializer)
+        self.depthwise_regularizer = regularizers.get(depthwise_regularizer)
 
     def compute_output_shape(self, input_shape):
         return self._output_hw(input_shape) + (input_shape[2] * self.depth_multiplier,)
 
     def create_weights(self, input_shape, rng):
         kh, kw = self.kernel_size
-        shape = (kh, kw, input_shape[2], self.depth_multiplier)
-        self.add_weight("depthwise_kernel", glorot_uniform(rng, shape, self.dtype), True)
-        if self.use_bias:
-            self.add_weight("bias", np.zeros(input_shape[2] * self.depth_multiplier), True)
+        self.add_weight("depthwise_kernel", (kh, kw, input_shape[2], self.depth_multiplier),
+                        self.depthwise_initializer, rng, regularizer=self.depthwise_regularizer)
+        self._add_bias(input_shape[2] * self.depth_multiplier, rng)
 
     def forward_linear(self, x, training):
         z, saved = self.kernels.depthwise_conv2d_forward(x, self.weights["depthwise_kernel"], self.strides, self.pads)
@@ -125,14 +141,21 @@ class SeparableConv2D(_Conv):
     base_name = "separable_conv2d"
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", depth_multiplier=1, activation=None,
-                 use_bias=True, **kwargs):
+                 use_bias=True, depthwise_initializer="glorot_uniform", pointwise_initializer="glorot_uniform",
+                 bias_initializer="zeros", depthwise_regularizer=None, pointwise_regularizer=None,
+                 bias_regularizer=None, data_format=None, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
-        if int(filters) < 1 or int(depth_multiplier) < 1:
-            raise ValueError(f"SeparableConv2D filters and depth_multiplier must be positive, got {filters!r}, "
-                             f"{depth_multiplier!r}")
+        for value, what in ((filters, "filters"), (depth_multiplier, "depth_multiplier")):
+            if int(value) != value or int(value) < 1:
+                raise ValueError(f"SeparableConv2D {what} must be a positive integer, got {value!r}")
         self.filters = int(filters)
         self.depth_multiplier = int(depth_multiplier)
-        self._configure_window(kernel_size, strides, padding, use_bias, activation)
+        self._configure_window(kernel_size, strides, padding, use_bias, activation, data_format, dilation_rate,
+                               bias_initializer, bias_regularizer)
+        self.depthwise_initializer = initializers.get(depthwise_initializer)
+        self.pointwise_initializer = initializers.get(pointwise_initializer)
+        self.depthwise_regularizer = regularizers.get(depthwise_regularizer)
+        self.pointwise_regularizer = regularizers.get(pointwise_regularizer)
 
     def compute_output_shape(self, input_shape):
         return self._output_hw(input_shape) + (self.filters,)
@@ -140,11 +163,11 @@ class SeparableConv2D(_Conv):
     def create_weights(self, input_shape, rng):
         kh, kw = self.kernel_size
         mid = input_shape[2] * self.depth_multiplier
-        self.add_weight("depthwise_kernel", glorot_uniform(rng, (kh, kw, input_shape[2], self.depth_multiplier),
-                                                           self.dtype), True)
-        self.add_weight("pointwise_kernel", glorot_uniform(rng, (1, 1, mid, self.filters), self.dtype), True)
-        if self.use_bias:
-            self.add_weight("bias", np.zeros(self.filters), True)
+        self.add_weight("depthwise_kernel", (kh, kw, input_shape[2], self.depth_multiplier),
+                        self.depthwise_initializer, rng, regularizer=self.depthwise_regularizer)
+        self.add_weight("pointwise_kernel", (1, 1, mid, self.filters), self.pointwise_initializer, rng,
+                        regularizer=self.pointwise_regularizer)
+        self._add_bias(self.filters, rng)
 
     def forward_linear(self, x, training):
         w = self.weights

@@ -1,9 +1,7 @@
 """Dense and the activation layers."""
-import numpy as np
-
-from .. import activations
+from .. import activations, initializers, regularizers
 from ..errors import ShapeError
-from .base import ActivatedLayer, glorot_uniform
+from .base import ActivatedLayer
 
 
 class Dense(ActivatedLayer):
@@ -11,13 +9,18 @@ class Dense(ActivatedLayer):
 
     base_name = "dense"
 
-    def __init__(self, units, activation=None, use_bias=True, **kwargs):
+    def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None, **kwargs):
         super().__init__(**kwargs)
-        if int(units) < 1:
-            raise ValueError(f"Dense units must be positive, got {units!r}")
+        if int(units) != units or int(units) < 1:
+            raise ValueError(f"Dense units must be a positive integer, got {units!r}")
         self.units = int(units)
         self.use_bias = bool(use_bias)
         self.set_activation(activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
 
     def compute_output_shape(self, input_shape):
         if len(input_shape) != 1:
@@ -25,9 +28,10 @@ class Dense(ActivatedLayer):
         return (self.units,)
 
     def create_weights(self, input_shape, rng):
-        self.add_weight("kernel", glorot_uniform(rng, (input_shape[0], self.units), self.dtype), True)
+        self.add_weight("kernel", (input_shape[0], self.units), self.kernel_initializer, rng,
+                        regularizer=self.kernel_regularizer)
         if self.use_bias:
-            self.add_weight("bias", np.zeros(self.units), True)
+            self.add_weight("bias", (self.units,), self.bias_initializer, rng, regularizer=self.bias_regularizer)
 
     def forward_linear(self, x, training):
         z = x @ self.weights["kernel"]

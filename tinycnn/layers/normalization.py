@@ -1,34 +1,66 @@
 """BatchNormalization."""
 import math
 
-import numpy as np
-
+from .. import initializers, regularizers
+from ..errors import ShapeError
 from .base import Layer
 
 
 class BatchNormalization(Layer):
     """Normalizes the last axis: batch statistics in training (and an update of the moving
-    statistics, Keras 3's rule), the moving statistics in inference."""
+    statistics, Keras 3's rule), the moving statistics in inference. A frozen layer
+    (`trainable = False`) normalizes with the moving statistics in training too, as in Keras.
+    `center=False` drops beta, `scale=False` drops gamma."""
 
     base_name = "batch_normalization"
 
-    def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True, **kwargs):
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones",
+                 beta_regularizer=None, gamma_regularizer=None, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"BatchNormalization momentum must be in [0, 1], got {momentum!r}")
         if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
             raise ValueError(f"BatchNormalization epsilon must be positive and finite, got {epsilon!r}")
-        if not (center and scale):
-            raise ValueError("BatchNormalization supports center=True and scale=True only")
+        self.axis = int(axis)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+
+    def compute_output_shape(self, input_shape):
+        if self.axis not in (-1, len(input_shape)):
+            raise ShapeError(f"BatchNormalization {self.name} normalizes the last axis only (axis=-1 or "
+                             f"{len(input_shape)} for inputs {input_shape}), got axis={self.axis}")
+        return input_shape
 
     def create_weights(self, input_shape, rng):
-        c = input_shape[-1]
-        self.add_weight("gamma", np.ones(c), True)
-        self.add_weight("beta", np.zeros(c), True)
-        self.add_weight("moving_mean", np.zeros(c), False)
-        self.add_weight("moving_variance", np.ones(c), False)
+        c = (input_shape[-1],)
+        if self.scale:
+            self.add_weight("gamma", c, self.gamma_initializer, rng, regularizer=self.gamma_regularizer)
+        if self.center:
+            self.add_weight("beta", c, self.beta_initializer, rng, regularizer=self.beta_regularizer)
+        self.add_weight("moving_mean", c, self.moving_mean_initializer, rng, trainable=False)
+        self.add_weight("moving_variance", c, self.moving_variance_initializer, rng, trainable=False)
+        self._unit = self.xp.ones(c, dtype=self.dtype), self.xp.zeros(c, dtype=self.dtype)
+
+    def affine(self):
+        """(gamma, beta): the weights, or the constants 1 and 0 when scale or center is off."""
+        w = self.weights
+        return w["gamma"] if self.scale else self._unit[0], w["beta"] if self.center else self._unit[1]
+
+    def affine_grads(self, dgamma, dbeta):
+        grads = {}
+        if self.scale:
+            grads["gamma"] = dgamma
+        if self.center:
+            grads["beta"] = dbeta
+        return grads
 
     def update_moving_statistics(self, mean, var):
         """moving = moving * momentum + batch * (1 - momentum), with the biased batch variance (Keras 3)."""
@@ -38,16 +70,19 @@ class BatchNormalization(Layer):
         w["moving_variance"] *= self.momentum
         w["moving_variance"] += (1.0 - self.momentum) * var
 
+    def uses_batch_statistics(self, training):
+        return training and self.trainable
+
     def forward(self, x, training):
         w = self.weights
+        gamma, beta = self.affine()
         x2d = x.reshape(-1, x.shape[-1])
-        if training:
-            y2d, saved, mean, var, inv_std = self.kernels.batchnorm_forward_train(x2d, w["gamma"], w["beta"],
-                                                                                 self.epsilon)
+        if self.uses_batch_statistics(training):
+            y2d, saved, mean, var, inv_std = self.kernels.batchnorm_forward_train(x2d, gamma, beta, self.epsilon)
             self.update_moving_statistics(mean, var)
             return y2d.reshape(x.shape), ("train", saved, inv_std)
-        y2d, scale = self.kernels.batchnorm_forward_infer(x2d, w["gamma"], w["beta"], w["moving_mean"],
-                                                          w["moving_variance"], self.epsilon)
+        y2d, scale = self.kernels.batchnorm_forward_infer(x2d, gamma, beta, w["moving_mean"], w["moving_variance"],
+                                                          self.epsilon)
         return y2d.reshape(x.shape), ("infer", x2d, scale)
 
     def backward(self, saved, dy, need_input_grad=True):
@@ -55,10 +90,10 @@ class BatchNormalization(Layer):
         dy2d = dy.reshape(-1, dy.shape[-1])
         w = self.weights
         if mode == "train":
-            dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, w["gamma"], b)
+            dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, self.affine()[0], b)
         else:  # inference mode is an affine map with constant statistics
             x2d, scale = a, b
             xhat = (x2d - w["moving_mean"]) / self.xp.sqrt(w["moving_variance"] + self.epsilon)
             dgamma, dbeta = (dy2d * xhat).sum(axis=0), dy2d.sum(axis=0)
             dx = dy2d * scale
-        return (dx.reshape(dy.shape) if need_input_grad else None), {"gamma": dgamma, "beta": dbeta}
+        return (dx.reshape(dy.shape) if need_input_grad else None), self.affine_grads(dgamma, dbeta)
