@@ -1,5 +1,6 @@
 """tinycnn: a from-scratch CNN framework on a swappable NumPy (numba) / CuPy backend."""
-from . import activations, backend, callbacks, config, datasets, files, gradcheck, layers, losses, optimizers, saving, schedules
+from . import (activations, backend, callbacks, config, datasets, files, gradcheck, initializers, layers, losses,
+               metrics, models, optimizers, regularizers, saving, schedules, utils)
 from .backend import get_backend
 from .errors import ConfigError, DatasetError, DeviceError, GraphError, ShapeError, WeightsFileError
 from .layers import Input
@@ -7,7 +8,8 @@ from .model import Model, Sequential
 
 __version__ = "0.2.0"
 __all__ = [
-    "Model", "Sequential", "Input", "layers", "losses", "optimizers", "schedules", "callbacks", "activations",
-    "backend", "config", "datasets", "files", "gradcheck", "saving", "get_backend", "ConfigError", "DeviceError", "GraphError",
-    "ShapeError", "WeightsFileError", "DatasetError", "__version__",
+    "Model", "Sequential", "Input", "layers", "losses", "metrics", "models", "optimizers", "schedules", "callbacks",
+    "activations", "initializers", "regularizers", "utils", "backend", "config", "datasets", "files", "gradcheck",
+    "saving", "get_backend", "ConfigError", "DeviceError", "GraphError", "ShapeError", "WeightsFileError",
+    "DatasetError", "__version__",
 ]

@@ -43,6 +43,17 @@ def derive_seed(*parts):
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+_seed_source = []  # set by set_global_seed: where models built without a seed draw theirs
+
+
+def set_global_seed(seed):
+    """Make every later `fresh_seed()` come from a stream started at `seed` (None: the OS again)."""
+    _seed_source[:] = [] if seed is None else [np.random.default_rng(int(seed))]
+
+
 def fresh_seed():
-    """A 31-bit seed from the operating system's entropy (for models built without a seed)."""
+    """A 31-bit seed for a model built without one: from the global seed's stream if one was set
+    (tinycnn.utils.set_random_seed), else from the operating system's entropy."""
+    if _seed_source:
+        return int(_seed_source[0].integers(2**31))
     return int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF)
