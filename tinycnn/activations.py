@@ -130,8 +130,14 @@ sigmoid = ActivationFunction("sigmoid", _sigmoid_forward, lambda dy, x, y, k: dy
 tanh = ActivationFunction("tanh", lambda x, k: get_array_module(x).tanh(x), lambda dy, x, y, k: dy * (1 - y * y), ("y",))
 softmax = ActivationFunction("softmax", _softmax_forward,
                              lambda dy, x, y, k: y * (dy - (dy * y).sum(axis=-1, keepdims=True)), ("y",))
-elu = ActivationFunction("elu", lambda x, k: _elu(x, ELU_ALPHA), lambda dy, x, y, k: _elu_backward(dy, y, ELU_ALPHA),
-                         ("y",))
+def make_elu(alpha=ELU_ALPHA):
+    """ELU: x for x > 0, alpha * (exp(x) - 1) otherwise."""
+    alpha = float(alpha)
+    return ActivationFunction("elu", lambda x, k: _elu(x, alpha), lambda dy, x, y, k: _elu_backward(dy, y, alpha),
+                              ("y",))
+
+
+elu = make_elu()
 selu = ActivationFunction("selu", lambda x, k: SELU_SCALE * _elu(x, SELU_ALPHA),
                           lambda dy, x, y, k: SELU_SCALE * _elu_backward(dy, y / SELU_SCALE, SELU_ALPHA), ("y",))
 gelu = ActivationFunction("gelu", _gelu_forward, _gelu_backward, ("x",))

@@ -24,6 +24,7 @@ class Metric:
 
     name = "metric"
     sparse = False  # update_state takes integer labels
+    direction = "up"  # better is higher (every metric here is an accuracy); callbacks' mode="auto" reads it
 
     def __init__(self, name=None):
         if name is not None:
@@ -87,6 +88,9 @@ class BinaryAccuracy(Metric):
         self.threshold = float(threshold)
         super().__init__(name)
 
+    def get_config(self):
+        return {"name": self.name, "threshold": self.threshold}
+
     def values(self, predictions, targets):
         hits = (predictions > predictions.dtype.type(self.threshold)) == (targets > 0.5)
         return hits.reshape(hits.shape[0], -1).mean(axis=1)
@@ -112,6 +116,9 @@ class TopKCategoricalAccuracy(Metric):
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.k = int(k)
         super().__init__(name)
+
+    def get_config(self):
+        return {"name": self.name, "k": self.k}
 
     def values(self, predictions, targets):
         xp = get_array_module(predictions)

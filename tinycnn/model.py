@@ -11,11 +11,13 @@ Training and inference come from `Trainer` (tinycnn.training); how the graph run
 which layers are fused, is the execution plan's business (tinycnn.plan). `Sequential` is a
 Model whose graph is a chain, built from its list of layers.
 """
+import os
+
 import numpy as np
 
 from . import naming, saving
 from .backend import get_backend
-from .errors import GraphError, ShapeError
+from .errors import GraphError, ShapeError, WeightsFileError
 from .graph import SymbolicTensor, layer_order, topological_nodes
 from .layers.base import InputLayer, Layer
 from .parameters import ParameterBuffer
@@ -197,13 +199,48 @@ class Model(Trainer):
         for layer, values in zip(layers, checked):
             layer.set_weights(values)
 
-    def save_weights(self, path):
-        self.build()
-        saving.save_weights(self, path)
+    def save(self, filepath, overwrite=True):
+        """Write the model (architecture, weights, compile arguments) as a Keras 3 `.keras` file."""
+        from . import keras_format
 
-    def load_weights(self, path, by_name=False):
+        if not overwrite and os.path.exists(os.fspath(filepath)):
+            raise FileExistsError(f"{os.fspath(filepath)!r} exists and overwrite=False")
+        keras_format.save_model(self, filepath)
+
+    def save_weights(self, filepath, overwrite=True):
+        """The weights alone, in the format the name asks for: `.weights.h5` (Keras 3's layout, needs
+        h5py) or `.npz` (tinycnn's, no pickle)."""
+        path = os.fspath(filepath)
+        if not overwrite and os.path.exists(path):
+            raise FileExistsError(f"{path!r} exists and overwrite=False")
         self.build()
-        saving.load_weights(self, path, by_name=by_name)
+        if path.endswith(".weights.h5"):
+            self.save_keras_weights(path)
+        elif path.endswith(".npz"):
+            saving.save_weights(self, path)
+        else:
+            raise ValueError(f"save_weights writes .weights.h5 (Keras's format) or .npz (tinycnn's), got {path!r}"
+                             + ("; .keras files hold whole models: use model.save" if path.endswith(".keras") else ""))
+
+    def load_weights(self, filepath, by_name=False):
+        """Load weights saved by save_weights (or by Keras's), whichever format the file holds."""
+        from . import keras_format
+
+        path = os.fspath(filepath)
+        if not os.path.exists(path):
+            raise WeightsFileError(f"weights file {path!r} does not exist")
+        self.build()
+        kind = keras_format.sniff_weights_format(path)
+        if kind == "h5":
+            if by_name:
+                raise ValueError("by_name=True is supported for tinycnn's .npz weights only")
+            self.load_keras_weights(path)
+        elif kind == "npz" and not path.endswith(".keras"):
+            saving.load_weights(self, path, by_name=by_name)
+        elif kind == "npz":
+            raise WeightsFileError(f"{path!r} is a whole model: load it with tinycnn.models.load_model")
+        else:
+            raise WeightsFileError(f"{path!r} is neither an HDF5 (.weights.h5) nor an .npz weights file")
 
     def save_keras_weights(self, path):
         """Write a Keras 3 `.weights.h5` file that Keras loads into the same architecture (needs h5py)."""

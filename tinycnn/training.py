@@ -91,6 +91,7 @@ class Trainer:
         self.optimizer = None
         self.loss = None
         self.metrics = []
+        self.metric_identifiers = []  # what compile was given, for the model file
         self.history = None
         self.stop_training = False
         self._optimizer_buffer = None  # the flat parameter array the optimizer's state was built for
@@ -113,9 +114,9 @@ class Trainer:
         self.loss = None if loss is None else losses_module.get(loss)
         if isinstance(metrics, (str, metrics_module.Metric)) or callable(metrics):
             metrics = [metrics]
-        self._metric_identifiers = list(metrics or [])
+        self.metric_identifiers = list(metrics or [])
         self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:] if self.outputs else ())
-                        for m in self._metric_identifiers]
+                        for m in self.metric_identifiers]
         names = self.metrics_names
         if len(set(names)) != len(names):
             raise ValueError(f"metric names must be unique, got {names}")
@@ -155,7 +156,7 @@ class Trainer:
 
     def _finish_compile(self):
         """Resolve what compile could not before the output shape was known."""
-        self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:]) for m in self._metric_identifiers]
+        self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:]) for m in self.metric_identifiers]
         self._warn_if_probabilities_are_logits()
 
     def _loss_plan(self):

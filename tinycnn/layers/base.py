@@ -215,6 +215,10 @@ class Layer:
     def reseed(self, seed):
         """Layers that draw random numbers during training restart their stream from `seed`."""
 
+    def get_config(self):
+        """The layer's constructor arguments, under Keras's names (so `type(layer)(**config)` remakes it)."""
+        return {"name": self.name, "trainable": self.trainable}
+
     def __call__(self, inputs, training=None):
         """On a symbolic tensor (from tinycnn.Input): record the call in the graph and return the
         output tensor; `training=True/False` fixes the mode of this call (else the model's applies).
@@ -308,6 +312,9 @@ class InputLayer(Layer):
 
     def backward(self, saved, dy, need_input_grad=True):
         return dy, {}
+
+    def get_config(self):
+        return {"name": self.name, "shape": self.input_shape}
 
 
 def Input(shape=None, name=None, batch_size=None, dtype=None):

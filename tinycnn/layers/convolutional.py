@@ -21,6 +21,11 @@ class _Conv(ActivatedLayer):
         self.bias_initializer = initializers.get(bias_initializer)
         self.bias_regularizer = regularizers.get(bias_regularizer)
 
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size, "strides": self.strides,
+                "padding": self.padding, "activation": self.activation.name, "use_bias": self.use_bias,
+                "bias_initializer": self.bias_initializer, "bias_regularizer": self.bias_regularizer}
+
     def _add_bias(self, size, rng):
         if self.use_bias:
             self.add_weight("bias", (size,), self.bias_initializer, rng, regularizer=self.bias_regularizer)
@@ -57,6 +62,10 @@ class Conv2D(_Conv):
 
     def compute_output_shape(self, input_shape):
         return self._output_hw(input_shape) + (self.filters,)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_initializer": self.kernel_initializer,
+                "kernel_regularizer": self.kernel_regularizer}
 
     def create_weights(self, input_shape, rng):
         kh, kw = self.kernel_size
@@ -107,6 +116,10 @@ class DepthwiseConv2D(_Conv):
 
     def compute_output_shape(self, input_shape):
         return self._output_hw(input_shape) + (input_shape[2] * self.depth_multiplier,)
+
+    def get_config(self):
+        return {**super().get_config(), "depth_multiplier": self.depth_multiplier,
+                "depthwise_initializer": self.depthwise_initializer, "depthwise_regularizer": self.depthwise_regularizer}
 
     def create_weights(self, input_shape, rng):
         kh, kw = self.kernel_size
@@ -159,6 +172,13 @@ class SeparableConv2D(_Conv):
 
     def compute_output_shape(self, input_shape):
         return self._output_hw(input_shape) + (self.filters,)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "depth_multiplier": self.depth_multiplier,
+                "depthwise_initializer": self.depthwise_initializer,
+                "pointwise_initializer": self.pointwise_initializer,
+                "depthwise_regularizer": self.depthwise_regularizer,
+                "pointwise_regularizer": self.pointwise_regularizer}
 
     def create_weights(self, input_shape, rng):
         kh, kw = self.kernel_size

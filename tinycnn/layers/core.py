@@ -1,7 +1,7 @@
 """Dense and the activation layers."""
 from .. import activations, initializers, regularizers
 from ..errors import ShapeError
-from .base import ActivatedLayer
+from .base import ActivatedLayer, Layer
 
 
 class Dense(ActivatedLayer):
@@ -33,6 +33,11 @@ class Dense(ActivatedLayer):
         if self.use_bias:
             self.add_weight("bias", (self.units,), self.bias_initializer, rng, regularizer=self.bias_regularizer)
 
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "activation": self.activation.name, "use_bias": self.use_bias,
+                "kernel_initializer": self.kernel_initializer, "bias_initializer": self.bias_initializer,
+                "kernel_regularizer": self.kernel_regularizer, "bias_regularizer": self.bias_regularizer}
+
     def forward_linear(self, x, training):
         z = x @ self.weights["kernel"]
         if self.use_bias:
@@ -57,6 +62,9 @@ class Activation(ActivatedLayer):
         super().__init__(**kwargs)
         self.set_activation(activation)
 
+    def get_config(self):
+        return {**super().get_config(), "activation": self.activation.name}
+
     def forward_linear(self, x, training):
         return x, None
 
@@ -70,12 +78,22 @@ class ReLU(Activation):
     def __init__(self, **kwargs):
         super().__init__("relu", **kwargs)
 
+    def get_config(self):
+        return Layer.get_config(self)
+
 
 class Softmax(Activation):
+    """Softmax over the last axis."""
+
     base_name = "softmax"
 
-    def __init__(self, **kwargs):
+    def __init__(self, axis=-1, **kwargs):
+        if axis != -1:
+            raise ValueError(f"Softmax supports axis=-1 only, got {axis!r}")
         super().__init__("softmax", **kwargs)
+
+    def get_config(self):
+        return {**Layer.get_config(self), "axis": -1}
 
 
 class LeakyReLU(Activation):
@@ -92,9 +110,18 @@ class LeakyReLU(Activation):
         super().__init__(activations.make_leaky_relu(slope), **kwargs)
         self.negative_slope = slope
 
+    def get_config(self):
+        return {**Layer.get_config(self), "negative_slope": self.negative_slope}
+
 
 class ELU(Activation):
+    """x for x > 0, alpha * (exp(x) - 1) otherwise."""
+
     base_name = "elu"
 
-    def __init__(self, **kwargs):
-        super().__init__("elu", **kwargs)
+    def __init__(self, alpha=1.0, **kwargs):
+        super().__init__(activations.make_elu(alpha), **kwargs)
+        self.alpha = float(alpha)
+
+    def get_config(self):
+        return {**Layer.get_config(self), "alpha": self.alpha}

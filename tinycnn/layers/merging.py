@@ -38,6 +38,9 @@ class Concatenate(Layer):
         if self.axis == 0:
             raise ValueError("Concatenate cannot join along axis 0, the batch axis")
 
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}
+
     def compute_output_shape(self, input_shape):
         rank = len(input_shape[0])
         axis = self.axis - 1 if self.axis > 0 else self.axis + rank  # per-sample axis

@@ -33,6 +33,13 @@ class BatchNormalization(Layer):
         self.beta_regularizer = regularizers.get(beta_regularizer)
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
 
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
+                "center": self.center, "scale": self.scale, "beta_initializer": self.beta_initializer,
+                "gamma_initializer": self.gamma_initializer, "moving_mean_initializer": self.moving_mean_initializer,
+                "moving_variance_initializer": self.moving_variance_initializer,
+                "beta_regularizer": self.beta_regularizer, "gamma_regularizer": self.gamma_regularizer}
+
     def compute_output_shape(self, input_shape):
         if self.axis not in (-1, len(input_shape)):
             raise ShapeError(f"BatchNormalization {self.name} normalizes the last axis only (axis=-1 or "

@@ -1,18 +1,22 @@
 """Pooling: max and average over windows, and over the whole image."""
 from ..errors import ShapeError
 from ..kernels.reference import output_hw
-from .base import Layer, pair, padding_mode, window_pads
+from .base import Layer, channels_last, pair, padding_mode, window_pads
 
 
 class _Pooling2D(Layer):
     """Windows of `pool_size` moving by `strides` (default: the pool size), 'valid' or 'same' padding."""
 
-    def __init__(self, pool_size=2, strides=None, padding="valid", **kwargs):
+    def __init__(self, pool_size=2, strides=None, padding="valid", data_format=None, **kwargs):
         super().__init__(**kwargs)
         kind = type(self).__name__
+        channels_last(data_format, kind)
         self.pool_size = pair(pool_size, f"{kind} pool_size")
         self.strides = self.pool_size if strides is None else pair(strides, f"{kind} strides")
         self.padding = padding_mode(padding, kind)
+
+    def get_config(self):
+        return {**super().get_config(), "pool_size": self.pool_size, "strides": self.strides, "padding": self.padding}
 
     def compute_output_shape(self, input_shape):
         kind = type(self).__name__
@@ -53,6 +57,12 @@ class AveragePooling2D(_Pooling2D):
 
 
 class _GlobalPooling2D(Layer):
+    def __init__(self, data_format=None, keepdims=False, **kwargs):
+        super().__init__(**kwargs)
+        channels_last(data_format, type(self).__name__)
+        if keepdims:
+            raise ValueError(f"{type(self).__name__} supports keepdims=False only")
+
     def compute_output_shape(self, input_shape):
         if len(input_shape) != 3:
             raise ShapeError(f"{type(self).__name__} {self.name} needs (h, w, c) inputs, got {input_shape}")

@@ -10,6 +10,9 @@ class Rescaling(Layer):
         self.scale = float(scale)
         self.offset = float(offset)
 
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "offset": self.offset}
+
     def forward(self, x, training):
         y = x * x.dtype.type(self.scale)
         if self.offset:

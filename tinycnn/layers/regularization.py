@@ -17,6 +17,9 @@ class Dropout(Layer):
         self.rate = float(rate)
         self.seed = seed
 
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
     def create_weights(self, input_shape, rng):
         self.reseed(self.seed if self.seed is not None else int(rng.integers(2**31)))
 

@@ -2,11 +2,15 @@
 import numpy as np
 
 from ..errors import ShapeError
-from .base import Layer
+from .base import Layer, channels_last
 
 
 class Flatten(Layer):
     base_name = "flatten"
+
+    def __init__(self, data_format=None, **kwargs):
+        super().__init__(**kwargs)
+        channels_last(data_format, "Flatten")
 
     def compute_output_shape(self, input_shape):
         return (int(np.prod(input_shape)),)
@@ -35,11 +39,15 @@ class ZeroPadding2D(Layer):
 
     base_name = "zero_padding2d"
 
-    def __init__(self, padding=(1, 1), **kwargs):
+    def __init__(self, padding=(1, 1), data_format=None, **kwargs):
         super().__init__(**kwargs)
+        channels_last(data_format, "ZeroPadding2D")
         self.padding = _padding_pairs(padding)
         if min(min(p) for p in self.padding) < 0:
             raise ValueError(f"ZeroPadding2D padding must be >= 0, got {padding!r}")
+
+    def get_config(self):
+        return {**super().get_config(), "padding": self.padding}
 
     def compute_output_shape(self, input_shape):
         if len(input_shape) != 3:
