@@ -5,7 +5,7 @@ The layer protocol is in `base` (read it first); one module per kind of layer, a
 from .base import ActivatedLayer, Input, InputLayer, Layer
 from .convolutional import Conv2D, DepthwiseConv2D, SeparableConv2D
 from .core import ELU, Activation, Dense, LeakyReLU, ReLU, Softmax
-from .merging import Add, Concatenate
+from .merging import Add, Concatenate, add, concatenate
 from .normalization import BatchNormalization
 from .pooling import AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, MaxPooling2D
 from .preprocessing import Rescaling
@@ -16,7 +16,7 @@ __all__ = [
     "Layer", "ActivatedLayer", "Input", "InputLayer",
     "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
     "Dense", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax",
-    "Add", "Concatenate",
+    "Add", "Concatenate", "add", "concatenate",
     "BatchNormalization", "Dropout",
     "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D",
     "Flatten", "ZeroPadding2D", "Rescaling",

@@ -70,3 +70,13 @@ class Concatenate(Layer):
             index[axis] = slice(lo, hi)
             grads.append(self.xp.ascontiguousarray(dy[tuple(index)]))
         return grads, {}
+
+
+def add(inputs, **kwargs):
+    """Keras's functional shortcut: `add([x, y])` is `Add()([x, y])`."""
+    return Add(**kwargs)(inputs)
+
+
+def concatenate(inputs, axis=-1, **kwargs):
+    """Keras's functional shortcut: `concatenate([x, y])` is `Concatenate()([x, y])`."""
+    return Concatenate(axis=axis, **kwargs)(inputs)
