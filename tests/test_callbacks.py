@@ -160,3 +160,31 @@ def test_tensorboard_curves_read_back_with_tensorboards_reader(tmp_path):
     validation = event_accumulator.EventAccumulator(str(tmp_path / "validation"))
     validation.Reload()
     assert [e.value for e in validation.Scalars("epoch_accuracy")] == pytest.approx(history.history["val_accuracy"])
+
+
+def test_evaluate_predict_and_validation_call_kerass_test_and_predict_hooks():
+    x, y = _problem(n=40)
+    seen = []
+    hooks = {name: (lambda name: lambda *args: seen.append(name))(name) for name in (
+        "on_test_begin", "on_test_end", "on_test_batch_end", "on_predict_begin", "on_predict_batch_end",
+        "on_predict_end")}
+    model = _model()
+    model.evaluate(x, y, batch_size=20, verbose=0, callbacks=[tc.callbacks.LambdaCallback(**hooks)])
+    assert seen[0] == "on_test_begin" and seen[-1] == "on_test_end" and "on_test_batch_end" in seen
+    seen.clear()
+    model.predict(x, batch_size=20, verbose=0, callbacks=[tc.callbacks.LambdaCallback(**hooks)])
+    assert seen == ["on_predict_begin", "on_predict_batch_end", "on_predict_batch_end", "on_predict_end"]
+    seen.clear()
+    model.fit(x, y, epochs=1, verbose=0, validation_data=(x, y), callbacks=[tc.callbacks.LambdaCallback(**hooks)])
+    assert seen[0] == "on_test_begin" and seen[-1] == "on_test_end"
+
+
+def test_layers_expose_their_weights_by_keras_name():
+    model = _model()
+    dense = model.layers[0]
+    assert dense.kernel is dense.weights["kernel"] and dense.bias.shape == (8,)
+    bn = tc.layers.BatchNormalization()
+    tc.Sequential([tc.layers.Dense(3, input_shape=(2,)), bn])
+    assert bn.moving_variance.shape == (3,) and bn.gamma is bn.weights["gamma"]
+    with pytest.raises(AttributeError, match="no attribute 'kernal'"):
+        dense.kernal

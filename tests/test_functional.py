@@ -192,9 +192,9 @@ def test_sequential_add_after_summary_rebuilds_and_keeps_weights(capsys):
     model.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy")
     x = np.random.default_rng(0).random((8, 3), dtype=np.float32)
     model.fit(x, np.eye(2, dtype=np.float32)[[0, 1] * 4], epochs=2, verbose=0)
-    model.add(L.Activation("linear"))  # after compile and fit too: the optimizer restarts on the new buffer
     with pytest.warns(UserWarning, match="activation_.* ends in no activation: pass from_logits=True"):
-        model.fit(x, np.eye(2, dtype=np.float32)[[0, 1] * 4], epochs=1, verbose=0)
+        model.add(L.Activation("linear"))  # after compile and fit too: the optimizer restarts on the new buffer
+    model.fit(x, np.eye(2, dtype=np.float32)[[0, 1] * 4], epochs=1, verbose=0)
 
 
 def test_a_model_with_two_inputs():

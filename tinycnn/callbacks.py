@@ -69,10 +69,22 @@ class Callback:
     def on_test_end(self, logs=None):
         pass
 
+    def on_test_batch_begin(self, batch, logs=None):
+        pass
+
+    def on_test_batch_end(self, batch, logs=None):
+        pass
+
     def on_predict_begin(self, logs=None):
         pass
 
     def on_predict_end(self, logs=None):
+        pass
+
+    def on_predict_batch_begin(self, batch, logs=None):
+        pass
+
+    def on_predict_batch_end(self, batch, logs=None):
         pass
 
 
@@ -108,6 +120,14 @@ class CallbackList:
             logs = make_logs()
             for cb in self.batch_end:
                 cb.on_train_batch_end(batch, logs)
+
+    def on_batch(self, hook, batch, make_logs=dict):
+        """A test or predict batch hook ("on_test_batch_end", ...), to the callbacks that implement it."""
+        implementing = [cb for cb in self.callbacks if _overrides(cb, hook)]
+        if implementing:
+            logs = make_logs()
+            for cb in implementing:
+                getattr(cb, hook)(batch, logs)
 
 
 class History(Callback):
@@ -471,7 +491,8 @@ class LambdaCallback(Callback):
 
     _HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
               "on_train_batch_end", "on_batch_begin", "on_batch_end", "on_test_begin", "on_test_end",
-              "on_predict_begin", "on_predict_end")
+              "on_test_batch_begin", "on_test_batch_end", "on_predict_begin", "on_predict_end",
+              "on_predict_batch_begin", "on_predict_batch_end")
 
     def __init__(self, **hooks):
         super().__init__()

@@ -347,9 +347,18 @@ class Sequential(Model):
         self.single_input = self.single_output = True
         self.nodes, self._graph_layers = [], []
         for layer in layers or []:
-            self.add(layer)
+            self._append(layer)
+        if self.buildable():  # as Keras builds a Sequential whose input shape is known
+            self.build()
 
     def add(self, layer):
+        """Append a layer; the model rebuilds (now, if its input shape is known), keeping the
+        weights of the layers it had."""
+        self._append(layer)
+        if self.buildable():
+            self.build()
+
+    def _append(self, layer):
         if isinstance(layer, SymbolicTensor) and isinstance(layer.node.layer, InputLayer):
             layer = layer.node.layer  # Keras 3 accepts keras.Input(...) at the head of a Sequential
         if isinstance(layer, InputLayer):
@@ -398,17 +407,17 @@ class Sequential(Model):
     def build(self, input_shape=None):
         """Chain the layers from the input shape (`(None, ...)` as in Keras, or without the batch
         axis), then build them."""
-        if self.built:
-            return
-        if not self._stack:
-            raise ValueError("the model has no layers")
-        shape = self._declared_input_shape()
+        shape = self._declared_input_shape() if not self.built else self.inputs[0].shape[1:]
         if input_shape is not None:
             given = tuple(input_shape)
             given = given[1:] if given and given[0] is None else given
             if shape is not None and tuple(shape) != tuple(given):
-                raise ShapeError(f"model {self.name} was declared with input shape {shape}, build got {given}")
+                raise ShapeError(f"model {self.name} was declared with input shape {tuple(shape)}, build got {given}")
             shape = given
+        if self.built:
+            return
+        if not self._stack:
+            raise ValueError("the model has no layers")
         if shape is None:
             raise ValueError("the first layer needs input_shape=(...) (or call model.build((None, ...)))")
         for node in self._made_nodes:  # a rebuild (after add): forget the previous chain
@@ -422,6 +431,8 @@ class Sequential(Model):
             self._made_nodes.append(x.node)
         self._set_graph(head.output, x)
         super().build()
+        if self.loss is not None:  # compiled before this (re)build: resolve metrics for the new output
+            self.resolve_compile()
 
     def _sequential_like(self):
         return True

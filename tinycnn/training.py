@@ -154,7 +154,7 @@ class Trainer:
             raise RuntimeError(f"model.{what}() needs a loss: compile with one, e.g. "
                                "model.compile(optimizer, loss='sparse_categorical_crossentropy')")
 
-    def _finish_compile(self):
+    def resolve_compile(self):
         """Resolve what compile could not before the output shape was known."""
         self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:]) for m in self.metric_identifiers]
         self._warn_if_probabilities_are_logits()
@@ -173,7 +173,7 @@ class Trainer:
         if not self.built:  # a Sequential without an input shape takes it from the data
             self.build(None if self.buildable() else (None,) + tuple(np.shape(items[0])[1:]))
             if self.loss is not None:
-                self._finish_compile()
+                self.resolve_compile()
         if len(items) != len(self.inputs):
             raise ShapeError(f"the model has {len(self.inputs)} inputs; {what} gives {len(items)} arrays")
         arrays = []
@@ -398,7 +398,10 @@ class Trainer:
                 )
             logs["seconds"] = time.perf_counter() - started
             if val is not None:
-                logs.update(self._evaluate_arrays(val[0], val[1], val[2], batch_size).averages("val_"))
+                cbs.call("on_test_begin", {})
+                val_logs = self._evaluate_arrays(val[0], val[1], val[2], batch_size, callbacks=cbs).averages("val_")
+                cbs.call("on_test_end", {k[4:]: v for k, v in val_logs.items()})
+                logs.update(val_logs)
             cbs.call("on_epoch_end", epoch, logs)
             if self.stop_training:
                 break
@@ -412,13 +415,15 @@ class Trainer:
             batch_size = min(batch_size, self.CPU_INFERENCE_BATCH)
         return range(0, n, batch_size), batch_size
 
-    def _evaluate_arrays(self, xs, t, weights, batch_size, exact_batch=False):
+    def _evaluate_arrays(self, xs, t, weights, batch_size, exact_batch=False, callbacks=None):
         plan = self._loss_plan()
         logits = plan.emits_logits or self.loss.from_logits
         metrics = EpochMetrics(self.metrics)
         starts, batch_size = (range(0, t.shape[0], batch_size), batch_size) if exact_batch else \
             self._inference_batches(t.shape[0], batch_size)
-        for start in starts:
+        for batch, start in enumerate(starts):
+            if callbacks is not None:
+                callbacks.on_batch("on_test_batch_begin", batch)
             tb = t[start : start + batch_size]
             (out,), _ = plan.forward([a[start : start + batch_size] for a in xs], training=False,
                                      keep_for_backward=False)
@@ -429,6 +434,8 @@ class Trainer:
             if penalty is not None:
                 batch_sum = batch_sum + penalty * tb.shape[0]
             metrics.add(batch_sum, predictions, tb, wb)
+            if callbacks is not None:
+                callbacks.on_batch("on_test_batch_end", batch, metrics.running)
         return metrics
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False,
@@ -443,7 +450,7 @@ class Trainer:
         cbs = callbacks_module.CallbackList(list(callbacks or []), self, {"verbose": verbose, "samples": t.shape[0]})
         cbs.call("on_test_begin", {})
         bar = callbacks_module.Progbar(t.shape[0], verbose=verbose) if verbose else None
-        values = self._evaluate_arrays(xs, t, weights, batch_size).averages()
+        values = self._evaluate_arrays(xs, t, weights, batch_size, callbacks=cbs).averages()
         if bar is not None:
             bar.update(t.shape[0], lambda: values, finalize=True)
         cbs.call("on_test_end", dict(values))
@@ -461,11 +468,14 @@ class Trainer:
         outs = [[] for _ in self.outputs]
         starts, batch_size = self._inference_batches(n, batch_size)
         bar = callbacks_module.Progbar(n, verbose=verbose) if verbose else None
-        for start in starts:
+        for batch, start in enumerate(starts):
+            cbs.on_batch("on_predict_batch_begin", batch)
             results, _ = plan.forward([a[start : start + batch_size] for a in xs], training=False,
                                       keep_for_backward=False)
             for collected, out in zip(outs, results):
                 collected.append(to_numpy(out))
+            cbs.on_batch("on_predict_batch_end", batch, lambda: {"outputs": results[0] if self.single_output
+                                                                  else results})
         if bar is not None:
             bar.update(n, lambda: {}, finalize=True)
         cbs.call("on_predict_end", {})

@@ -264,6 +264,17 @@ class Layer:
         arrays = [self.backend.asarray(a, dtype=self.dtype) for a in arrays]
         return self.forward(arrays if self.multi_input else arrays[0], training)[0]
 
+    def __getattr__(self, name):
+        """Keras's weight attributes: `layer.kernel`, `layer.bias`, `layer.gamma`, ... are the weights
+        (device arrays, the views the optimizer updates)."""
+        weights = self.__dict__.get("weights")
+        if weights is not None and name in weights:
+            return weights[name]
+        prop = getattr(type(self), name, None)
+        if isinstance(prop, property):  # a property that raised AttributeError: let its own message through
+            return prop.fget(self)
+        raise AttributeError(f"{type(self).__name__} object has no attribute {name!r}")
+
     # -- Keras's graph accessors ------------------------------------------------------------
     def _only_node(self, what):
         if len(self.inbound_nodes) != 1:
