@@ -7,11 +7,8 @@ class LearningRateSchedule:
         raise NotImplementedError
 
 
-class InverseTimeDecay(LearningRateSchedule):
-    """initial_learning_rate / (1 + decay_rate * step / decay_steps), step floored when staircase.
-
-    Computed in Python floats (float64), so `InverseTimeDecay(0.003, 1, 0.319)(1)` is
-    0.002274450341167551, the value the Week2 log prints for epoch 2."""
+class _StepDecay(LearningRateSchedule):
+    """What InverseTimeDecay and ExponentialDecay share: a rate applied per `decay_steps` steps."""
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False):
         if decay_steps <= 0:
@@ -23,33 +20,31 @@ class InverseTimeDecay(LearningRateSchedule):
         self.decay_rate = float(decay_rate)
         self.staircase = bool(staircase)
 
-    def __call__(self, step):
+    def progress(self, step):
+        """step / decay_steps, floored when staircase."""
         progress = step / self.decay_steps
-        if self.staircase:
-            progress = math.floor(progress)
-        return self.initial_learning_rate / (1 + self.decay_rate * progress)
+        return math.floor(progress) if self.staircase else progress
 
     def __repr__(self):
-        return (f"InverseTimeDecay({self.initial_learning_rate}, {self.decay_steps}, {self.decay_rate}, "
+        return (f"{type(self).__name__}({self.initial_learning_rate}, {self.decay_steps}, {self.decay_rate}, "
                 f"staircase={self.staircase})")
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """initial_learning_rate * decay_rate ** (step / decay_steps), the exponent floored when staircase."""
+class InverseTimeDecay(_StepDecay):
+    """initial_learning_rate / (1 + decay_rate * step / decay_steps), step floored when staircase.
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False):
-        if decay_steps <= 0 or initial_learning_rate <= 0 or decay_rate <= 0:
-            raise ValueError("ExponentialDecay needs positive initial_learning_rate, decay_steps and decay_rate")
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.decay_steps = decay_steps
-        self.decay_rate = float(decay_rate)
-        self.staircase = bool(staircase)
+    Computed in Python floats (float64), so `InverseTimeDecay(0.003, 1, 0.319)(1)` is
+    0.002274450341167551, the value the Week2 log prints for epoch 2."""
 
     def __call__(self, step):
-        progress = step / self.decay_steps
-        if self.staircase:
-            progress = math.floor(progress)
-        return self.initial_learning_rate * self.decay_rate**progress
+        return self.initial_learning_rate / (1 + self.decay_rate * self.progress(step))
+
+
+class ExponentialDecay(_StepDecay):
+    """initial_learning_rate * decay_rate ** (step / decay_steps), the exponent floored when staircase."""
+
+    def __call__(self, step):
+        return self.initial_learning_rate * self.decay_rate ** self.progress(step)
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
