@@ -19,7 +19,7 @@ from . import naming, saving
 from .backend import get_backend
 from .errors import GraphError, ShapeError, WeightsFileError
 from .graph import SymbolicTensor, layer_order, topological_nodes
-from .layers.base import InputLayer, Layer
+from .layers.base import InputLayer, Layer, trainable_version
 from .parameters import ParameterBuffer
 from .plan import Plan
 from .randomness import derive_seed, fresh_seed
@@ -50,6 +50,7 @@ class Model(Trainer):
         self.fuse = bool(fuse)  # let the plan run a BatchNormalization and the Dropout after it as one kernel
         self.built = False
         self.params = None
+        self._params_version = self._params_signature = None
         self._plans = {}
         Trainer.__init__(self)
 
@@ -131,6 +132,10 @@ class Model(Trainer):
         when a layer was frozen or unfrozen since it was made; otherwise it takes back any weight a
         model sharing a layer with this one holds. Runs before every training step."""
         self.build()
+        version = trainable_version()
+        if self.params is not None and version == self._params_version:
+            self.params.bind()
+            return
         signature = self._trainable_signature()
         if self.params is None or signature != self._params_signature:
             entries = [(layer, name) for layer in self.compute_layers for name in layer.trainable_names]
@@ -139,12 +144,13 @@ class Model(Trainer):
             self._plans = {}
         else:
             self.params.bind()
+        self._params_version = version
 
     def plan(self, strip_activation=None):
         """The execution plan of the graph (tinycnn.plan). `strip_activation` ("softmax" or
         "sigmoid"): the loss applies that activation of the output layer itself."""
         self.build()
-        if not self._plans or self._params_signature != self._trainable_signature():
+        if self._params_version != trainable_version():
             self.refresh_parameters()
         if strip_activation not in self._plans:
             self._plans[strip_activation] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, strip_activation)

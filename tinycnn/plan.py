@@ -29,7 +29,10 @@ class Step:
         self.inputs = tuple(inputs)
         self.output = output
         self.layers = tuple(layers)  # whose weight gradients this step produces
-        self.trains = any(layer.trainable_names for layer in self.layers)
+        # (layer, weight names) the optimizer updates, fixed when the plan is made (a plan is remade
+        # when a layer is frozen or unfrozen)
+        self.trained = [(layer, tuple(layer.trainable_names)) for layer in self.layers if layer.trainable_names]
+        self.trains = bool(self.trained)
         self.need_dx = (False,) * len(self.inputs)  # set by the plan
         self.runs_backward = False  # set by the plan
 
@@ -207,8 +210,8 @@ class Plan:
             for i, need, dx in zip(step.inputs, step.need_dx, dxs):
                 if need and dx is not None:
                     grads[i] = dx if grads[i] is None else grads[i] + dx
-            for layer in step.layers:
-                for name in layer.trainable_names:
+            for layer, names in step.trained:
+                for name in names:
                     params.add_gradient(layer, name, weight_grads[name])
         params.finish_gradients()
 

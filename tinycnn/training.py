@@ -142,7 +142,8 @@ class Trainer:
     def build_optimizer(self):
         """Make the optimizer's state for the model's parameter buffer, unless it already has it
         (a rebuilt model, after Sequential.add or a layer frozen, gets fresh state)."""
-        self.refresh_parameters()
+        if self.params is None:
+            self.refresh_parameters()
         if self._optimizer_buffer is not self.params.params:
             self.optimizer.build(self.params.params, self.backend, owner=self)
             self._optimizer_buffer = self.params.params
@@ -269,8 +270,8 @@ class Trainer:
         """One optimizer step on checked device arrays (a list of input arrays, targets prepared by
         the loss, optional per-sample weights): what `fit` runs per batch. Returns (predictions, the
         batch's loss sum) as device values."""
-        self.build_optimizer()
         predictions, batch_sum = self.forward_backward(inputs, targets, sample_weight)
+        self.build_optimizer()  # after forward_backward, which may have rebuilt the parameter buffer
         self.optimizer.apply(self.params.params, self.params.grads, self.params.grad_views)
         return predictions, batch_sum
 

@@ -82,6 +82,14 @@ def _shape_tuple(shape, what):
     return shape
 
 
+_trainable_changes = [0]  # counts assignments to any layer's `trainable`: models recheck their buffers then
+
+
+def trainable_version():
+    """A number that changes whenever some layer's `trainable` is set (cheap to compare per step)."""
+    return _trainable_changes[0]
+
+
 class Layer:
     """Base class: naming, configuring, building, weights, calling on tensors or arrays.
 
@@ -160,6 +168,15 @@ class Layer:
         regularizer = regularizers_module.get(regularizer)
         if regularizer is not None:
             self.regularizers[name] = regularizer
+
+    @property
+    def trainable(self):
+        return self.__dict__["_trainable"]
+
+    @trainable.setter
+    def trainable(self, value):
+        self.__dict__["_trainable"] = bool(value)
+        _trainable_changes[0] += 1
 
     @property
     def trainable_names(self):
