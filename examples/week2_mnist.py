@@ -2,11 +2,12 @@
 
     python examples/week2_mnist.py [--device auto|cpu|gpu] [--epochs 20] [--batch-size 128]
                                    [--seed 0] [--train-limit N] [--out runs/week2] [--summary] [--resume]
+                                   [--onnx]
 
 Prints the model summary and the Keras 2 training log, then this run's validation accuracy
 beside the seed's for every epoch. Writes to --out: log.txt, history.json, weights.npz,
 checkpoint.npz (after every epoch, atomically; --resume continues from it), curves.png and
-misclassified.png (with matplotlib installed).
+misclassified.png (with matplotlib installed), and with --onnx week2.onnx, the inference graph.
 """
 import argparse
 import json
@@ -71,6 +72,7 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/week2")
     parser.add_argument("--summary", action="store_true", help="print the model summary and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--onnx", action="store_true", help="also write week2.onnx (needs the onnx package)")
     args = parser.parse_args(argv)
 
     try:
@@ -111,6 +113,9 @@ def run(args, model, checkpoint, resuming):
                          EpochRecorder(args.out, run_info, records)])
     wall = time.perf_counter() - started
     model.save_weights(os.path.join(args.out, "weights.npz"))
+    if args.onnx:
+        model.export_onnx(os.path.join(args.out, "week2.onnx"))
+        print(f"wrote {os.path.join(args.out, 'week2.onnx')} (serve it with ONNX Runtime: see the README)")
     with open(os.path.join(HERE, "week2_seed_log.json")) as f:
         seed_log = json.load(f)["log"]
     if records:

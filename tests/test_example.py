@@ -85,3 +85,13 @@ def test_fashion_example_prints_a_graph_summary_and_trains(tmp_path):
     history = json.loads((out / "history.json").read_text())
     assert history["train_samples"] == 512 and len(history["epochs"]) == 1 and history["target"] == 0.92
     assert "target 92% within 1 epochs: NOT MET" in result.stdout
+
+
+def test_the_example_can_write_an_onnx_file_beside_its_weights(tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason='needs onnx and onnxruntime: pip install "tinycnn[onnx]"')
+    out = tmp_path / "run"
+    r = run("--device", "cpu", "--train-limit", "256", "--batch-size", "64", "--epochs", "1", "--onnx", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    session = ort.InferenceSession(str(out / "week2.onnx"), providers=["CPUExecutionProvider"])
+    probabilities = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 28, 28, 1), np.float32)})[0]
+    assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)

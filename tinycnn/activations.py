@@ -18,8 +18,9 @@ class ActivationFunction:
     """y = forward(x, kernels); dx = backward(dy, x, y, kernels), where x and y are None unless
     named in `uses`. Neither may modify its inputs."""
 
-    def __init__(self, name, forward, backward, uses):
+    def __init__(self, name, forward, backward, uses, params=None):
         self.name = name
+        self.params = dict(params or {})  # the constants of a parametric activation (alpha, negative_slope)
         self._forward = forward
         self._backward = backward
         self.uses = frozenset(uses)
@@ -134,7 +135,7 @@ def make_elu(alpha=ELU_ALPHA):
     """ELU: x for x > 0, alpha * (exp(x) - 1) otherwise."""
     alpha = float(alpha)
     return ActivationFunction("elu", lambda x, k: _elu(x, alpha), lambda dy, x, y, k: _elu_backward(dy, y, alpha),
-                              ("y",))
+                              ("y",), {"alpha": alpha})
 
 
 elu = make_elu()
@@ -155,7 +156,7 @@ def make_leaky_relu(negative_slope=LEAKY_RELU_SLOPE):
     def backward(dy, x, y, kernels):
         return dy * get_array_module(dy).where(x > 0, 1, dy.dtype.type(slope))
 
-    return ActivationFunction("leaky_relu", forward, backward, ("x",))
+    return ActivationFunction("leaky_relu", forward, backward, ("x",), {"negative_slope": slope})
 
 
 leaky_relu = make_leaky_relu()

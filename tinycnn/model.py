@@ -248,6 +248,13 @@ class Model(Trainer):
         else:
             raise WeightsFileError(f"{path!r} is neither an HDF5 (.weights.h5) nor an .npz weights file")
 
+    def export_onnx(self, filepath, channels_first=False, fold_batchnorm=True, opset=None):
+        """Write the inference graph as an ONNX file (tinycnn.onnx; needs the onnx package)."""
+        from . import onnx as onnx_export
+
+        return onnx_export.export(self, filepath, channels_first=channels_first, fold_batchnorm=fold_batchnorm,
+                                  opset=opset or onnx_export.DEFAULT_OPSET)
+
     def save_keras_weights(self, path):
         """Write a Keras 3 `.weights.h5` file that Keras loads into the same architecture (needs h5py)."""
         from . import keras_io
