@@ -114,20 +114,35 @@ def test_reduce_lr_on_plateau_waits_for_patience_then_cools_down():
     assert history.history["learning_rate"][:3] == pytest.approx([0.1, 0.1, 0.1])
 
 
+def test_reduce_lr_on_plateau_refuses_a_schedule_before_training():
+    x, y = _problem()
+    model = _model()
+    model.compile(tc.optimizers.SGD(tc.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)),
+                  "sparse_categorical_crossentropy")
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(TypeError, match="follows a schedule"):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[tc.callbacks.ReduceLROnPlateau(monitor="loss")])
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
 def test_terminate_on_nan():
     x, y = _problem()
     model = _model(lr=1e30)
     model.compile(tc.optimizers.SGD(1e30), "sparse_categorical_crossentropy")
     with np.errstate(all="ignore"):
+        ended = []
         with pytest.raises(FloatingPointError):  # without the callback the epoch runs on and fit reports it
-            model.fit(x, y, batch_size=10, epochs=1, verbose=0)
+            model.fit(x, y, batch_size=10, epochs=1, verbose=0,
+                      callbacks=[tc.callbacks.LambdaCallback(on_train_end=lambda logs: ended.append(True))])
+        assert ended  # callbacks end (and close their files) before the exception
         model = _model()
         model.compile(tc.optimizers.SGD(1e30), "sparse_categorical_crossentropy")
-        batches = []
-        stop = tc.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b))
-        with pytest.raises(FloatingPointError):
-            model.fit(x, y, batch_size=10, epochs=3, verbose=0, callbacks=[stop, tc.callbacks.TerminateOnNaN()])
-    assert len(batches) < 6  # stopped inside the first epoch
+        batches, ended = [], []
+        watch = tc.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b),
+                                            on_train_end=lambda logs: ended.append(True))
+        history = model.fit(x, y, batch_size=10, epochs=3, verbose=0, callbacks=[watch, tc.callbacks.TerminateOnNaN()])
+    assert len(batches) < 6 and ended  # stopped inside the first epoch, as Keras does: no exception
+    assert len(history.history["loss"]) == 1 and not np.isfinite(history.history["loss"][0])
 
 
 def test_lambda_callback_runs_every_hook_it_is_given():

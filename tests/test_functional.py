@@ -286,14 +286,18 @@ def test_layer_names_must_be_unique():
         tc.Model(inputs, L.Dense(2, name="d")(L.Dense(4, name="d")(inputs)))
 
 
-def test_a_call_can_fix_its_mode():
-    """Dropout(rate)(x, training=True) stays on in inference (Monte Carlo dropout), as in Keras."""
+def test_a_calls_mode_counts_only_when_the_run_gives_none():
+    """Keras 3: fit/evaluate/predict set every layer's mode; Dropout(rate)(x, training=True) stays
+    on only when the model is called without one, model(x). (Checked against Keras 3.15.)"""
     inputs = tc.Input(shape=(1000,))
-    model = tc.Model(inputs, L.Dropout(0.5)(inputs, training=True), seed=0)
-    zeroed = (model.predict(np.ones((4, 1000), np.float32)) == 0).mean()
-    assert 0.4 < zeroed < 0.6
-    plain = tc.Model(inputs, L.Dropout(0.5)(inputs), seed=0)
-    assert (plain.predict(np.ones((4, 1000), np.float32)) == 0).mean() == 0
+    x = np.ones((4, 1000), np.float32)
+    fixed_on = tc.Model(inputs, L.Dropout(0.5)(inputs, training=True), seed=0)
+    assert (fixed_on.predict(x) == 0).mean() == 0
+    assert 0.4 < (tc.backend.to_numpy(fixed_on(x)) == 0).mean() < 0.6
+    assert (tc.backend.to_numpy(fixed_on(x, training=False)) == 0).mean() == 0
+    fixed_off = tc.Model(inputs, L.Dropout(0.5)(inputs, training=False), seed=0)
+    assert 0.4 < (tc.backend.to_numpy(fixed_off(x, training=True)) == 0).mean() < 0.6
+    assert (tc.backend.to_numpy(fixed_off(x)) == 0).mean() == 0
 
 
 def test_sequential_refuses_a_layer_that_does_not_fit_and_stays_usable():

@@ -172,8 +172,68 @@ def test_validation_split_holds_out_the_last_samples(capsys):
     history = model.fit(x, y, batch_size=10, epochs=1, validation_split=0.25, shuffle=False, verbose=1)
     assert "Train on 30 samples, validate on 10 samples" in capsys.readouterr().out
     assert history.history["val_loss"][0] == pytest.approx(model.evaluate(x[30:], y[30:], verbose=0)[0], rel=1e-6)
+    model.fit(x[:10], y[:10], epochs=1, validation_split=0.25, verbose=1)  # Keras 3: floor(10 * 0.75) = 7 train
+    assert "Train on 7 samples, validate on 3 samples" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"validation_split must be in \[0, 1\)"):
         model.fit(x, y, validation_split=1.5, verbose=0)
+
+
+# Numbers from Keras 3.15.1 (TensorFlow 2.21) for this model, data and these weights.
+KERAS_WEIGHTING = {
+    "kernel": [[0.03436267375946045, -0.41832423210144043, 0.7425023317337036],
+               [-0.8618922233581543, -0.23019659519195557, -0.686377227306366]],
+    "evaluate": {"loss": 5.970718860626221, "accuracy": 0.10000000149011612, "weighted_accuracy": 0.15555556118488312},
+    "fit": {"loss": 3.665522336959839, "accuracy": 0.0, "weighted_accuracy": 0.0, "val_loss": 1.2237194776535034,
+            "val_accuracy": 0.3333333432674408, "val_weighted_accuracy": 0.3333333432674408},
+}
+
+
+def test_metrics_ignore_sample_weights_and_weighted_metrics_use_them_as_in_keras():
+    """Keras 3: sample and class weights reach the loss and compile's weighted_metrics (logged as
+    weighted_<name> when the name is taken), not the metrics; class_weight weighs only the training
+    part of a validation_split (floor(n * (1 - split)) samples)."""
+    x = np.random.default_rng(0).standard_normal((10, 2)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    model = tc.Sequential([L.Dense(3, activation="softmax", input_shape=(2,))])
+    model.set_weights([np.array(KERAS_WEIGHTING["kernel"], np.float32), np.zeros(3, np.float32)])
+    model.compile(tc.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"],
+                  weighted_metrics=["accuracy"])
+    result = model.evaluate(x, labels, sample_weight=np.arange(10, dtype=np.float32), verbose=0, return_dict=True)
+    assert list(result) == ["loss", "accuracy", "weighted_accuracy"]
+    assert result == pytest.approx(KERAS_WEIGHTING["evaluate"], rel=1e-6)
+    history = model.fit(x, labels, validation_split=0.25, epochs=1, verbose=0, shuffle=False,
+                        class_weight={0: 5.0, 1: 1.0, 2: 1.0})
+    logged = {k: v[0] for k, v in history.history.items() if k != "seconds"}
+    assert logged == pytest.approx(KERAS_WEIGHTING["fit"], rel=1e-6)
+
+
+def test_accuracy_is_resolved_from_the_output_as_keras_3_does():
+    multi_label = tc.Sequential([L.Dense(3, activation="sigmoid", input_shape=(2,))])
+    multi_label.compile("sgd", "binary_crossentropy", metrics=["accuracy"])
+    assert type(multi_label.metrics[0]) is tc.metrics.CategoricalAccuracy  # Keras 3: binary only for one unit
+    one_unit = tc.Sequential([L.Dense(1, input_shape=(2,))])
+    one_unit.compile("sgd", "mse", metrics=["Accuracy"])
+    assert type(one_unit.metrics[0]) is tc.metrics.BinaryAccuracy and one_unit.metrics[0].name == "Accuracy"
+
+
+def test_declared_logits_are_not_clipped_but_probabilities_are():
+    """Keras 3: from_logits=True is the exact softmax cross-entropy; probabilities are clipped at 1e-7."""
+    y, z = np.array([[0.0, 1.0, 0.0]]), np.array([[30.0, -10.0, 0.0]], np.float32)
+    assert tc.losses.CategoricalCrossentropy(from_logits=True)(y, z) == pytest.approx(40.0)
+    softmax = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert tc.losses.CategoricalCrossentropy()(y, softmax) == pytest.approx(-math.log(1e-7), rel=1e-6)
+    model = tc.Sequential([L.Dense(3, input_shape=(3,))])
+    model.set_weights([np.eye(3, dtype=np.float32), np.zeros(3, np.float32)])
+    model.compile("sgd", tc.losses.CategoricalCrossentropy(from_logits=True))
+    assert model.evaluate(z, y, verbose=0) == pytest.approx(40.0, rel=1e-6)
+
+
+def test_training_and_evaluating_with_only_a_loss_returns_a_number():
+    x, labels, y = _three_classes(n=8)
+    model = tc.Sequential([L.Dense(3, activation="softmax", input_shape=(5,))], seed=0)
+    model.compile("sgd", "categorical_crossentropy")
+    for value in (model.evaluate(x, y, verbose=0), model.test_on_batch(x, y), model.train_on_batch(x, y)):
+        assert isinstance(value, float)
 
 
 # -- optimizers: one step each against Keras 3's rule ------------------------------------------------------
@@ -262,6 +322,8 @@ def test_schedules():
     assert S.ExponentialDecay(0.1, 10, 0.5, staircase=True)(15) == pytest.approx(0.05)
     assert [S.PiecewiseConstantDecay([10, 20], [1.0, 0.5, 0.1])(s) for s in (0, 10, 11, 25)] == [1.0, 1.0, 0.5, 0.1]
     assert S.CosineDecay(1.0, 100)(50) == pytest.approx(0.5) and S.CosineDecay(1.0, 100, alpha=0.1)(200) == 0.1
+    warm = S.CosineDecay(0.0, 10, alpha=0.1, warmup_target=0.01, warmup_steps=4)  # Keras 3.15's values:
+    assert [warm(s) for s in (0, 2, 4, 9, 14, 20)] == pytest.approx([0.0, 0.005, 0.01, 0.0055, 0.001, 0.001])
 
 
 # -- initializers and regularizers --------------------------------------------------------------------------
@@ -303,7 +365,8 @@ def test_regularizers_join_the_loss_and_its_gradient():
     kernel, _, _, bias = model.get_weights()
     penalty = 0.01 * np.abs(kernel).sum() + 0.02 * (kernel ** 2).sum() + 0.01 * (bias ** 2).sum()
     plain = tc.losses.categorical_crossentropy(y, model.predict(x, verbose=0)).mean()
-    assert model.evaluate(x, y, verbose=0)[0] == pytest.approx(plain + penalty, rel=1e-10)
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(plain + penalty, rel=1e-10)  # the loss alone: a float
+    assert tc.regularizers.l1_l2().get_config() == {"l1": 0.0, "l2": 0.0}  # Keras 3's defaults (Keras 2: 0.01)
 
 
 # -- trainable = False ----------------------------------------------------------------------------------------

@@ -78,6 +78,27 @@ def test_save_and_load_round_trip_a_trained_model(tmp_path):
     assert uncompiled.loss is None
 
 
+def test_weighted_metrics_and_a_warmup_schedule_survive_the_file(tmp_path):
+    model = tc.Sequential([L.Dense(3, activation="softmax", input_shape=(4,))], seed=0)
+    schedule = tc.optimizers.schedules.CosineDecay(0.0, 100, warmup_target=0.01, warmup_steps=10)
+    model.compile(tc.optimizers.Adam(schedule), "sparse_categorical_crossentropy", metrics=["accuracy"],
+                  weighted_metrics=["accuracy"])
+    model.save(tmp_path / "m.keras")
+    loaded = tc.models.load_model(tmp_path / "m.keras")
+    assert loaded.metrics_names == ["loss", "accuracy", "weighted_accuracy"] and loaded.metric_weighted == [False, True]
+    assert [loaded.optimizer.learning_rate(s) for s in (5, 10, 60)] == [schedule(s) for s in (5, 10, 60)]
+
+
+def test_a_schedule_option_tinycnn_lacks_is_named(tmp_path):
+    def schedule(config):
+        config["compile_config"]["optimizer"]["config"]["learning_rate"] = {
+            "module": "keras.optimizers.schedules", "class_name": "CosineDecay", "registered_name": None,
+            "config": {"initial_learning_rate": 0.1, "decay_steps": 10, "cycles": 3}}
+
+    with pytest.raises(ValueError, match=r"schedule CosineDecay with options .*'cycles'.*unexpected keyword"):
+        tc.models.load_model(_edited(tmp_path, "keras_functional.keras", schedule))
+
+
 def _edited(tmp_path, source, edit):
     """A copy of a fixture file whose config.json `edit(config)` changed."""
     path = tmp_path / "edited.keras"

@@ -127,9 +127,22 @@ def test_what_cannot_be_exported_is_named(tmp_path):
     inputs = tc.Input(shape=(4,))
     with pytest.raises(ValueError, match=r"layer custom_layer \(Custom\) has no ONNX export"):
         tc.Model(inputs, Custom(name="custom_layer")(inputs)).export_onnx(tmp_path / "x.onnx")
-    with pytest.raises(ValueError, match="fixed in training mode"):
-        tc.Model(inputs, L.Dropout(0.5)(inputs, training=True)).export_onnx(tmp_path / "y.onnx")
+    with pytest.raises(ValueError, match=r"reads a tensor of shape \(None, 4, 5\): ONNX export handles vectors"):
+        sequence = tc.Input(shape=(4, 5))
+        tc.Model(sequence, L.BatchNormalization()(sequence)).export_onnx(tmp_path / "z.onnx")
+    for opset in (12, 99, "17"):
+        with pytest.raises(ValueError, match="opset must be an integer from 13"):
+            tc.Model(inputs, L.Dense(2)(inputs)).export_onnx(tmp_path / "w.onnx", opset=opset)
     assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_the_oldest_opset_and_a_dropout_a_call_fixed_on(tmp_path, mnist_images):
+    """Keras 3 semantics: predict (and so the inference graph) sets every layer's mode."""
+    inputs = tc.Input(shape=(28, 28, 1))
+    x = L.Conv2D(4, 3, activation="gelu")(inputs)
+    x = L.Dropout(0.5)(L.Flatten()(x), training=True)
+    model = tc.Model(inputs, L.Dense(10, activation="softmax")(L.BatchNormalization()(x)), seed=0)
+    check(model, tmp_path / "opset13.onnx", mnist_images[2][:50], opset=13)
 
 
 def test_the_command_exports_a_saved_model(tmp_path):

@@ -450,6 +450,9 @@ class ReduceLROnPlateau(MonitorCallback):
         self.cooldown, self.min_lr = int(cooldown), float(min_lr)
 
     def on_train_begin(self, logs=None):
+        if callable(self.model.optimizer.learning_rate):  # checked now, not after epochs of work
+            raise TypeError("ReduceLROnPlateau sets the optimizer's learning rate, but this optimizer follows a "
+                            f"schedule ({type(self.model.optimizer.learning_rate).__name__}): use one or the other")
         self.best, self.cooldown_counter, self.wait = None, 0, 0
 
     def on_epoch_end(self, epoch, logs=None):

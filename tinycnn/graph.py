@@ -26,9 +26,10 @@ class SymbolicTensor:
 
 
 class Node:
-    """One call of `layer` on symbolic `inputs` (a list; empty for an input layer). `training`: None
-    to follow the model's mode, or True/False fixed at the call (`Dropout(0.5)(x, training=True)`
-    keeps dropout on in inference too, as in Keras)."""
+    """One call of `layer` on symbolic `inputs` (a list; empty for an input layer). `training`: None,
+    or the True/False given at the call. As in Keras 3 it decides the layer's mode only when the
+    model runs without a mode of its own (`model(x)`); fit, evaluate and predict set every
+    layer's mode (see plan.Step.mode)."""
 
     __slots__ = ("layer", "inputs", "output", "training")
 

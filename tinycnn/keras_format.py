@@ -224,17 +224,21 @@ def compile_config(model):
     else:
         loss_value = {"module": "keras.losses", "class_name": type(loss).__name__,
                       "config": {**loss.get_config(), "reduction": "sum_over_batch_size"}, "registered_name": None}
-    metric_values = []
-    for identifier, metric in zip(model.metric_identifiers, model.metrics):
-        if isinstance(identifier, str):
-            metric_values.append(identifier)
-        else:
-            metric_values.append({"module": "keras.metrics", "class_name": type(metric).__name__,
-                                  "config": metric.get_config(), "registered_name": None})
+    plain = len(model.metric_identifiers)
+    metric_values = _metrics_to_keras(model.metric_identifiers, model.metrics[:plain])
+    weighted_values = _metrics_to_keras(model.weighted_metric_identifiers, model.metrics[plain:])
     return {"optimizer": {"module": "keras.optimizers", "class_name": type(opt).__name__, "config": opt_config,
                           "registered_name": None},
-            "loss": loss_value, "loss_weights": None, "metrics": metric_values or None, "weighted_metrics": None,
+            "loss": loss_value, "loss_weights": None, "metrics": metric_values or None,
+            "weighted_metrics": weighted_values or None,
             "run_eagerly": False, "steps_per_execution": 1, "jit_compile": False}
+
+
+def _metrics_to_keras(identifiers, metric_objects):
+    return [identifier if isinstance(identifier, str) else
+            {"module": "keras.metrics", "class_name": type(metric).__name__, "config": metric.get_config(),
+             "registered_name": None}
+            for identifier, metric in zip(identifiers, metric_objects)]
 
 
 def _optimizer_from_keras(spec):
@@ -255,9 +259,16 @@ def _optimizer_from_keras(spec):
             if schedule is None:
                 raise ValueError(f"learning-rate schedule {value.get('class_name')!r} is not supported by tinycnn")
             config = {k: v for k, v in (value.get("config") or {}).items() if k != "name"}
-            value = schedule(**config)
+            try:
+                value = schedule(**config)
+            except TypeError as error:  # an option a later Keras added that tinycnn's schedule lacks
+                raise ValueError(f"learning-rate schedule {value.get('class_name')} with options {sorted(config)}: "
+                                 f"{error}") from None
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # an option tinycnn's optimizer lacks
+        raise ValueError(f"optimizer {spec.get('class_name')} with options {sorted(kwargs)}: {error}") from None
 
 
 def _loss_from_keras(spec):
@@ -296,9 +307,9 @@ def compile_from_keras(model, spec):
     if weights is not None and not (isinstance(weights, list) and all(isinstance(w, str) for w in weights)) \
             and weights not in (1, 1.0, [1], [1.0]):
         raise ValueError(f"loss_weights={weights!r} is not supported by tinycnn (one output, weight 1)")
-    metric_specs = spec.get("metrics") or []
     model.compile(_optimizer_from_keras(spec.get("optimizer") or "rmsprop"), _loss_from_keras(spec["loss"]),
-                  [_metric_from_keras(m) for m in metric_specs])
+                  metrics=[_metric_from_keras(m) for m in spec.get("metrics") or []],
+                  weighted_metrics=[_metric_from_keras(m) for m in spec.get("weighted_metrics") or []])
 
 
 # -- files ------------------------------------------------------------------------------------------------

@@ -109,7 +109,10 @@ class CategoricalCrossentropy(Loss):
 
     def compute(self, output, targets, logits, kernels=None):
         if logits:
-            return (kernels or _REFERENCE).softmax_cross_entropy(output, targets, EPSILON)
+            # Logits the model's softmax was stripped from (from_logits=False) get Keras's clip of
+            # the probabilities in the loss; logits the user declared get none, as in Keras.
+            clip = None if self.from_logits else EPSILON
+            return (kernels or _REFERENCE).softmax_cross_entropy(output, targets, clip)
         xp = get_array_module(output)
         eps = output.dtype.type(EPSILON)
         total = output.sum(axis=1, keepdims=True)
@@ -179,10 +182,12 @@ class BinaryCrossentropy(Loss):
             grad = (probs - targets) / per_element
         else:
             probs = output
+            # Keras 3 on probabilities (every backend): p clipped to [eps, 1 - eps], then the logs.
+            # (Keras 2 added eps inside the logs; Keras 3 does not.)
             eps = output.dtype.type(EPSILON)
             clipped = xp.clip(output, eps, 1 - eps)
             elementwise = -(targets * xp.log(clipped) + (1 - targets) * xp.log1p(-clipped))
-            inside = (output >= eps) & (output <= 1 - eps)
+            inside = (output >= eps) & (output <= 1 - eps)  # the clip passes no gradient outside
             grad = (clipped - targets) / (clipped * (1 - clipped)) * inside / per_element
         return probs, elementwise.reshape(n, -1).mean(axis=1), grad
 

@@ -1,10 +1,11 @@
-"""Metrics, as Keras 3 names and computes them: accuracy (resolved for the loss, as Keras does),
+"""Metrics, as Keras 3 names and computes them: accuracy (resolved for the output, as Keras does),
 categorical, sparse categorical, binary and top-k accuracy.
 
-A metric gives one value per sample (`values`); the training loop keeps the (sample-weighted)
-sums on the device and reads them once per epoch, and the history keys carry the name the user
-gave (`metrics=["accuracy"]` logs `accuracy` and `val_accuracy`; `["acc"]` logs `acc`). The
-`update_state` / `result` / `reset_state` methods serve users who call a metric directly.
+A metric gives one value per sample (`values`); the training loop keeps the sums on the device
+(weighted by sample weights only for compile's weighted_metrics, as in Keras 3) and reads them
+once per epoch. The history keys carry the name the user gave (`metrics=["accuracy"]` logs
+`accuracy` and `val_accuracy`; `["acc"]` logs `acc`). The `update_state` / `result` /
+`reset_state` methods serve users who call a metric directly.
 
 Inside training, targets arrive as the loss prepared them (one-hot rows for both cross-entropies),
 so the sparse and dense forms of a metric compute the same thing there.
@@ -160,9 +161,11 @@ _BY_NAME.update({cls.__name__: cls for cls in list(_BY_NAME.values()) + [Accurac
 
 
 def accuracy_for(loss, output_shape):
-    """The accuracy Keras means by "accuracy" for this loss and output: binary for a binary
-    cross-entropy or a single output, else categorical (sparse with the sparse loss)."""
-    if getattr(loss, "name", "") == "binary_crossentropy" or tuple(output_shape)[-1:] == (1,):
+    """The accuracy Keras 3 means by "accuracy": binary for a model with one output unit, else
+    categorical (sparse when the targets are labels, i.e. with the sparse loss). As in Keras, a
+    multi-label model (binary cross-entropy over several sigmoid units) gets categorical accuracy:
+    pass "binary_accuracy" for the per-unit kind."""
+    if tuple(output_shape)[-1:] == (1,):
         return BinaryAccuracy
     if getattr(loss, "sparse", False):
         return SparseCategoricalAccuracy
@@ -179,7 +182,7 @@ def get(identifier, loss=None, output_shape=()):
         return identifier()
     if callable(identifier) and hasattr(identifier, "metric_class"):
         return identifier.metric_class()
-    if identifier in ("accuracy", "acc"):
+    if isinstance(identifier, str) and identifier.lower() in ("accuracy", "acc"):
         return accuracy_for(loss, output_shape)(name=identifier)
     if isinstance(identifier, str) and identifier in _BY_NAME:
         return _BY_NAME[identifier]()

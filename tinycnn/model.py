@@ -156,11 +156,13 @@ class Model(Trainer):
             self._plans[strip_activation] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, strip_activation)
         return self._plans[strip_activation]
 
-    def __call__(self, x, training=False):
-        """The outputs for input arrays (device arrays; a list for several outputs)."""
+    def __call__(self, x, training=None):
+        """The outputs for input arrays (device arrays; a list for several outputs). `training`
+        True/False sets every layer's mode; None (inference) leaves the modes calls fixed."""
         if any(isinstance(t, SymbolicTensor) for t in _as_list(x)):
             raise GraphError("calling a model on symbolic tensors (a model as a layer) is not supported yet")
-        outputs, _ = self.plan().forward(self.check_inputs(x), training=bool(training), keep_for_backward=False)
+        outputs, _ = self.plan().forward(self.check_inputs(x), training=None if training is None else bool(training),
+                                         keep_for_backward=False)
         return outputs[0] if self.single_output else outputs
 
     # -- weights ------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def model_from_config(top, device=None):
             inputs = [tensors[key] for key in keys]
             training = (node.get("kwargs") or {}).get("training") if isinstance(node, dict) else None
             tensors[(name, k)] = layer(inputs if layer.multi_input else inputs[0],
-                                       training=True if training is True else None)
+                                       training=training if isinstance(training, bool) else None)
         if len(remaining) == len(pending):
             raise ValueError(f"the graph in the file cannot be rebuilt: the inputs of {remaining[0][0].get('name')} "
                              "never appear")

@@ -35,13 +35,20 @@ class Step:
         self.trains = bool(self.trained)
         self.need_dx = (False,) * len(self.inputs)  # set by the plan
         self.runs_backward = False  # set by the plan
+        self.fixed_training = None  # the mode a call fixed (`layer(x, training=True)`), if any
+
+    def mode(self, training):
+        """The mode this step runs in. As in Keras 3, a run's explicit mode (fit, evaluate and
+        predict always give one) overrides every call's; a call's fixed mode counts only when the
+        model is called on arrays without one (`model(x)`), and inference is the default."""
+        return bool(self.fixed_training) if training is None else training
 
     def describe(self):
         return " + ".join(layer.name for layer in self.layers)
 
 
 class LayerStep(Step):
-    """A layer as it is (in the mode its call fixed, if it fixed one)."""
+    """A layer as it is."""
 
     def __init__(self, node, inputs, output):
         super().__init__(inputs, output, [node.layer])
@@ -50,8 +57,7 @@ class LayerStep(Step):
         self.fixed_training = node.training
 
     def forward(self, values, training):
-        if self.fixed_training is not None:
-            training = self.fixed_training
+        training = self.mode(training)
         if self.multi:
             return self.layer.forward([values[i] for i in self.inputs], training)
         return self.layer.forward(values[self.inputs[0]], training)
@@ -68,9 +74,7 @@ class LogitsStep(LayerStep):
     """An ActivatedLayer whose activation the loss applies: its linear part only."""
 
     def forward(self, values, training):
-        if self.fixed_training is not None:
-            training = self.fixed_training
-        return self.layer.forward_linear(values[self.inputs[0]], training)
+        return self.layer.forward_linear(values[self.inputs[0]], self.mode(training))
 
     def backward(self, saved, dy):
         dx, grads = self.layer.backward_linear(saved, dy, self.need_dx[0])
@@ -88,6 +92,7 @@ class BatchNormDropoutStep(Step):
         self.bn, self.dropout = bn_node.layer, dropout_node.layer
 
     def forward(self, values, training):
+        training = self.mode(training)
         x = values[self.inputs[0]]
         bn, drop = self.bn, self.dropout
         if not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)):

@@ -78,14 +78,11 @@ class L2(L1L2):
         return {"l2": self.l2}
 
 
-def l1_l2(l1=0.01, l2=0.01):
-    """Keras's `l1_l2` function: both penalties, 0.01 each by default."""
-    return L1L2(l1=l1, l2=l2)
+# Keras 3's lower-case names are the classes themselves: l1_l2() has both coefficients 0
+# (Keras 2's function defaulted to 0.01 each; pass them).
+l1, l2, l1_l2 = L1, L2, L1L2
 
-
-l1, l2 = L1, L2
-
-_BY_NAME = {"l1": L1, "l2": L2, "l1_l2": l1_l2, "L1": L1, "L2": L2, "L1L2": L1L2}
+_BY_NAME = {"l1": L1, "l2": L2, "l1_l2": L1L2, "L1": L1, "L2": L2, "L1L2": L1L2}
 
 
 def get(identifier):

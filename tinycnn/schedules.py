@@ -65,16 +65,30 @@ class PiecewiseConstantDecay(LearningRateSchedule):
 
 
 class CosineDecay(LearningRateSchedule):
-    """Cosine from initial_learning_rate down to alpha * initial_learning_rate over decay_steps."""
+    """Cosine from initial_learning_rate down to alpha * initial_learning_rate over decay_steps.
 
-    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0):
-        if decay_steps <= 0 or initial_learning_rate <= 0:
-            raise ValueError("CosineDecay needs positive initial_learning_rate and decay_steps")
+    With `warmup_target` (Keras 3), the rate first rises linearly from initial_learning_rate to
+    warmup_target over `warmup_steps`, then decays by the cosine from warmup_target."""
+
+    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, name=None, warmup_target=None, warmup_steps=0):
+        if decay_steps <= 0:
+            raise ValueError(f"CosineDecay needs decay_steps > 0, got {decay_steps!r}")
+        if warmup_steps < 0 or (warmup_target is not None and warmup_target <= 0):
+            raise ValueError("CosineDecay needs warmup_steps >= 0 and a positive warmup_target")
+        if initial_learning_rate < 0 or (initial_learning_rate == 0 and warmup_target is None):
+            raise ValueError("CosineDecay needs a positive initial_learning_rate (0 only when warming up)")
         self.initial_learning_rate = float(initial_learning_rate)
         self.decay_steps = decay_steps
         self.alpha = float(alpha)
+        self.warmup_target = None if warmup_target is None else float(warmup_target)
+        self.warmup_steps = warmup_steps
 
     def __call__(self, step):
+        peak = self.initial_learning_rate
+        if self.warmup_target is not None:
+            if step < self.warmup_steps:
+                return peak + (self.warmup_target - peak) * step / self.warmup_steps
+            peak, step = self.warmup_target, step - self.warmup_steps
         completed = min(step, self.decay_steps) / self.decay_steps
         cosine = 0.5 * (1 + math.cos(math.pi * completed))
-        return self.initial_learning_rate * ((1 - self.alpha) * cosine + self.alpha)
+        return peak * ((1 - self.alpha) * cosine + self.alpha)

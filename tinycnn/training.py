@@ -12,8 +12,11 @@ flat gradient buffer; the regularizers' gradients; one fused optimizer update. `
 shuffling (a counter-based permutation per epoch, so a resumed run replays it), batching, metrics
 kept on the device, validation and callbacks. Losses and metrics follow Keras 3: the logged loss
 is the sample-weighted per-sample loss summed over the batch and divided by its size, plus the
-regularization penalty; a metric is the sample-weighted mean of its per-sample values.
+regularization penalty. A metric is the plain mean of its per-sample values: sample and class
+weights reach only the loss and the `weighted_metrics`, whose means they weight.
 """
+import copy
+import math
 import sys
 import time
 
@@ -29,10 +32,12 @@ from .randomness import derive_seed
 
 
 class EpochMetrics:
-    """Sums of the loss and of each metric, kept on the device; synced only when read."""
+    """Sums of the loss and of each metric, kept on the device; synced only when read. Sample
+    weights weight the metrics whose `weighted` flag is set (compile's weighted_metrics)."""
 
-    def __init__(self, metrics):
+    def __init__(self, metrics, weighted):
         self.metrics = metrics
+        self.weighted = weighted
         self.loss_sum = 0.0
         self.seen = 0
         self.sums = [0] * len(metrics)
@@ -42,9 +47,9 @@ class EpochMetrics:
         n = targets.shape[0]
         self.loss_sum = self.loss_sum + batch_loss_sum
         self.seen += n
-        for i, metric in enumerate(self.metrics):
+        for i, (metric, weighted) in enumerate(zip(self.metrics, self.weighted)):
             values = metric.values(predictions, targets)
-            if sample_weight is None:
+            if sample_weight is None or not weighted:
                 self.sums[i] = self.sums[i] + values.sum()
                 self.weights[i] = self.weights[i] + n
             else:
@@ -66,6 +71,26 @@ class EpochMetrics:
         for metric, total, weight in zip(self.metrics, self.sums, self.weights):
             values[metric.name] = total / weight
         return values
+
+
+def _metric_list(metrics, what):
+    if metrics is None:
+        return []
+    if isinstance(metrics, (str, metrics_module.Metric)) or callable(metrics):
+        return [metrics]
+    if isinstance(metrics, dict):
+        raise ValueError(f"{what} as a dict (one list per output) is for models with several outputs; "
+                         "this model has one: pass a list")
+    return list(metrics)
+
+
+def _result(logs, return_dict):
+    """What Keras's evaluate and *_on_batch return: the dict, or its values in order, or the one
+    value alone when only the loss is logged."""
+    if return_dict:
+        return logs
+    values = list(logs.values())
+    return values[0] if len(values) == 1 else values
 
 
 def _auto(verbose):
@@ -90,8 +115,10 @@ class Trainer:
     def __init__(self):
         self.optimizer = None
         self.loss = None
-        self.metrics = []
+        self.metrics = []  # the metrics, then the weighted metrics, in the order they are logged
+        self.metric_weighted = []  # for each of self.metrics: do sample weights weight it?
         self.metric_identifiers = []  # what compile was given, for the model file
+        self.weighted_metric_identifiers = []
         self.history = None
         self.stop_training = False
         self._optimizer_buffer = None  # the flat parameter array the optimizer's state was built for
@@ -101,25 +128,25 @@ class Trainer:
         return ["loss"] + [m.name for m in self.metrics]
 
     # -- compiling ------------------------------------------------------------------------------
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, run_eagerly=None, jit_compile=None,
-                steps_per_execution=None):
-        """Keras's compile. tinycnn always runs eagerly; `run_eagerly`, `jit_compile` and
-        `steps_per_execution` are accepted and change nothing."""
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None, weighted_metrics=None,
+                run_eagerly=None, steps_per_execution=None, jit_compile=None, auto_scale_loss=None):
+        """Keras's compile, its arguments in Keras 2's positional order (metrics third), which Keras 3
+        scripts pass by name. `metrics` ignore sample and class weights, `weighted_metrics` use them.
+        tinycnn always runs eagerly: `run_eagerly`, `steps_per_execution`, `jit_compile` and
+        `auto_scale_loss` are accepted and change nothing."""
         if self.buildable():  # else (a Sequential with no input shape yet) the first data builds it
             self.build()
         if len(self.outputs) > 1:
             raise ValueError(f"training a model with {len(self.outputs)} outputs is not supported yet; "
                              "fit/evaluate need a single output")
+        if loss_weights is not None and loss_weights not in (1, [1], (1,)):
+            raise ValueError(f"loss_weights={loss_weights!r}: a model with one output trains its one loss with "
+                             "weight 1 (scale the learning rate instead)")
         self.optimizer = optimizers_module.get(optimizer)
         self.loss = None if loss is None else losses_module.get(loss)
-        if isinstance(metrics, (str, metrics_module.Metric)) or callable(metrics):
-            metrics = [metrics]
-        self.metric_identifiers = list(metrics or [])
-        self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:] if self.outputs else ())
-                        for m in self.metric_identifiers]
-        names = self.metrics_names
-        if len(set(names)) != len(names):
-            raise ValueError(f"metric names must be unique, got {names}")
+        self.metric_identifiers = _metric_list(metrics, "metrics")
+        self.weighted_metric_identifiers = _metric_list(weighted_metrics, "weighted_metrics")
+        self._make_metrics()
         self._optimizer_buffer = None
         if self.built:  # else the optimizer's state is made on the first step
             self.build_optimizer()
@@ -157,8 +184,28 @@ class Trainer:
 
     def resolve_compile(self):
         """Resolve what compile could not before the output shape was known."""
-        self.metrics = [metrics_module.get(m, self.loss, self.outputs[0].shape[1:]) for m in self.metric_identifiers]
+        self._make_metrics()
         self._warn_if_probabilities_are_logits()
+
+    def _make_metrics(self):
+        """The Metric objects of compile's metrics and weighted_metrics, named as Keras 3 logs them
+        (a weighted metric whose name is already taken is logged as weighted_<name>)."""
+        shape = self.outputs[0].shape[1:] if self.outputs else ()
+        self.metrics, self.metric_weighted = [], []
+        for identifiers, weighted in ((self.metric_identifiers, False), (self.weighted_metric_identifiers, True)):
+            for identifier in identifiers:
+                metric = metrics_module.get(identifier, self.loss, shape)
+                if metric in self.metrics or (weighted and metric.name in self.metrics_names):
+                    metric = copy.copy(metric)  # the user's object keeps its name
+                    metric.name = "weighted_" + metric.name if weighted else metric.name
+                self.metrics.append(metric)
+                self.metric_weighted.append(weighted)
+        names = self.metrics_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"metric names must be unique, got {names}")
+
+    def epoch_metrics(self):
+        return EpochMetrics(self.metrics, self.metric_weighted)
 
     def _loss_plan(self):
         strip = None if self.loss.from_logits else self.loss.fuses_activation
@@ -276,7 +323,7 @@ class Trainer:
         return predictions, batch_sum
 
     def _batch_logs(self, predictions, batch_sum, targets, sample_weight):
-        metrics = EpochMetrics(self.metrics)
+        metrics = self.epoch_metrics()
         metrics.add(batch_sum, predictions, targets, sample_weight)
         return metrics.averages()
 
@@ -288,7 +335,7 @@ class Trainer:
         weights = self.check_sample_weight(sample_weight, class_weight, tb)
         predictions, batch_sum = self.train_step(xs, tb, weights)
         logs = self._batch_logs(predictions, batch_sum, tb, weights)
-        return logs if return_dict else list(logs.values())
+        return _result(logs, return_dict)
 
     def test_on_batch(self, x, y, sample_weight=None, return_dict=False):
         """Loss and metrics of one batch in inference mode; [loss, *metrics] (or a dict)."""
@@ -298,7 +345,7 @@ class Trainer:
         weights = self.check_sample_weight(sample_weight, None, tb)
         metrics = self._evaluate_arrays(xs, tb, weights, tb.shape[0], exact_batch=True)
         logs = metrics.averages()
-        return logs if return_dict else list(logs.values())
+        return _result(logs, return_dict)
 
     def predict_on_batch(self, x):
         """The outputs for one batch, in inference mode, as NumPy arrays."""
@@ -343,11 +390,11 @@ class Trainer:
             callbacks = [callbacks]
         xs = self.check_inputs(x)
         t = self.check_targets(y, xs[0].shape[0])
-        weights = self.check_sample_weight(sample_weight, class_weight, t)
+        weights = self.check_sample_weight(sample_weight, None, t)
         val = None
         if validation_split and validation_data is None:
             n_all = t.shape[0]
-            split = n_all - int(n_all * float(validation_split))
+            split = math.floor(n_all * (1.0 - float(validation_split)))  # Keras 3's split point
             if split in (0, n_all):
                 raise ValueError(f"validation_split={validation_split} leaves no samples for training or validation "
                                  f"out of {n_all}")
@@ -363,6 +410,8 @@ class Trainer:
             if len(validation_data) == 3:
                 wv = self.check_sample_weight(validation_data[2], None, tv, "validation sample_weight")
             val = (xv, tv, wv)
+        if class_weight is not None:  # the training samples only: validation keeps its own weights
+            weights = self.check_sample_weight(None if weights is None else to_numpy(weights), class_weight, t)
         n = t.shape[0]
 
         history = callbacks_module.History()
@@ -379,7 +428,7 @@ class Trainer:
             shuffle_seed = self.seed_random_streams(epoch)
             order = self.backend.permutation(n, shuffle_seed) if shuffle else self.xp.arange(n)
             cbs.call("on_epoch_begin", epoch, {})
-            metrics = EpochMetrics(self.metrics)
+            metrics = self.epoch_metrics()
             started = time.perf_counter()
             for batch, start in enumerate(range(0, n, batch_size)):
                 cbs.on_train_batch_begin(batch)
@@ -392,10 +441,13 @@ class Trainer:
                 if self.stop_training:
                     break
             logs = metrics.averages()
-            if not np.isfinite(logs["loss"]):
+            if not np.isfinite(logs["loss"]) and not self.stop_training:  # else a callback (TerminateOnNaN) stopped it
+                self.history = history
+                cbs.call("on_train_end", logs)  # callbacks close their files first
                 raise FloatingPointError(
                     f"training diverged in epoch {epoch + 1}: the loss is {logs['loss']} "
-                    "(lower the learning rate, or check the inputs' scale)"
+                    "(lower the learning rate, or check the inputs' scale; "
+                    "callbacks=[tinycnn.callbacks.TerminateOnNaN()] stops instead of raising)"
                 )
             logs["seconds"] = time.perf_counter() - started
             if val is not None:
@@ -419,7 +471,7 @@ class Trainer:
     def _evaluate_arrays(self, xs, t, weights, batch_size, exact_batch=False, callbacks=None):
         plan = self._loss_plan()
         logits = plan.emits_logits or self.loss.from_logits
-        metrics = EpochMetrics(self.metrics)
+        metrics = self.epoch_metrics()
         starts, batch_size = (range(0, t.shape[0], batch_size), batch_size) if exact_batch else \
             self._inference_batches(t.shape[0], batch_size)
         for batch, start in enumerate(starts):
@@ -455,7 +507,7 @@ class Trainer:
         if bar is not None:
             bar.update(t.shape[0], lambda: values, finalize=True)
         cbs.call("on_test_end", dict(values))
-        return values if return_dict else list(values.values())
+        return _result(values, return_dict)
 
     def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
         """Outputs in inference mode as NumPy arrays (a list for a model with several outputs)."""

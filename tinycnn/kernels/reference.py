@@ -254,20 +254,21 @@ class ReferenceKernels:
         return dy * saved
 
     # -- loss and optimizer ----------------------------------------------------------------------
-    def softmax_cross_entropy(self, logits, targets, eps=1e-7):
+    def softmax_cross_entropy(self, logits, targets, eps=None):
         """Softmax and categorical cross-entropy from logits, numerically stable.
 
         Returns (probs, per-sample loss, gradient of the per-sample loss w.r.t. the logits).
-        The loss clips probabilities to [eps, 1 - eps] as Keras does, so the printed loss matches;
-        the gradient is the exact softmax-CE gradient p - t (it differs from Keras's clipped
-        gradient only where a target class has p < 1e-7)."""
+        With `eps` the loss clips probabilities to [eps, 1 - eps] as Keras does on a softmax
+        output, so the printed loss matches; the gradient is the exact softmax-CE gradient p - t
+        either way (it differs from Keras's clipped gradient only where a target class has p < eps)."""
         xp = get_array_module(logits)
         shifted = logits - logits.max(axis=1, keepdims=True)
         exp = xp.exp(shifted)
         total = exp.sum(axis=1, keepdims=True)
         probs = exp / total
         log_probs = shifted - xp.log(total)
-        log_probs = xp.clip(log_probs, xp.log(logits.dtype.type(eps)), xp.log1p(logits.dtype.type(-eps)))
+        if eps is not None:
+            log_probs = xp.clip(log_probs, xp.log(logits.dtype.type(eps)), xp.log1p(logits.dtype.type(-eps)))
         loss = -(targets * log_probs).sum(axis=1)
         return probs, loss, probs - targets
 

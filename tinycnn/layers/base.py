@@ -238,7 +238,8 @@ class Layer:
 
     def __call__(self, inputs, training=None):
         """On a symbolic tensor (from tinycnn.Input): record the call in the graph and return the
-        output tensor; `training=True/False` fixes the mode of this call (else the model's applies).
+        output tensor; `training=True/False` is this call's mode when the model is called on arrays
+        without one (`model(x)`); fit, evaluate and predict override it, as in Keras 3.
         On arrays: compute the output (building the layer on first use), in inference mode unless
         `training=True`."""
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]

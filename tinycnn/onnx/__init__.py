@@ -27,6 +27,7 @@ from ..files import atomic_write
 __all__ = ["export", "to_onnx", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17  # ONNX Runtime 1.14 and later, ONNX Runtime Web, and the mobile runtimes read it
+MIN_OPSET = 13  # Squeeze/Unsqueeze take their axes as an input, and Softmax works on one axis, from 13
 ONNX_INSTALL_HINT = 'pip install "tinycnn[onnx]"  (onnx; onnxruntime to run the file)'
 
 
@@ -134,6 +135,10 @@ def _depthwise_weights(kernel):
 def to_onnx(model, channels_first=False, fold_batchnorm=True, opset=DEFAULT_OPSET):
     """The model's inference graph as an `onnx.ModelProto` (checked, with shapes inferred)."""
     onnx = _onnx()
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be an integer from {MIN_OPSET} (axes of Squeeze and Unsqueeze as inputs) to "
+                         f"{newest} (the newest this onnx package knows), got {opset!r}")
     model.build()
     b = _Builder(onnx)
     helper, TP = onnx.helper, onnx.TensorProto
@@ -169,11 +174,12 @@ def to_onnx(model, channels_first=False, fold_batchnorm=True, opset=DEFAULT_OPSE
         layer = node.layer
         if isinstance(layer, L.InputLayer):
             continue
-        if node.training:
-            raise ValueError(f"layer {layer.name} ({type(layer).__name__}) is fixed in training mode "
-                             "(called with training=True): it has no inference graph to export")
-        xs = [values[id(t)] for t in node.inputs]
         rank = layouts[id(node.inputs[0])]  # 3: an image (NCHW in the graph), 1: a vector
+        if rank not in (1, 3):
+            raise ValueError(f"layer {layer.name} ({type(layer).__name__}) reads a tensor of shape "
+                             f"{node.inputs[0].shape}: ONNX export handles vectors (batch, features) and images "
+                             "(batch, height, width, channels)")
+        xs = [values[id(t)] for t in node.inputs]
         base = layer.name
         out = _export_layer(b, layer, node, xs, rank, base, folded, readers)
         values[id(node.output)] = out
