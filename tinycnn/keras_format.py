@@ -23,7 +23,8 @@ from . import initializers, losses, metrics, optimizers, regularizers, schedules
 from . import layers as L
 from .errors import WeightsFileError
 from .files import atomic_path
-from .keras_io import h5py_module, read_weights, write_weights
+from .keras_io import h5py_module, read_weights_file, write_weights
+from .saving import check_savable
 
 KERAS_VERSION = "3.15.1"  # the Keras release whose format this follows
 MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
@@ -320,6 +321,7 @@ def save_model(model, path):
     if not path.endswith(".keras"):
         raise ValueError(f"a model file must end in .keras (Keras 3's format), got {path!r}; for weights alone use "
                          "save_weights with .weights.h5 or .npz")
+    check_savable(model)
     config = model_to_config(model)
     metadata = {"keras_version": KERAS_VERSION, "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
     buffer = io.BytesIO()
@@ -368,13 +370,7 @@ def read_archive(path):
 
 def load_weights_bytes(model, weights, path):
     """Assign the weights of a `.keras` file's model.weights.h5 (bytes) to `model`, all checked first."""
-    h5py = h5py_module()
-    try:
-        f = h5py.File(io.BytesIO(weights), "r")
-    except OSError as exc:
-        raise WeightsFileError(f"{path!r}: model.weights.h5 is not readable HDF5: {exc}") from None
-    with f:
-        plan = read_weights(model, f, f"{path}:model.weights.h5")
+    plan = read_weights_file(model, io.BytesIO(weights), f"{path}:model.weights.h5")
     for layer, values in plan:
         layer.set_weights(values)
 

@@ -7,6 +7,12 @@ second one (`conv2d`, `conv2d_1`, ...), datasets in Keras weight order (kernel, 
 beta, moving_mean, moving_variance). Layers without weights get an empty `vars` group (Keras
 reads a missing group as empty, so input layers are left out); `vars` groups carry the layer's
 name as an attribute, which Keras does not read. An `optimizer/` group, if present, is ignored.
+
+Files tinycnn writes store every array with HDF5's Fletcher-32 checksum (a standard filter any
+HDF5 reader, Keras included, reads transparently), so a flipped byte fails the load. Reading
+follows only what is stored in the file itself: a soft or external link, an array kept in an
+external raw file, or a virtual dataset is refused, since each could make the loader read another
+object or another file on the machine. Each array's dtype and shape are checked before it is read.
 """
 import collections
 import os
@@ -16,7 +22,7 @@ import numpy as np
 
 from .errors import WeightsFileError
 from .files import atomic_path
-from .saving import check_file_array
+from .saving import check_file_array, check_savable
 
 KERAS_INSTALL_HINT = 'pip install "tinycnn[keras]"  (h5py)'
 
@@ -56,37 +62,89 @@ def write_weights(model, f):
         group = f.create_group(f"{group_path}/vars")
         group.attrs["name"] = layer.name
         for i, value in enumerate(layer.get_weights()):
-            group.create_dataset(str(i), data=value.astype(np.float32))
+            group.create_dataset(str(i), data=value.astype(np.float32), fletcher32=True)
+
+
+def _stored(group, name, path):
+    """group[name] when it is stored in this file (a hard link), None when absent. Soft and external
+    links are refused: they could point the loader at another object or another file."""
+    h5py = h5py_module()
+    link = group.get(name, getlink=True)
+    if link is None:
+        return None
+    if not isinstance(link, h5py.HardLink):
+        raise WeightsFileError(f"{path!r}: {group.name.rstrip('/')}/{name} is a {type(link).__name__}; tinycnn reads "
+                               "only data stored in the file itself")
+    return group[name]
+
+
+def _stored_path(f, parts, path):
+    node = f
+    for part in parts:
+        node = _stored(node, part, path)
+        if node is None or not isinstance(node, h5py_module().Group):
+            return None
+    return node
+
+
+def _read_dataset(dataset, path, key, where, name, current):
+    """The array of one weight, after checking where its data lives and its dtype and shape."""
+    h5py = h5py_module()
+    if not isinstance(dataset, h5py.Dataset):
+        raise WeightsFileError(f"{path!r} does not match the model at {where}: no array {key}")
+    if dataset.external or dataset.is_virtual:
+        raise WeightsFileError(f"{path!r}: {key} keeps its data in other files ({'external storage' if dataset.external else 'a virtual dataset'}); "
+                               "tinycnn reads only data stored in the file itself")
+    if dataset.dtype.kind != "f":
+        raise WeightsFileError(f"{path!r}: {key} holds {dataset.dtype} values, not floating point")
+    if dataset.shape != tuple(current.shape):
+        raise WeightsFileError(f"{path!r} does not match the model at {where}: weight {name!r} has shape "
+                               f"{dataset.shape} in the file but {tuple(current.shape)} in the model")
+    try:
+        value = dataset[()]
+    except (OSError, ValueError, RuntimeError) as exc:  # a failed checksum or a damaged chunk
+        raise WeightsFileError(f"{path!r}: {key} is corrupt (its data fails to read or its checksum): {exc}") from None
+    return check_file_array(path, where, name, key, np.asarray(value), current)
 
 
 def read_weights(model, f, path):
     """Every layer's arrays from the open h5py File `f`, checked (count, shape, finite) before any is
     assigned; returns [(layer, values)]. `path` names the file in errors."""
     h5py = h5py_module()
-    if "layers" not in f or not isinstance(f["layers"], h5py.Group):
+    layers_group = _stored(f, "layers", path)
+    if not isinstance(layers_group, h5py.Group):
         raise WeightsFileError(f"{path!r} has no 'layers' group: not Keras 3 weights")
     expected = keras_paths(model)
     plan = []
     for layer, group_path in zip(model.compute_layers, expected):
         where = f"layer {layer.name} ({type(layer).__name__}, file group {group_path!r})"
-        group = f.get(f"{group_path}/vars")
+        group = _stored_path(f, group_path.split("/") + ["vars"], path)
         count = 0 if group is None else len(group)
         if count != len(layer.weights):
             raise WeightsFileError(f"{path!r} does not match the model at {where}: "
                                    f"{count} arrays in the file, {len(layer.weights)} in the model")
-        values = []
-        for i, (name, current) in enumerate(layer.weights.items()):
-            dataset = group.get(str(i))
-            if not isinstance(dataset, h5py.Dataset):
-                raise WeightsFileError(f"{path!r} does not match the model at {where}: no array {i}")
-            values.append(check_file_array(path, where, name, f"{group_path}/vars/{i}", np.asarray(dataset),
-                                           current.shape))
+        values = [_read_dataset(_stored(group, str(i), path), path, f"{group_path}/vars/{i}", where, name, current)
+                  for i, (name, current) in enumerate(layer.weights.items())]
         plan.append((layer, values))
     known = {p.split("/", 1)[1] for p in expected}
-    unused = [name for name in sorted(f["layers"]) if name not in known and len(f[f"layers/{name}"].get("vars", {})) > 0]
+    unused = [name for name in sorted(layers_group) if name not in known
+              and len(_stored_path(layers_group, [name, "vars"], path) or {}) > 0]
     if unused:
         raise WeightsFileError(f"{path!r} has weights for layers the model does not have: {', '.join(unused)}")
     return plan
+
+
+def read_weights_file(model, source, path):
+    """read_weights on `source` (a path or a file object holding HDF5), every failure of the HDF5
+    library turned into a WeightsFileError that names `path`."""
+    h5py = h5py_module()
+    try:
+        with h5py.File(source, "r") as f:
+            return read_weights(model, f, path)
+    except WeightsFileError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise WeightsFileError(f"{path!r} is not a readable HDF5 weights file (corrupt or truncated?): {exc}") from None
 
 
 def save_keras_weights(model, path):
@@ -96,6 +154,7 @@ def save_keras_weights(model, path):
     if not path.endswith(".weights.h5"):
         raise ValueError(f"Keras 3 only loads weights files named *.weights.h5, got {path!r}")
     model.build()
+    check_savable(model)  # before the temporary file exists
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             write_weights(model, f)
@@ -106,16 +165,10 @@ def load_keras_weights(model, path):
 
     Every array is read and checked (count and shapes per layer) before any is assigned:
     a mismatched file is refused, naming the first mismatch, and the model is unchanged."""
-    h5py = h5py_module()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise WeightsFileError(f"Keras weights file {path!r} does not exist")
     model.build()
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise WeightsFileError(f"{path!r} is not a readable HDF5 file (corrupt or truncated?): {exc}") from None
-    with f:
-        plan = read_weights(model, f, path)
+    plan = read_weights_file(model, path, path)
     for layer, values in plan:
         layer.set_weights(values)

@@ -1,9 +1,14 @@
-"""Weights and training checkpoints as `.npz` files: no pickle, written atomically.
+"""Weights and training checkpoints as `.npz` files: no pickle, written atomically, read within bounds.
 
 A file records, per layer, its name, class, weight names and shapes. Loading matches the
 model layer by layer (position, class, weight names, shapes) and checks every array before
 assigning any, so a mismatched or corrupt file is refused with the first mismatch named and
 the model is left exactly as it was.
+
+Reading never trusts the file: each array's header (dtype, shape) is checked against what the
+model expects before its data is read, members nobody asks for are never read, the zip's CRC is
+verified on every member read, and no object (pickle) array is ever loaded. A crafted file
+therefore cannot make tinycnn allocate more than the model's own size.
 """
 import json
 import os
@@ -16,6 +21,7 @@ from .files import atomic_write
 
 FORMAT = "tinycnn-weights"
 VERSION = 1
+MAX_JSON_BYTES = 16 << 20  # the metadata and training records: far more than any model needs
 
 
 def _layer_records(model):
@@ -35,7 +41,17 @@ def atomic_savez(path, arrays):
         np.savez(f, **arrays)
 
 
+def check_savable(model):
+    """Refuse to write weights that could not be loaded back: every weight must be finite."""
+    for layer in model.compute_layers:
+        for name, value in zip(layer.weights, layer.get_weights()):
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"not saving: weight {name!r} of layer {layer.name} holds NaN or infinite values "
+                                 "(training diverged?); the file on disk is left as it was")
+
+
 def _weights_arrays(model):
+    check_savable(model)
     arrays = {"__meta__": np.array(json.dumps({"format": FORMAT, "version": VERSION, "layers": _layer_records(model)}))}
     for i, layer in enumerate(model.compute_layers):
         for name, value in zip(layer.weights, layer.get_weights()):
@@ -43,36 +59,126 @@ def _weights_arrays(model):
     return arrays
 
 
-def _read(path):
-    """All arrays of a tinycnn .npz file, and its metadata; WeightsFileError if unreadable."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise WeightsFileError(f"weights file {path!r} does not exist")
+class NpzReader:
+    """Checked, bounded reading of an `.npz` archive, one member at a time."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise WeightsFileError(f"weights file {self.path!r} does not exist")
+        if os.path.isdir(self.path):
+            raise WeightsFileError(f"{self.path!r} is a directory, not a weights file")
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise WeightsFileError(f"{self.path!r} is not a readable .npz file (corrupt or truncated, or another "
+                                   f"format?): {exc}") from None
+        self.members = {info.filename[:-4]: info for info in self.zip.infolist() if info.filename.endswith(".npy")}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.zip.close()
+
+    def __contains__(self, key):
+        return key in self.members
+
+    def keys(self):
+        return list(self.members)
+
+    def array(self, key, shape=None, kinds="f", max_bytes=None):
+        """The array stored under `key`, after checking its header: dtype kind in `kinds`, and the
+        given `shape` (or at most `max_bytes` of data). WeightsFileError on any problem."""
+        info = self.members.get(key)
+        if info is None:
+            raise WeightsFileError(f"{self.path!r} is missing {key}")
+        try:
+            with self.zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    found_shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    found_shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise WeightsFileError(f"{self.path!r}: {key} uses .npy format {version}, which tinycnn does not read")
+                self._check_header(key, found_shape, dtype, shape, kinds, max_bytes)
+                nbytes = int(np.prod(found_shape, dtype=np.int64)) * dtype.itemsize
+                data = f.read(nbytes)
+                if len(data) != nbytes or f.read(1):  # reading to the end also verifies the member's CRC
+                    raise WeightsFileError(f"{self.path!r}: {key} does not hold the {nbytes} bytes its header declares")
+        except WeightsFileError:
+            raise
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, TypeError, SyntaxError, NotImplementedError) as exc:
+            raise WeightsFileError(f"{self.path!r}: {key} is corrupt or truncated: {exc}") from None
+        value = np.frombuffer(data, dtype=dtype).reshape(found_shape, order="F" if fortran else "C")
+        return value.copy()
+
+    def _check_header(self, key, found_shape, dtype, shape, kinds, max_bytes):
+        if dtype.hasobject or dtype.kind not in kinds:
+            raise WeightsFileError(f"{self.path!r}: {key} holds {dtype} values, not the kind tinycnn stores there")
+        if shape is not None and tuple(found_shape) != tuple(shape):
+            raise WeightsFileError(f"{self.path!r}: {key} has shape {tuple(found_shape)}, expected {tuple(shape)}")
+        if max_bytes is not None and int(np.prod(found_shape, dtype=np.float64)) * dtype.itemsize > max_bytes:
+            raise WeightsFileError(f"{self.path!r}: {key} declares shape {tuple(found_shape)}, larger than the "
+                                   f"{max_bytes} bytes allowed there")
+
+    def json(self, key):
+        """A JSON document stored as a 0-d string array (at most MAX_JSON_BYTES)."""
+        value = self.array(key, shape=(), kinds="U", max_bytes=MAX_JSON_BYTES)
+        try:
+            return json.loads(str(value[()]))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise WeightsFileError(f"{self.path!r}: {key} is not valid JSON: {exc}") from None
+
+
+def _open(path):
+    """An NpzReader on a tinycnn weights file and its checked metadata."""
+    reader = NpzReader(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-        meta = json.loads(str(arrays.pop("__meta__")[()]))
-    except KeyError:
-        raise WeightsFileError(f"{path!r} is an .npz file but not a tinycnn weights file (no __meta__ entry)") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise WeightsFileError(f"{path!r} is not a readable tinycnn weights file (corrupt or truncated?): {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise WeightsFileError(f"{path!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return arrays, meta
+        if "__meta__" not in reader:
+            raise WeightsFileError(f"{reader.path!r} is an .npz file but not a tinycnn weights file (no __meta__ entry)")
+        meta = reader.json("__meta__")
+        _check_meta(reader.path, meta)
+    except BaseException:
+        reader.zip.close()
+        raise
+    return reader, meta
 
 
-def check_file_array(path, where, name, key, value, expected_shape):
-    """One weight array read from a file: the model's shape, floating point, finite."""
-    if value.shape != tuple(expected_shape):
+def _check_meta(path, meta):
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise WeightsFileError(f"{path!r} has format {found!r}, expected {FORMAT!r}")
+    layers = meta.get("layers")
+    valid = isinstance(layers, list) and all(
+        isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("class"), str)
+        and isinstance(rec.get("weights"), list)
+        and all(isinstance(w, list) and len(w) == 2 and isinstance(w[0], str) for w in rec["weights"])
+        for rec in layers)
+    if not valid:
+        raise WeightsFileError(f"{path!r}: its metadata block is malformed (expected a list of layer records)")
+
+
+def check_file_array(path, where, name, key, value, current):
+    """One weight array read from a file: the model's shape, floating point, and finite in the
+    model's dtype (float64 values beyond float32's range would become infinite)."""
+    if value.shape != tuple(current.shape):
         raise WeightsFileError(f"{path!r} does not match the model at {where}: weight {name!r} has shape "
-                               f"{value.shape} in the file but {tuple(expected_shape)} in the model")
-    if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
-        raise WeightsFileError(f"{path!r}: {key} is not a finite floating-point array")
-    return value
+                               f"{value.shape} in the file but {tuple(current.shape)} in the model")
+    if not np.issubdtype(value.dtype, np.floating):
+        raise WeightsFileError(f"{path!r}: {key} holds {value.dtype} values, not floating point")
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = value.astype(current.dtype, copy=False)
+    if not np.all(np.isfinite(converted)):
+        reason = "NaN or infinite values" if not np.all(np.isfinite(value)) else f"values beyond {current.dtype}'s range"
+        raise WeightsFileError(f"{path!r}: {key} holds {reason}")
+    return converted
 
 
-def _match(model, arrays, meta, path, by_name):
+def _match(model, reader, meta, by_name):
     """Per model layer, the list of arrays to assign; raises on the first mismatch."""
+    path = reader.path
     records = meta["layers"]
     layers = model.compute_layers
     if by_name:
@@ -98,9 +204,9 @@ def _match(model, arrays, meta, path, by_name):
         values = []
         for name, current in layer.weights.items():
             key = f"layer{i:03d}/{name}"
-            if key not in arrays:
-                raise WeightsFileError(f"{path!r} is missing {key}")
-            values.append(check_file_array(path, where, name, key, arrays[key], current.shape))
+            # at most as many values as the model's weight (in any float type): the shape is named below
+            value = reader.array(key, kinds="f", max_bytes=current.size * 16)
+            values.append(check_file_array(path, where, name, key, value, current))
         plan.append((layer, values))
     return plan
 
@@ -110,14 +216,16 @@ def save_weights(model, path):
 
 
 def load_weights(model, path, by_name=False):
-    arrays, meta = _read(path)
-    plan = _match(model, arrays, meta, os.fspath(path), by_name)
+    reader, meta = _open(path)
+    with reader:
+        plan = _match(model, reader, meta, by_name)
     for layer, values in plan:  # every array checked above: nothing is half-loaded
         layer.set_weights(values)
 
 
-def save_checkpoint(model, path, epoch, history):
-    """Weights, optimizer state, the number of finished epochs and the history so far."""
+def save_checkpoint(model, path, epoch, history, settings=None):
+    """Weights, optimizer state, the number of finished epochs, the history so far, and the run's
+    `settings` (a JSON-able dict: what a resumed run must share with this one, e.g. its seed)."""
     arrays = _weights_arrays(model)
     for key, value in model.optimizer.get_state().items():
         arrays[f"optimizer/{key}"] = value
@@ -126,25 +234,51 @@ def save_checkpoint(model, path, epoch, history):
         "epochs_done": int(epoch),
         "history": history,
         "learning_rate": None if callable(lr) else float(lr),
+        "settings": settings,
     }))
     atomic_savez(path, arrays)
 
 
-def load_checkpoint(model, path):
-    """Restore a `save_checkpoint` file into a compiled model; returns (epochs_done, history)."""
-    arrays, meta = _read(path)
-    if "training" not in arrays:
-        raise WeightsFileError(f"{path!r} holds weights only, not a training checkpoint")
-    plan = _match(model, arrays, meta, os.fspath(path), by_name=False)
-    model.build_optimizer()
-    state = {key[len("optimizer/"):]: value for key, value in arrays.items() if key.startswith("optimizer/")}
-    training = json.loads(str(arrays["training"][()]))
-    try:
-        model.optimizer.set_state(state)
-    except (KeyError, ValueError) as exc:
-        raise WeightsFileError(f"{path!r}: optimizer state does not match this model's optimizer ({exc})") from None
+def _check_training(path, training, settings):
+    if not isinstance(training, dict):
+        raise WeightsFileError(f"{path!r}: its training record is malformed")
+    done, lr = training.get("epochs_done"), training.get("learning_rate")
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        raise WeightsFileError(f"{path!r}: epochs_done is {done!r}, not a count of epochs")
+    if lr is not None and not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
+        raise WeightsFileError(f"{path!r}: its learning rate {lr!r} is not a positive number")
+    if settings is not None:
+        saved = training.get("settings") or {}
+        differ = [f"{key}={saved.get(key)!r} in the checkpoint, {value!r} now" for key, value in settings.items()
+                  if saved.get(key) != value]
+        if differ:
+            raise WeightsFileError(f"{path!r} was written by a run with other settings ({'; '.join(differ)}): resume "
+                                   "with the same settings, or start afresh in another directory")
+
+
+def load_checkpoint(model, path, settings=None):
+    """Restore a `save_checkpoint` file into a compiled model; returns (epochs_done, history).
+    With `settings`, refuses a checkpoint written under different ones. Everything is read and
+    checked (weights, optimizer slots, the training record) before anything is assigned."""
+    reader, meta = _open(path)
+    with reader:
+        path = reader.path
+        if "training" not in reader:
+            raise WeightsFileError(f"{path!r} holds weights only, not a training checkpoint")
+        training = reader.json("training")
+        _check_training(path, training, settings)
+        plan = _match(model, reader, meta, by_name=False)
+        model.build_optimizer()
+        state = {}
+        for key, current in model.optimizer.get_state().items():
+            current = np.asarray(current)
+            value = reader.array(f"optimizer/{key}", shape=current.shape, kinds="fiu")
+            if not np.all(np.isfinite(value)) or (key == "iterations" and int(value) < 0):
+                raise WeightsFileError(f"{path!r}: optimizer/{key} holds invalid values")
+            state[key] = value
+    model.optimizer.set_state(state)
     for layer, values in plan:
         layer.set_weights(values)
     if training["learning_rate"] is not None:
         model.optimizer.learning_rate = training["learning_rate"]
-    return training["epochs_done"], training["history"]
+    return training["epochs_done"], training.get("history")

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from . import arguments
 from . import callbacks as callbacks_module
 from . import losses as losses_module
 from . import metrics as metrics_module
@@ -94,15 +95,29 @@ def _result(logs, return_dict):
 
 
 def _auto(verbose):
-    return 1 if verbose == "auto" else int(verbose)
+    """Keras's verbose: "auto" (a progress bar), 0 (silent), 1 (progress bar), 2 (a line per epoch)."""
+    if verbose == "auto" or verbose is True:
+        return 1
+    return 0 if verbose is False else arguments.integer(verbose, "verbose", 0, 2)
 
 
 def _batch_size(batch_size):
-    if batch_size is None:
-        return 32
-    if int(batch_size) != batch_size or int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
+    return 32 if batch_size is None else arguments.integer(batch_size, "batch_size", minimum=1)
+
+
+def _callbacks(callbacks):
+    """A list of Callback objects from None, one callback, or a list of them."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, callbacks_module.Callback):
+        return [callbacks]
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of tinycnn.callbacks.Callback objects, got {type(callbacks).__name__}")
+    for cb in callbacks:
+        if not isinstance(cb, callbacks_module.Callback):
+            raise TypeError(f"callbacks must be tinycnn.callbacks.Callback objects (subclass Callback, or use "
+                            f"LambdaCallback), got {type(cb).__name__}")
+    return list(callbacks)
 
 
 class Trainer:
@@ -381,13 +396,10 @@ class Trainer:
         self._require_compiled("fit")
         batch_size = _batch_size(batch_size)
         verbose = _auto(verbose)
-        if int(epochs) != epochs or int(epochs) < 0 or int(initial_epoch) < 0:
-            raise ValueError(f"epochs and initial_epoch must be integers >= 0, got {epochs!r}, {initial_epoch!r}")
-        epochs = int(epochs)
-        if not 0.0 <= float(validation_split) < 1.0:
-            raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
-        if isinstance(callbacks, callbacks_module.Callback):
-            callbacks = [callbacks]
+        epochs = arguments.integer(epochs, "epochs", minimum=0)
+        initial_epoch = arguments.integer(initial_epoch, "initial_epoch", minimum=0)
+        validation_split = arguments.real(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+        callbacks = _callbacks(callbacks)
         xs = self.check_inputs(x)
         t = self.check_targets(y, xs[0].shape[0])
         weights = self.check_sample_weight(sample_weight, None, t)
@@ -417,7 +429,7 @@ class Trainer:
         history = callbacks_module.History()
         shown = self.metrics_names + (["val_" + m for m in self.metrics_names] if val else [])
         cbs = callbacks_module.CallbackList(
-            ([callbacks_module.ProgbarLogger(verbose)] if verbose else []) + list(callbacks or []) + [history],
+            ([callbacks_module.ProgbarLogger(verbose)] if verbose else []) + callbacks + [history],
             self, {"epochs": epochs, "samples": n, "batch_size": batch_size, "verbose": verbose, "metrics": shown,
                    "do_validation": val is not None, "steps": -(-n // batch_size)})
         if verbose and val is not None:
@@ -500,7 +512,7 @@ class Trainer:
         xs = self.check_inputs(x)
         t = self.check_targets(y, xs[0].shape[0])
         weights = self.check_sample_weight(sample_weight, None, t)
-        cbs = callbacks_module.CallbackList(list(callbacks or []), self, {"verbose": verbose, "samples": t.shape[0]})
+        cbs = callbacks_module.CallbackList(_callbacks(callbacks), self, {"verbose": verbose, "samples": t.shape[0]})
         cbs.call("on_test_begin", {})
         bar = callbacks_module.Progbar(t.shape[0], verbose=verbose) if verbose else None
         values = self._evaluate_arrays(xs, t, weights, batch_size, callbacks=cbs).averages()
@@ -515,7 +527,7 @@ class Trainer:
         verbose = _auto(verbose)
         xs = self.check_inputs(x)
         n = xs[0].shape[0]
-        cbs = callbacks_module.CallbackList(list(callbacks or []), self, {"verbose": verbose, "samples": n})
+        cbs = callbacks_module.CallbackList(_callbacks(callbacks), self, {"verbose": verbose, "samples": n})
         cbs.call("on_predict_begin", {})
         plan = self.plan()
         outs = [[] for _ in self.outputs]

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from . import sources
-from .sources import ARRAY_NAMES, IdxDataset, default_cache_dir, progress
+from .sources import ARRAY_NAMES, IdxDataset, default_cache_dir, progress  # noqa: F401 (mnist.ARRAY_NAMES)
 
 __all__ = [
     "load_data",
@@ -57,8 +57,6 @@ EXPECTED_SHAPES = {
     "x_test": (10000, 28, 28),
     "y_test": (10000,),
 }
-
-ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 
 #: The published MD5 of each gzipped IDX file.
 IDX_MD5 = {

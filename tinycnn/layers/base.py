@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .. import activations, initializers, naming
+from .. import activations, arguments, initializers, naming
 from .. import regularizers as regularizers_module
 from ..arrays import is_array, to_numpy
 from ..backend import get_backend
@@ -31,22 +31,11 @@ from ..graph import Node, SymbolicTensor
 
 def pair(value, what):
     """A (height, width) pair of positive ints from an int or a pair."""
-    if isinstance(value, (int, np.integer)):
-        value = (int(value), int(value))
-    try:
-        value = tuple(int(v) for v in value)
-    except TypeError:
-        raise ValueError(f"{what} must be a positive int or a pair of positive ints, got {value!r}") from None
-    if len(value) != 2 or min(value) < 1:
-        raise ValueError(f"{what} must be a positive int or a pair of positive ints, got {value!r}")
-    return value
+    return arguments.integer_tuple(value, what, 2, minimum=1)
 
 
 def padding_mode(padding, what):
-    mode = str(padding).lower()
-    if mode not in ("valid", "same"):
-        raise ValueError(f"{what} padding must be 'valid' or 'same', got {padding!r}")
-    return mode
+    return arguments.choice(padding, f"{what} padding", ("valid", "same"))
 
 
 def window_pads(mode, size_hw, window, strides):
@@ -73,11 +62,13 @@ def no_dilation(dilation_rate, what):
 
 
 def _shape_tuple(shape, what):
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
     try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise ShapeError(f"{what} must be a tuple of positive ints, got {shape!r}") from None
-    if not shape or min(shape) < 1:
+        shape = arguments.integer_tuple(shape, what, minimum=1)
+    except (TypeError, ValueError):
+        raise ShapeError(f"{what} must be a non-empty tuple of positive ints (no batch axis), got {shape!r}") from None
+    if not shape:
         raise ShapeError(f"{what} must be a non-empty tuple of positive ints (no batch axis), got {shape!r}")
     return shape
 

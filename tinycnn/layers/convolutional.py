@@ -1,5 +1,5 @@
 """Convolutions: Conv2D, DepthwiseConv2D and SeparableConv2D (MobileNet's block)."""
-from .. import initializers, regularizers
+from .. import arguments, initializers, regularizers
 from ..errors import ShapeError
 from ..kernels.reference import output_hw
 from .base import ActivatedLayer, channels_last, no_dilation, pair, padding_mode, window_pads
@@ -52,9 +52,7 @@ class Conv2D(_Conv):
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, data_format=None, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
-        if int(filters) != filters or int(filters) < 1:
-            raise ValueError(f"Conv2D filters must be a positive integer, got {filters!r}")
-        self.filters = int(filters)
+        self.filters = arguments.integer(filters, "Conv2D filters", minimum=1)
         self._configure_window(kernel_size, strides, padding, use_bias, activation, data_format, dilation_rate,
                                bias_initializer, bias_regularizer)
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -106,9 +104,7 @@ class DepthwiseConv2D(_Conv):
                  depthwise_initializer="glorot_uniform", bias_initializer="zeros", depthwise_regularizer=None,
                  bias_regularizer=None, data_format=None, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
-        if int(depth_multiplier) != depth_multiplier or int(depth_multiplier) < 1:
-            raise ValueError(f"DepthwiseConv2D depth_multiplier must be a positive integer, got {depth_multiplier!r}")
-        self.depth_multiplier = int(depth_multiplier)
+        self.depth_multiplier = arguments.integer(depth_multiplier, "DepthwiseConv2D depth_multiplier", minimum=1)
         self._configure_window(kernel_size, strides, padding, use_bias, activation, data_format, dilation_rate,
                                bias_initializer, bias_regularizer)
         self.depthwise_initializer = initializers.get(depthwise_initializer)
@@ -158,11 +154,8 @@ class SeparableConv2D(_Conv):
                  bias_initializer="zeros", depthwise_regularizer=None, pointwise_regularizer=None,
                  bias_regularizer=None, data_format=None, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
-        for value, what in ((filters, "filters"), (depth_multiplier, "depth_multiplier")):
-            if int(value) != value or int(value) < 1:
-                raise ValueError(f"SeparableConv2D {what} must be a positive integer, got {value!r}")
-        self.filters = int(filters)
-        self.depth_multiplier = int(depth_multiplier)
+        self.filters = arguments.integer(filters, "SeparableConv2D filters", minimum=1)
+        self.depth_multiplier = arguments.integer(depth_multiplier, "SeparableConv2D depth_multiplier", minimum=1)
         self._configure_window(kernel_size, strides, padding, use_bias, activation, data_format, dilation_rate,
                                bias_initializer, bias_regularizer)
         self.depthwise_initializer = initializers.get(depthwise_initializer)

@@ -1,5 +1,5 @@
 """Dense and the activation layers."""
-from .. import activations, initializers, regularizers
+from .. import activations, arguments, initializers, regularizers
 from ..errors import ShapeError
 from .base import ActivatedLayer, Layer
 
@@ -12,9 +12,7 @@ class Dense(ActivatedLayer):
     def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None, **kwargs):
         super().__init__(**kwargs)
-        if int(units) != units or int(units) < 1:
-            raise ValueError(f"Dense units must be a positive integer, got {units!r}")
-        self.units = int(units)
+        self.units = arguments.integer(units, "Dense units", minimum=1)
         self.use_bias = bool(use_bias)
         self.set_activation(activation)
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -104,9 +102,8 @@ class LeakyReLU(Activation):
     def __init__(self, negative_slope=None, alpha=None, **kwargs):
         if negative_slope is not None and alpha is not None:
             raise TypeError("LeakyReLU takes negative_slope or alpha (its Keras 2 name), not both")
-        slope = 0.3 if negative_slope is None and alpha is None else float(alpha if negative_slope is None else negative_slope)
-        if not slope >= 0:
-            raise ValueError(f"LeakyReLU negative_slope must be >= 0, got {slope!r}")
+        slope = 0.3 if negative_slope is None and alpha is None else \
+            arguments.real(alpha if negative_slope is None else negative_slope, "LeakyReLU negative_slope", low=0)
         super().__init__(activations.make_leaky_relu(slope), **kwargs)
         self.negative_slope = slope
 
@@ -120,8 +117,9 @@ class ELU(Activation):
     base_name = "elu"
 
     def __init__(self, alpha=1.0, **kwargs):
+        alpha = arguments.real(alpha, "ELU alpha")
         super().__init__(activations.make_elu(alpha), **kwargs)
-        self.alpha = float(alpha)
+        self.alpha = alpha
 
     def get_config(self):
         return {**Layer.get_config(self), "alpha": self.alpha}

@@ -1,4 +1,5 @@
 """Layers that merge several inputs: Add (residual connections) and Concatenate (branches)."""
+from .. import arguments
 from ..errors import ShapeError
 from .base import Layer
 
@@ -34,7 +35,7 @@ class Concatenate(Layer):
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        self.axis = int(axis)
+        self.axis = arguments.integer(axis, "Concatenate axis")
         if self.axis == 0:
             raise ValueError("Concatenate cannot join along axis 0, the batch axis")
 

@@ -1,7 +1,5 @@
 """BatchNormalization."""
-import math
-
-from .. import initializers, regularizers
+from .. import arguments, initializers, regularizers
 from ..errors import ShapeError
 from .base import Layer
 
@@ -18,13 +16,9 @@ class BatchNormalization(Layer):
                  gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"BatchNormalization momentum must be in [0, 1], got {momentum!r}")
-        if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
-            raise ValueError(f"BatchNormalization epsilon must be positive and finite, got {epsilon!r}")
-        self.axis = int(axis)
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
+        self.momentum = arguments.real(momentum, "BatchNormalization momentum", 0.0, 1.0)
+        self.epsilon = arguments.real(epsilon, "BatchNormalization epsilon", low=0.0, low_open=True)
+        self.axis = arguments.integer(axis, "BatchNormalization axis")
         self.center, self.scale = bool(center), bool(scale)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)

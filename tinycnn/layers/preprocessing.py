@@ -1,4 +1,5 @@
 """Rescaling: inputs mapped to x * scale + offset inside the model (e.g. pixels to [0, 1])."""
+from .. import arguments
 from .base import Layer
 
 
@@ -7,8 +8,8 @@ class Rescaling(Layer):
 
     def __init__(self, scale, offset=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.scale = float(scale)
-        self.offset = float(offset)
+        self.scale = arguments.real(scale, "Rescaling scale")
+        self.offset = arguments.real(offset, "Rescaling offset")
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale, "offset": self.offset}

@@ -1,6 +1,7 @@
 """Dropout."""
 import numpy as np
 
+from .. import arguments
 from .base import Layer
 
 
@@ -12,10 +13,8 @@ class Dropout(Layer):
 
     def __init__(self, rate, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= float(rate) < 1.0:
-            raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
-        self.rate = float(rate)
-        self.seed = seed
+        self.rate = arguments.real(rate, "Dropout rate", 0.0, 1.0, high_open=True)
+        self.seed = None if seed is None else arguments.integer(seed, "Dropout seed", minimum=0)
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}

@@ -1,6 +1,7 @@
 """Flatten and ZeroPadding2D."""
 import numpy as np
 
+from .. import arguments
 from ..errors import ShapeError
 from .base import Layer, channels_last
 
@@ -24,14 +25,16 @@ class Flatten(Layer):
 
 def _padding_pairs(padding):
     """((top, bottom), (left, right)) from an int, a pair (symmetric height, width) or two pairs."""
-    if isinstance(padding, (int, np.integer)):
-        return ((int(padding),) * 2,) * 2
-    padding = tuple(padding)
-    if len(padding) == 2 and all(isinstance(p, (int, np.integer)) for p in padding):
-        return ((int(padding[0]),) * 2, (int(padding[1]),) * 2)
-    if len(padding) == 2 and all(len(tuple(p)) == 2 for p in padding):
-        return tuple(tuple(int(v) for v in p) for p in padding)
-    raise ValueError(f"ZeroPadding2D padding must be an int, (h, w) or ((top, bottom), (left, right)), got {padding!r}")
+    what = "ZeroPadding2D padding"
+    try:
+        if not hasattr(padding, "__iter__"):
+            return (arguments.integer_tuple(padding, what, 2, minimum=0),) * 2
+        parts = tuple(padding)
+        if len(parts) == 2:  # (h, w) means ((h, h), (w, w))
+            return tuple(arguments.integer_tuple(p, what, 2, minimum=0) for p in parts)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{what} must be an int, (h, w) or ((top, bottom), (left, right)) of ints >= 0, got {padding!r}")
 
 
 class ZeroPadding2D(Layer):
@@ -43,8 +46,6 @@ class ZeroPadding2D(Layer):
         super().__init__(**kwargs)
         channels_last(data_format, "ZeroPadding2D")
         self.padding = _padding_pairs(padding)
-        if min(min(p) for p in self.padding) < 0:
-            raise ValueError(f"ZeroPadding2D padding must be >= 0, got {padding!r}")
 
     def get_config(self):
         return {**super().get_config(), "padding": self.padding}
