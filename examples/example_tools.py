@@ -1,5 +1,7 @@
-"""What the examples share: a log that tees the terminal to log.txt, a description of the machine,
-atomic JSON, per-epoch records with a checkpoint, and the learning-curve and misclassified plots."""
+"""What the examples share: command-line number types, a log that tees the terminal to log.txt, a
+description of the machine, atomic JSON, per-epoch records with a checkpoint, and the learning-curve
+and misclassified plots."""
+import argparse
 import json
 import os
 import platform
@@ -8,6 +10,26 @@ import sys
 import numpy as np
 
 import tinycnn as tc
+
+
+def cli_integer(minimum):
+    """An argparse type: an integer >= minimum (argparse then prints usage and the problem, not a traceback)."""
+    def parse(text):
+        try:
+            return tc.arguments.integer(int(text), "value", minimum=minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+# What a resumed run must share with the run that wrote its checkpoint (else its log mixes two runs).
+RESUME_SETTINGS = ("seed", "batch_size", "train_samples", "width")
+
+
+def resume_settings(run_info):
+    return {key: run_info[key] for key in RESUME_SETTINGS if key in run_info}
 
 
 class TeeLog:
@@ -36,9 +58,15 @@ class TeeLog:
 
 
 def run_logged(out, run, append=False):
-    """`run()` with everything it prints also written to out/log.txt; returns what run returns."""
-    os.makedirs(out, exist_ok=True)
-    log = TeeLog(sys.stdout, os.path.join(out, "log.txt"), "a" if append else "w")
+    """`run()` with everything it prints also written to out/log.txt; returns what run returns
+    (exit status 2, with the reason, when `out` cannot be a directory of results)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        log = TeeLog(sys.stdout, os.path.join(out, "log.txt"), "a" if append else "w")
+    except OSError as exc:
+        print(f"{os.path.basename(sys.argv[0])}: cannot write results to {out!r}: {exc.strerror or exc} "
+              "(--out must be a directory, or a path where one can be made)", file=sys.stderr)
+        return 2
     sys.stdout = log
     try:
         return run()
@@ -73,7 +101,8 @@ class EpochRecorder(tc.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         entry = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
         self.records.append(entry)
-        tc.saving.save_checkpoint(self.model, os.path.join(self.out, "checkpoint.npz"), epoch + 1, self.records)
+        tc.saving.save_checkpoint(self.model, os.path.join(self.out, "checkpoint.npz"), epoch + 1, self.records,
+                                  settings=resume_settings(self.run_info))
         write_json_atomic(os.path.join(self.out, "history.json"), {**self.run_info, "epochs": self.records})
 
 

@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from example_tools import EpochRecorder, machine, plot_curves, plot_misclassified, run_logged, write_json_atomic  # noqa: E402
+from example_tools import (EpochRecorder, cli_integer, machine, plot_curves, plot_misclassified,  # noqa: E402
+                           run_logged, write_json_atomic)
 
 import tinycnn as tc  # noqa: E402
 from tinycnn import layers as L  # noqa: E402
@@ -71,11 +72,13 @@ def build_model(width=32, device=None, seed=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--width", type=int, default=32, help="channels of the first stage (the second has twice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-limit", type=int, default=None, metavar="N", help="train on the first N images")
+    parser.add_argument("--epochs", type=cli_integer(0), default=10)
+    parser.add_argument("--batch-size", type=cli_integer(1), default=128)
+    parser.add_argument("--width", type=cli_integer(1), default=32,
+                        help="channels of the first stage (the second has twice)")
+    parser.add_argument("--seed", type=cli_integer(0), default=0)
+    parser.add_argument("--train-limit", type=cli_integer(1), default=None, metavar="N",
+                        help="train on the first N images")
     parser.add_argument("--out", default="runs/fashion_resnet")
     parser.add_argument("--summary", action="store_true", help="print the model summary and exit")
     args = parser.parse_args(argv)

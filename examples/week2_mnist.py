@@ -18,7 +18,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from example_tools import EpochRecorder, machine, plot_curves, plot_misclassified, run_logged, write_json_atomic  # noqa: E402
+from example_tools import (EpochRecorder, cli_integer, machine, plot_curves, plot_misclassified,  # noqa: E402
+                           resume_settings, run_logged, write_json_atomic)
 from week2_model import build_week2_model  # noqa: E402
 
 import tinycnn as tc  # noqa: E402
@@ -65,10 +66,11 @@ def plot(out, records, seed_log, x_test, labels, predicted):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-limit", type=int, default=None, metavar="N", help="train on the first N images")
+    parser.add_argument("--epochs", type=cli_integer(0), default=20)
+    parser.add_argument("--batch-size", type=cli_integer(1), default=128)
+    parser.add_argument("--seed", type=cli_integer(0), default=0)
+    parser.add_argument("--train-limit", type=cli_integer(1), default=None, metavar="N",
+                        help="train on the first N images")
     parser.add_argument("--out", default="runs/week2")
     parser.add_argument("--summary", action="store_true", help="print the model summary and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -99,13 +101,17 @@ def run(args, model, checkpoint, resuming):
         return 1
     model.compile(optimizer=tc.optimizers.Adam(0.003), loss="categorical_crossentropy", metrics=["acc"])
     records, done = [], 0
+    run_info = {"device": model.backend.name, "backend": model.backend.describe(), "seed": args.seed,
+                "batch_size": args.batch_size, "train_samples": int(x_train.shape[0]), "machine": machine()}
     if args.resume and not resuming:
         print(f"(no checkpoint in {args.out}: starting from epoch 1)")
     if resuming:
-        done, records = tc.saving.load_checkpoint(model, checkpoint)
+        try:
+            done, records = tc.saving.load_checkpoint(model, checkpoint, settings=resume_settings(run_info))
+        except tc.WeightsFileError as exc:
+            print(f"week2_mnist: cannot resume: {exc}", file=sys.stderr)
+            return 2
         print(f"resuming after epoch {done} from {checkpoint}")
-    run_info = {"device": model.backend.name, "backend": model.backend.describe(), "seed": args.seed,
-                "batch_size": args.batch_size, "train_samples": int(x_train.shape[0]), "machine": machine()}
     started = time.perf_counter()
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, initial_epoch=done,
               validation_data=(x_test, y_test), verbose=1,

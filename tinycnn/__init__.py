@@ -1,8 +1,9 @@
 """tinycnn: a from-scratch CNN framework on a swappable NumPy (numba) / CuPy backend."""
-from . import (activations, backend, callbacks, config, datasets, files, gradcheck, initializers, layers, losses,
-               metrics, models, optimizers, regularizers, saving, schedules, utils)
+from . import (activations, arguments, backend, callbacks, config, datasets, files, gradcheck, initializers, layers,
+               losses, metrics, models, optimizers, regularizers, saving, schedules, utils)
 from .backend import get_backend
-from .errors import ConfigError, DatasetError, DeviceError, GraphError, ShapeError, WeightsFileError
+from .errors import (ConfigError, DatasetError, DeviceError, GraphError, ModelBusyError, ShapeError,
+                     WeightsFileError)
 from .layers import Input
 from .model import Model, Sequential
 
@@ -11,5 +12,5 @@ __all__ = [
     "Model", "Sequential", "Input", "layers", "losses", "metrics", "models", "optimizers", "schedules", "callbacks",
     "activations", "initializers", "regularizers", "utils", "backend", "config", "datasets", "files", "gradcheck",
     "saving", "get_backend", "ConfigError", "DeviceError", "GraphError", "ShapeError", "WeightsFileError",
-    "DatasetError", "__version__",
+    "ModelBusyError", "DatasetError", "arguments", "__version__",
 ]

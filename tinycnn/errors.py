@@ -25,3 +25,7 @@ class WeightsFileError(ValueError):
 
 class DatasetError(RuntimeError):
     """A dataset could not be read, verified or obtained from any source."""
+
+
+class ModelBusyError(RuntimeError):
+    """A model was called from one thread while another thread was running it."""

@@ -30,7 +30,12 @@ def atomic_path(path):
     makes it private) and renamed over `path`; on an error it is removed and `path` is untouched."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path!r}: a directory of that name exists")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"cannot write {path!r}: a part of {directory!r} is a file, not a directory") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:

@@ -325,7 +325,7 @@ def save_model(model, path):
     config = model_to_config(model)
     metadata = {"keras_version": KERAS_VERSION, "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
     buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as f:
+    with h5py.File(buffer, "w", libver=("v110", "v110")) as f:
         write_weights(model, f)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w") as zf:
@@ -348,24 +348,69 @@ def _member(zf, name, limit, path):
     return data
 
 
-def read_archive(path):
-    """(config, weights bytes) of a `.keras` file, checked: a zip holding the known members, each
-    within its size limit, and a config that is a JSON object."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise WeightsFileError(f"model file {path!r} does not exist")
-    if not zipfile.is_zipfile(path):
-        hint = " (a legacy Keras 2 .h5 model? tinycnn reads Keras 3's .keras format)" if path.endswith(".h5") else ""
-        raise WeightsFileError(f"{path!r} is not a .keras model file (not a zip archive){hint}")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            config = json.loads(_member(zf, "config.json", MAX_JSON_BYTES, path))
-            weights = _member(zf, "model.weights.h5", MAX_WEIGHTS_BYTES, path)
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as exc:
-        raise WeightsFileError(f"{path!r} is not a readable .keras file (corrupt or truncated?): {exc}") from None
-    if not isinstance(config, dict):
-        raise WeightsFileError(f"{path!r}: config.json does not hold a model configuration")
-    return config, weights
+# What zipfile and json raise on damaged input (a flipped "encrypted" flag is a RuntimeError, an
+# unknown version or compression method a NotImplementedError).
+_READ_ERRORS = (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, RecursionError,
+                ValueError, RuntimeError, NotImplementedError)
+
+
+class ModelArchive:
+    """A `.keras` file opened for checked reading: the config at once (a JSON object of bounded
+    size), the weights member only when asked, up to a size the caller derives from the model the
+    config describes (so a small file cannot make tinycnn read or allocate gigabytes)."""
+
+    def __init__(self, path):
+        self.path = path = os.fspath(path)
+        if not os.path.exists(path):
+            raise WeightsFileError(f"model file {path!r} does not exist")
+        if os.path.isdir(path) or not zipfile.is_zipfile(path):
+            hint = " (a legacy Keras 2 .h5 model? tinycnn reads Keras 3's .keras format)" if path.endswith(".h5") else ""
+            raise WeightsFileError(f"{path!r} is not a .keras model file (not a zip archive){hint}")
+        try:
+            self.zip = zipfile.ZipFile(path)
+            self.config = json.loads(_member(self.zip, "config.json", MAX_JSON_BYTES, path))
+            self.weights_size = self._info("model.weights.h5").file_size
+        except WeightsFileError:
+            self.close()
+            raise
+        except _READ_ERRORS as exc:
+            self.close()
+            raise WeightsFileError(f"{path!r} is not a readable .keras file (corrupt or truncated?): {exc}") from None
+        if not isinstance(self.config, dict):
+            self.close()
+            raise WeightsFileError(f"{path!r}: config.json does not hold a model configuration")
+
+    def _info(self, name):
+        try:
+            return self.zip.getinfo(name)
+        except KeyError:
+            raise WeightsFileError(f"{self.path!r} is not a .keras model file: it has no {name}") from None
+
+    def weights(self, limit):
+        """The bytes of model.weights.h5, refused when they declare more than `limit` bytes."""
+        try:
+            return _member(self.zip, "model.weights.h5", min(limit, MAX_WEIGHTS_BYTES), self.path)
+        except WeightsFileError:
+            raise
+        except _READ_ERRORS as exc:
+            raise WeightsFileError(f"{self.path!r} is not a readable .keras file (corrupt or truncated?): {exc}") from None
+
+    def close(self):
+        if getattr(self, "zip", None) is not None:
+            self.zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def weights_file_limit(model):
+    """The most bytes an HDF5 weights file of `model` can need: its float32 values plus HDF5's
+    bookkeeping (a few KiB per array; 16 KiB and 1 MiB are generous)."""
+    arrays = [w for layer in model.compute_layers for w in layer.weights.values()]
+    return sum(w.size * 4 for w in arrays) + 16 * 1024 * len(arrays) + (1 << 20)
 
 
 def load_weights_bytes(model, weights, path):

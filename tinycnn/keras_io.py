@@ -9,7 +9,8 @@ reads a missing group as empty, so input layers are left out); `vars` groups car
 name as an attribute, which Keras does not read. An `optimizer/` group, if present, is ignored.
 
 Files tinycnn writes store every array with HDF5's Fletcher-32 checksum (a standard filter any
-HDF5 reader, Keras included, reads transparently), so a flipped byte fails the load. Reading
+HDF5 reader, Keras included, reads transparently) in HDF5 1.10's file format, whose metadata
+carries checksums too: a flipped bit anywhere in the file fails the load or changes nothing. Reading
 follows only what is stored in the file itself: a soft or external link, an array kept in an
 external raw file, or a virtual dataset is refused, since each could make the loader read another
 object or another file on the machine. Each array's dtype and shape are checked before it is read.
@@ -156,7 +157,7 @@ def save_keras_weights(model, path):
     model.build()
     check_savable(model)  # before the temporary file exists
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
             write_weights(model, f)
 
 

@@ -15,8 +15,9 @@ import os
 
 import numpy as np
 
-from . import naming, saving
+from . import arguments, naming, saving
 from .backend import get_backend
+from .concurrency import exclusive
 from .errors import GraphError, ShapeError, WeightsFileError
 from .graph import SymbolicTensor, layer_order, topological_nodes
 from .layers.base import InputLayer, Layer, trainable_version
@@ -46,7 +47,7 @@ class Model(Trainer):
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"models compute in float32 or float64, not {self.dtype}")
         # Without a seed, draw one now: the model is still reproducible from `model.seed`.
-        self.seed = fresh_seed() if seed is None else int(seed)
+        self.seed = fresh_seed() if seed is None else arguments.integer(seed, "seed", minimum=0)
         self.fuse = bool(fuse)  # let the plan run a BatchNormalization and the Dropout after it as one kernel
         self.built = False
         self.params = None
@@ -156,6 +157,7 @@ class Model(Trainer):
             self._plans[strip_activation] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, strip_activation)
         return self._plans[strip_activation]
 
+    @exclusive
     def __call__(self, x, training=None):
         """The outputs for input arrays (device arrays; a list for several outputs). `training`
         True/False sets every layer's mode; None (inference) leaves the modes calls fixed."""
@@ -191,6 +193,7 @@ class Model(Trainer):
         self.build()
         return [w for layer in self.compute_layers for w in layer.get_weights()]
 
+    @exclusive
     def set_weights(self, weights):
         """Assign every weight, in `get_weights` order. All are checked (count, shapes, finite
         values) before any is assigned: a bad list leaves the model untouched."""
@@ -207,6 +210,7 @@ class Model(Trainer):
         for layer, values in zip(layers, checked):
             layer.set_weights(values)
 
+    @exclusive
     def save(self, filepath, overwrite=True):
         """Write the model (architecture, weights, compile arguments) as a Keras 3 `.keras` file."""
         from . import keras_format
@@ -215,6 +219,7 @@ class Model(Trainer):
             raise FileExistsError(f"{os.fspath(filepath)!r} exists and overwrite=False")
         keras_format.save_model(self, filepath)
 
+    @exclusive
     def save_weights(self, filepath, overwrite=True):
         """The weights alone, in the format the name asks for: `.weights.h5` (Keras 3's layout, needs
         h5py) or `.npz` (tinycnn's, no pickle)."""
@@ -230,6 +235,7 @@ class Model(Trainer):
             raise ValueError(f"save_weights writes .weights.h5 (Keras's format) or .npz (tinycnn's), got {path!r}"
                              + ("; .keras files hold whole models: use model.save" if path.endswith(".keras") else ""))
 
+    @exclusive
     def load_weights(self, filepath, by_name=False):
         """Load weights saved by save_weights (or by Keras's), whichever format the file holds."""
         from . import keras_format
@@ -237,6 +243,8 @@ class Model(Trainer):
         path = os.fspath(filepath)
         if not os.path.exists(path):
             raise WeightsFileError(f"weights file {path!r} does not exist")
+        if not os.path.isfile(path):
+            raise WeightsFileError(f"{path!r} is not a file (a directory?)")
         self.build()
         kind = keras_format.sniff_weights_format(path)
         if kind == "h5":

@@ -9,6 +9,7 @@ import os
 from . import keras_format
 from .errors import WeightsFileError
 from .layers import InputLayer
+from .layers.base import weight_budget
 from .model import Model, Sequential
 
 __all__ = ["Model", "Sequential", "load_model", "save_model", "model_from_config"]
@@ -18,15 +19,24 @@ def load_model(filepath, compile=True, device=None):
     """A model from a Keras 3 `.keras` file, written by Keras or by tinycnn: architecture, weights
     and, with `compile=True`, the compile arguments (with a fresh optimizer state)."""
     path = os.fspath(filepath)
-    config, weights = keras_format.read_archive(path)
-    try:
-        model = model_from_config(config, device=device)
-    except (KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise WeightsFileError(f"{path!r}: its model configuration is malformed ({type(exc).__name__}: {exc})") from None
-    model.build()
+    with keras_format.ModelArchive(path) as archive:
+        config = archive.config
+        # the configuration may create no more weights than the file's weights member holds
+        with weight_budget(archive.weights_size + (1 << 20), lambda message: WeightsFileError(f"{path!r}: {message}")):
+            try:
+                model = model_from_config(config, device=device)
+                model.build()
+            except (KeyError, TypeError, IndexError, AttributeError) as exc:
+                raise WeightsFileError(f"{path!r}: its model configuration is malformed "
+                                       f"({type(exc).__name__}: {exc})") from None
+        weights = archive.weights(keras_format.weights_file_limit(model))
     keras_format.load_weights_bytes(model, weights, path)
     if compile:
-        keras_format.compile_from_keras(model, config.get("compile_config"))
+        try:
+            keras_format.compile_from_keras(model, config.get("compile_config"))
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise WeightsFileError(f"{path!r}: its compile configuration is malformed "
+                                   f"({type(exc).__name__}: {exc})") from None
     return model
 
 

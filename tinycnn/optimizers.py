@@ -11,19 +11,19 @@ import math
 
 import numpy as np
 
-from . import schedules
+from . import arguments, schedules
 from .arrays import to_numpy
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adadelta", "schedules", "get"]
 
 
 def _positive_or_none(value, name):
-    if value is None:
-        return None
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
-    return value
+    return None if value is None else arguments.real(value, name, low=0.0, low_open=True)
+
+
+def _fraction(value, name):
+    """A decay rate or momentum: in [0, 1)."""
+    return arguments.real(value, name, 0.0, 1.0, high_open=True)
 
 
 class Optimizer:
@@ -31,14 +31,13 @@ class Optimizer:
 
     def __init__(self, learning_rate, weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
                  name=None):
-        if not callable(learning_rate) and not float(learning_rate) > 0:
-            raise ValueError(f"learning_rate must be positive or a schedule, got {learning_rate!r}")
+        if not callable(learning_rate):
+            learning_rate = arguments.real(learning_rate, "learning_rate (a number, or a schedule)", low=0.0,
+                                           low_open=True)
         if sum(v is not None for v in (clipnorm, clipvalue, global_clipnorm)) > 1:
             raise ValueError("use at most one of clipnorm, clipvalue and global_clipnorm")
         self.learning_rate = learning_rate  # a float, or a schedule called with the step count
-        self.weight_decay = None if weight_decay is None else float(weight_decay)
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.weight_decay = None if weight_decay is None else arguments.real(weight_decay, "weight_decay", low=0.0)
         self.clipnorm = _positive_or_none(clipnorm, "clipnorm")
         self.clipvalue = _positive_or_none(clipvalue, "clipvalue")
         self.global_clipnorm = _positive_or_none(global_clipnorm, "global_clipnorm")
@@ -117,9 +116,7 @@ class SGD(Optimizer):
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.momentum, self.nesterov = _fraction(momentum, "SGD momentum"), bool(nesterov)
         self.slot_names = ("velocity",) if self.momentum else ()
 
     def update(self, params, grads, lr):
@@ -145,9 +142,8 @@ class Adam(Optimizer):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        if not (0 <= beta_1 < 1 and 0 <= beta_2 < 1 and epsilon > 0):
-            raise ValueError("Adam needs 0 <= beta_1, beta_2 < 1 and epsilon > 0")
-        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self.beta_1, self.beta_2 = _fraction(beta_1, "Adam beta_1"), _fraction(beta_2, "Adam beta_2")
+        self.epsilon = arguments.real(epsilon, "Adam epsilon", low=0.0, low_open=True)
 
     def update(self, params, grads, lr):
         t = self.iterations + 1
@@ -175,9 +171,9 @@ class RMSprop(Optimizer):
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        if not (0 <= rho < 1 and 0 <= momentum < 1 and epsilon > 0):
-            raise ValueError("RMSprop needs 0 <= rho < 1, 0 <= momentum < 1 and epsilon > 0")
-        self.rho, self.momentum, self.epsilon, self.centered = float(rho), float(momentum), float(epsilon), bool(centered)
+        self.rho, self.momentum = _fraction(rho, "RMSprop rho"), _fraction(momentum, "RMSprop momentum")
+        self.epsilon = arguments.real(epsilon, "RMSprop epsilon", low=0.0, low_open=True)
+        self.centered = bool(centered)
         self.slot_names = ("velocity",) + (("momentum",) if self.momentum else ()) + (
             ("average_gradient",) if self.centered else ())
 
@@ -215,9 +211,8 @@ class Adadelta(Optimizer):
 
     def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, **kwargs):
         super().__init__(learning_rate, **kwargs)
-        if not (0 <= rho < 1 and epsilon > 0):
-            raise ValueError("Adadelta needs 0 <= rho < 1 and epsilon > 0")
-        self.rho, self.epsilon = float(rho), float(epsilon)
+        self.rho = _fraction(rho, "Adadelta rho")
+        self.epsilon = arguments.real(epsilon, "Adadelta epsilon", low=0.0, low_open=True)
 
     def update(self, params, grads, lr):
         xp = self.backend.xp

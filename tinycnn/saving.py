@@ -22,6 +22,9 @@ from .files import atomic_write
 FORMAT = "tinycnn-weights"
 VERSION = 1
 MAX_JSON_BYTES = 16 << 20  # the metadata and training records: far more than any model needs
+# What zipfile raises on a damaged archive: a flipped "encrypted" flag is a RuntimeError, an
+# unknown version or compression method a NotImplementedError.
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError)
 
 
 def _layer_records(model):
@@ -70,7 +73,7 @@ class NpzReader:
             raise WeightsFileError(f"{self.path!r} is a directory, not a weights file")
         try:
             self.zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        except ZIP_ERRORS as exc:
             raise WeightsFileError(f"{self.path!r} is not a readable .npz file (corrupt or truncated, or another "
                                    f"format?): {exc}") from None
         self.members = {info.filename[:-4]: info for info in self.zip.infolist() if info.filename.endswith(".npy")}
@@ -109,7 +112,7 @@ class NpzReader:
                     raise WeightsFileError(f"{self.path!r}: {key} does not hold the {nbytes} bytes its header declares")
         except WeightsFileError:
             raise
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, TypeError, SyntaxError, NotImplementedError) as exc:
+        except ZIP_ERRORS + (TypeError, SyntaxError) as exc:
             raise WeightsFileError(f"{self.path!r}: {key} is corrupt or truncated: {exc}") from None
         value = np.frombuffer(data, dtype=dtype).reshape(found_shape, order="F" if fortran else "C")
         return value.copy()

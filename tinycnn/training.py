@@ -28,6 +28,7 @@ from . import losses as losses_module
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
 from .arrays import to_numpy
+from .concurrency import exclusive
 from .errors import ShapeError
 from .randomness import derive_seed
 
@@ -137,6 +138,7 @@ class Trainer:
         self.history = None
         self.stop_training = False
         self._optimizer_buffer = None  # the flat parameter array the optimizer's state was built for
+        self._growth_warned = False  # one weight-growth warning per fit
 
     @property
     def metrics_names(self):
@@ -249,7 +251,10 @@ class Trainer:
 
     def _check_array(self, x, expected, what):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            x = np.asarray(x)
+            try:
+                x = np.asarray(x)
+            except (ValueError, TypeError) as exc:  # a ragged list of lists
+                raise ShapeError(f"{what} is not a rectangular array (rows of different lengths?): {exc}") from None
         kind = np.dtype(x.dtype).kind
         if kind not in "biuf":
             raise TypeError(f"{what} must hold numbers (float or integer), got dtype {x.dtype}")
@@ -285,7 +290,10 @@ class Trainer:
         n = targets.shape[0]
         weights = None
         if sample_weight is not None:
-            w = np.asarray(to_numpy(sample_weight), dtype=np.float64)
+            try:
+                w = np.asarray(to_numpy(sample_weight), dtype=np.float64)
+            except (ValueError, TypeError):
+                raise TypeError(f"{what} must be an array of numbers, got {type(sample_weight).__name__}") from None
             if w.ndim == 2 and w.shape[1] == 1:
                 w = w.reshape(-1)
             if w.shape != (n,):
@@ -297,10 +305,14 @@ class Trainer:
             if not isinstance(class_weight, dict):
                 raise TypeError(f"class_weight must be a dict {{class index: weight}}, got {type(class_weight).__name__}")
             dense = to_numpy(targets)
+            count = dense.shape[-1] if dense.shape[-1] > 1 else 2  # one sigmoid unit: classes 0 and 1
             classes = (dense.argmax(axis=-1) if dense.shape[-1] > 1 else np.rint(dense[:, 0])).astype(np.int64)
-            table = np.ones(max(int(classes.max()) + 1, max(map(int, class_weight), default=0) + 1))
+            if classes.size and (classes.min() < 0 or classes.max() >= count):
+                raise ValueError(f"class_weight needs class targets (0..{count - 1}); these targets are not classes")
+            table = np.ones(count)
             for cls, value in class_weight.items():
-                table[int(cls)] = float(value)
+                index = arguments.integer(cls, "a class_weight key", 0, count - 1)
+                table[index] = arguments.real(value, f"class_weight[{cls!r}]", low=0.0)
             weights = table[classes] if weights is None else weights * table[classes]
         return None if weights is None else self.backend.asarray(weights, dtype=self.dtype)
 
@@ -342,6 +354,7 @@ class Trainer:
         metrics.add(batch_sum, predictions, targets, sample_weight)
         return metrics.averages()
 
+    @exclusive
     def train_on_batch(self, x, y, sample_weight=None, class_weight=None, return_dict=False):
         """One optimizer step on one batch; returns [loss, *metrics] (or a dict) like Keras."""
         self._require_compiled("train_on_batch")
@@ -352,6 +365,7 @@ class Trainer:
         logs = self._batch_logs(predictions, batch_sum, tb, weights)
         return _result(logs, return_dict)
 
+    @exclusive
     def test_on_batch(self, x, y, sample_weight=None, return_dict=False):
         """Loss and metrics of one batch in inference mode; [loss, *metrics] (or a dict)."""
         self._require_compiled("test_on_batch")
@@ -362,6 +376,7 @@ class Trainer:
         logs = metrics.averages()
         return _result(logs, return_dict)
 
+    @exclusive
     def predict_on_batch(self, x):
         """The outputs for one batch, in inference mode, as NumPy arrays."""
         xs = self.check_inputs(x)
@@ -369,6 +384,7 @@ class Trainer:
         results = [to_numpy(o) for o in outputs]
         return results[0] if self.single_output else results
 
+    @exclusive
     def loss_and_gradients(self, x, y, sample_weight=None):
         """Mean loss in training mode and the gradient of every trainable weight (NumPy, in the
         order of `trainable_weights`). No optimizer step; used by gradient checks and parity tests."""
@@ -389,6 +405,7 @@ class Trainer:
         return derive_seed(self.seed, 2, epoch)
 
     # -- fit ---------------------------------------------------------------------------------------------
+    @exclusive
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_split=0.0,
             validation_data=None, shuffle=True, class_weight=None, sample_weight=None, initial_epoch=0):
         """Keras's fit on arrays. `validation_split` holds out the last fraction of the data, before
@@ -435,6 +452,8 @@ class Trainer:
         if verbose and val is not None:
             sys.stdout.write("Train on %d samples, validate on %d samples\n" % (n, val[1].shape[0]))
         self.stop_training = False
+        self.refresh_parameters()
+        start_scale, self._growth_warned = self._largest_weight(), False
         cbs.call("on_train_begin", {})
         for epoch in range(int(initial_epoch), epochs):
             shuffle_seed = self.seed_random_streams(epoch)
@@ -461,6 +480,8 @@ class Trainer:
                     "(lower the learning rate, or check the inputs' scale; "
                     "callbacks=[tinycnn.callbacks.TerminateOnNaN()] stops instead of raising)"
                 )
+            if not self.stop_training:
+                self._check_weights(epoch, start_scale, history, cbs, logs)
             logs["seconds"] = time.perf_counter() - started
             if val is not None:
                 cbs.call("on_test_begin", {})
@@ -473,6 +494,34 @@ class Trainer:
         cbs.call("on_train_end", {})
         self.history = history
         return history
+
+    # How far the largest trainable weight may grow during one fit before it is reported: no
+    # sound training multiplies its largest weight by a million; an exploding learning rate does.
+    WEIGHT_GROWTH_WARNING = 1e6
+
+    def _largest_weight(self):
+        return float(self.xp.abs(self.params.params).max()) if self.params.size else 0.0
+
+    def _check_weights(self, epoch, start_scale, history, cbs, logs):
+        """After each epoch: a weight that is no longer finite ends training with a divergence
+        report (even when the loss still looks finite); one that grew more than a millionfold
+        since fit began is reported as a warning."""
+        for layer in self.compute_layers:
+            for name, value in layer.weights.items():
+                if not bool(self.xp.isfinite(value).all()):
+                    self.history = history
+                    cbs.call("on_train_end", logs)
+                    raise FloatingPointError(
+                        f"training diverged in epoch {epoch + 1}: weight {name!r} of layer {layer.name} holds NaN or "
+                        "infinite values (lower the learning rate, or check the inputs' scale)")
+        largest = self._largest_weight()
+        if largest > self.WEIGHT_GROWTH_WARNING * max(start_scale, 1.0) and not self._growth_warned:
+            import warnings
+
+            self._growth_warned = True
+            warnings.warn(f"epoch {epoch + 1}: the largest trainable weight reached {largest:.3g} (it was "
+                          f"{start_scale:.3g} when fit began): training is probably diverging; lower the learning "
+                          "rate", RuntimeWarning, stacklevel=3)
 
     # -- evaluate / predict ---------------------------------------------------------------------------------
     def _inference_batches(self, n, batch_size):
@@ -503,6 +552,7 @@ class Trainer:
                 callbacks.on_batch("on_test_batch_end", batch, metrics.running)
         return metrics
 
+    @exclusive
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False,
                  callbacks=None):
         """[loss, *metrics] in inference mode (a dict with return_dict=True), like Keras."""
@@ -521,6 +571,7 @@ class Trainer:
         cbs.call("on_test_end", dict(values))
         return _result(values, return_dict)
 
+    @exclusive
     def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
         """Outputs in inference mode as NumPy arrays (a list for a model with several outputs)."""
         batch_size = _batch_size(batch_size)

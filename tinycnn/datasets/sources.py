@@ -99,10 +99,21 @@ def as_result(arrays):
 
 
 # -- the cache -------------------------------------------------------------------------------------
+class CacheInaccessible(DatasetError):
+    """The cache file exists but cannot be opened (permissions, a directory in its place): its
+    content may be fine, so it is reported and never deleted."""
+
+
 def load_cache(dataset, cache_file):
-    """The cached arrays, verified; DatasetError if the file is unusable."""
+    """The cached arrays, verified; DatasetError if the content is unusable, CacheInaccessible if
+    the file cannot be opened at all."""
     try:
-        with np.load(cache_file, allow_pickle=False) as npz:
+        handle = open(cache_file, "rb")
+    except OSError as exc:
+        raise CacheInaccessible(f"cannot open {cache_file} ({type(exc).__name__}: {exc.strerror or exc}); it was "
+                                "left as it is: fix its permissions, or remove it to rebuild it") from None
+    try:
+        with handle, np.load(handle, allow_pickle=False) as npz:
             keys = set(npz.files)
             if keys != set(ARRAY_NAMES):
                 raise DatasetError(f"unexpected arrays {sorted(keys)}, expected {sorted(ARRAY_NAMES)}")
@@ -207,12 +218,24 @@ def load(dataset, sources, cache_dir=None, verbose=True, hint=""):
     verified data. `sources`: (short name, detail, fetch(workdir, verbose) -> arrays) triples, tried
     in order, each with a fresh temporary working directory. Raises DatasetError listing every
     source tried and why it failed; `hint` is appended (how to supply the data by hand)."""
+    if cache_dir is not None and not isinstance(cache_dir, (str, bytes, os.PathLike)):
+        raise TypeError(f"cache_dir must be a path, got {type(cache_dir).__name__}")
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = os.path.join(cache_dir, dataset.cache_name)
     failures = []
-    if os.path.exists(cache_file):
+    try:
+        os.stat(cache_file)
+        cached = True
+    except FileNotFoundError:
+        cached = False
+    except OSError as exc:  # e.g. a cache directory that cannot be searched: say so, do not call it absent
+        raise CacheInaccessible(f"cannot reach the cache {cache_file} ({exc.strerror or exc}); fix the permissions "
+                                "of its directory or pass another cache_dir") from None
+    if cached:
         try:
             return as_result(load_cache(dataset, cache_file))
+        except CacheInaccessible:
+            raise
         except DatasetError as exc:
             progress(verbose, f"cached {dataset.title} at {cache_file} is corrupt ({exc}); deleting it and rebuilding")
             failures.append(f"cache {cache_file}: {exc} (deleted)")

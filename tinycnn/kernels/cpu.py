@@ -62,7 +62,13 @@ def tune_process(settings):
         os.environ["GOMP_SPINCOUNT"] = DEFAULT_SPINCOUNT
     malloc = settings.malloc_tuning and _keep_freed_memory()
     if settings.numba_threads is not None:
-        numba.set_num_threads(min(settings.numba_threads, numba.config.NUMBA_NUM_THREADS))
+        most = numba.config.NUMBA_NUM_THREADS
+        if settings.numba_threads > most:
+            import warnings
+
+            warnings.warn(f"TINYCNN_NUMBA_THREADS={settings.numba_threads} asks for more threads than numba has "
+                          f"({most}: the cores, or NUMBA_NUM_THREADS); using {most}", RuntimeWarning, stacklevel=2)
+        numba.set_num_threads(min(settings.numba_threads, most))
     _tuning = {
         "spin": user_spin or f"GOMP_SPINCOUNT={DEFAULT_SPINCOUNT} (tinycnn's default)",
         "numba_threads": numba.get_num_threads(),

@@ -16,8 +16,10 @@ method may modify its inputs (`x`, `dy`, `saved` may be shared).
 Layer math is written once against `self.xp` (NumPy or CuPy); the hot loops go through
 `self.kernels`, the backend's kernel set.
 """
+import contextlib
 import inspect
 import math
+import threading
 
 import numpy as np
 
@@ -71,6 +73,31 @@ def _shape_tuple(shape, what):
     if not shape:
         raise ShapeError(f"{what} must be a non-empty tuple of positive ints (no batch axis), got {shape!r}")
     return shape
+
+
+_budget = threading.local()  # the weight bytes a model file's configuration may still create
+
+
+@contextlib.contextmanager
+def weight_budget(nbytes, error):
+    """Within the block, creating weights of more than `nbytes` in all raises `error(message)`
+    before anything is allocated. Loading a model file uses it: its configuration may create no
+    more weights than its weights member holds, so a small crafted file cannot allocate gigabytes."""
+    _budget.left, _budget.error = nbytes, error
+    try:
+        yield
+    finally:
+        _budget.left = _budget.error = None
+
+
+def _charge_weight_budget(layer, name, nbytes):
+    left = getattr(_budget, "left", None)
+    if left is None:
+        return
+    if nbytes > left:
+        raise _budget.error(f"layer {layer.name}: weight {name!r} ({nbytes:,} bytes) would exceed what the file's "
+                            f"weights hold ({left:,} bytes left): the configuration does not match its weights")
+    _budget.left = left - nbytes
 
 
 _trainable_changes = [0]  # counts assignments to any layer's `trainable`: models recheck their buffers then
@@ -153,8 +180,14 @@ class Layer:
     def add_weight(self, name, shape, initializer, rng, trainable=True, regularizer=None):
         """Create weight `name` of `shape` from `initializer` (an Initializer or a name), drawing
         from the layer's generator `rng` unless the initializer has a seed of its own."""
-        value = initializers.get(initializer)(shape, self.dtype, rng)
-        self.weights[name] = self.backend.asarray(value)
+        nbytes = math.prod(shape) * self.dtype.itemsize
+        _charge_weight_budget(self, name, nbytes)
+        try:
+            value = initializers.get(initializer)(shape, self.dtype, rng)
+            self.weights[name] = self.backend.asarray(value)
+        except MemoryError:
+            raise MemoryError(f"layer {self.name}: weight {name!r} of shape {tuple(shape)} needs {nbytes / 2**30:.1f} GiB, "
+                              "more than this machine can allocate") from None
         self.weight_trainable[name] = bool(trainable)
         regularizer = regularizers_module.get(regularizer)
         if regularizer is not None:
@@ -200,9 +233,15 @@ class Layer:
             value = np.asarray(to_numpy(value))
             if value.shape != current.shape:
                 raise ShapeError(f"layer {self.name} weight {name!r}: expected shape {current.shape}, got {value.shape}")
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"layer {self.name} weight {name!r}: expected numbers, got dtype {value.dtype}")
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"layer {self.name} weight {name!r} contains NaN or inf")
-            checked.append(value)
+            with np.errstate(over="ignore"):
+                converted = value.astype(current.dtype)
+            if not np.all(np.isfinite(converted)):
+                raise ValueError(f"layer {self.name} weight {name!r} holds values beyond {current.dtype}'s range")
+            checked.append(converted)
         return checked
 
     def set_weights(self, values):
