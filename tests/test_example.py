@@ -95,3 +95,51 @@ def test_the_example_can_write_an_onnx_file_beside_its_weights(tmp_path):
     session = ort.InferenceSession(str(out / "week2.onnx"), providers=["CPUExecutionProvider"])
     probabilities = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 28, 28, 1), np.float32)})[0]
     assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+# -- careless command lines: argparse's usage line and exit 2, never a traceback --------------------------------
+BAD_FLAGS = [
+    (["--train-limit", "0"], "--train-limit: expected an integer >= 1, got '0'"),
+    (["--train-limit", "-5"], "--train-limit: expected an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["--batch-size", "2.7"], "--batch-size: expected an integer >= 1, got '2.7'"),
+    (["--epochs", "-1"], "--epochs: expected an integer >= 0"),
+    (["--seed", "x"], "--seed: expected an integer >= 0, got 'x'"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags(flags, message):
+    r = run(*flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_resume_refuses_other_settings_and_damaged_checkpoints(tmp_path):
+    common = ["--device", "cpu", "--train-limit", "128", "--batch-size", "64", "--seed", "3"]
+    out = tmp_path / "run"
+    assert run(*common, "--epochs", "1", "--out", str(out)).returncode == 0
+    checkpoint = out / "checkpoint.npz"
+    good = checkpoint.read_bytes()
+
+    def resume(*changed):
+        flags = dict(zip(common[::2], common[1::2]))
+        flags.update(dict(zip(changed[::2], changed[1::2])))
+        r = run(*[x for pair in flags.items() for x in pair], "--epochs", "2", "--out", str(out), "--resume")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert checkpoint.exists()  # a refused resume keeps the work done so far
+        return r.stderr
+
+    assert "seed=3 in the checkpoint, 4 now" in resume("--seed", "4")
+    assert "batch_size=64 in the checkpoint, 32 now" in resume("--batch-size", "32")
+    assert "train_samples=128 in the checkpoint, 64 now" in resume("--train-limit", "64")
+    checkpoint.write_bytes(good[: len(good) // 2])
+    assert "cannot resume" in resume() and "corrupt or truncated" in resume()
+    checkpoint.write_bytes((out / "weights.npz").read_bytes())
+    assert "holds weights only" in resume()
+
+
+def test_out_must_be_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run("--device", "cpu", "--train-limit", "64", "--epochs", "1", "--out", str(tmp_path / "file"))
+    assert r.returncode == 2 and "cannot write results to" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -26,6 +26,10 @@ def load_model(filepath, compile=True, device=None):
             try:
                 model = model_from_config(config, device=device)
                 model.build()
+            except WeightsFileError:
+                raise
+            except ValueError as exc:  # a layer or option tinycnn lacks, a shape that does not fit: named
+                raise WeightsFileError(f"{path!r}: {exc}") from None
             except (KeyError, TypeError, IndexError, AttributeError) as exc:
                 raise WeightsFileError(f"{path!r}: its model configuration is malformed "
                                        f"({type(exc).__name__}: {exc})") from None
@@ -34,6 +38,10 @@ def load_model(filepath, compile=True, device=None):
     if compile:
         try:
             keras_format.compile_from_keras(model, config.get("compile_config"))
+        except WeightsFileError:
+            raise
+        except ValueError as exc:  # an optimizer, loss or option tinycnn lacks: named
+            raise WeightsFileError(f"{path!r}: its compile configuration: {exc}") from None
         except (KeyError, TypeError, IndexError, AttributeError) as exc:
             raise WeightsFileError(f"{path!r}: its compile configuration is malformed "
                                    f"({type(exc).__name__}: {exc})") from None

@@ -27,7 +27,7 @@ from . import callbacks as callbacks_module
 from . import losses as losses_module
 from . import metrics as metrics_module
 from . import optimizers as optimizers_module
-from .arrays import to_numpy
+from .arrays import get_array_module, to_numpy
 from .concurrency import exclusive
 from .errors import ShapeError
 from .randomness import derive_seed
@@ -267,11 +267,15 @@ class Trainer:
             )
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty")
-        x = self.backend.asarray(x, dtype=self.dtype)
         if kind == "f":
-            bad = int((~self.xp.isfinite(x)).sum())
+            bad = int((~get_array_module(x).isfinite(x)).sum())
             if bad:
                 raise ValueError(f"{what} contains {bad} NaN or infinite values")
+        narrowed = kind == "f" and np.dtype(x.dtype).itemsize > np.dtype(self.dtype).itemsize
+        with np.errstate(over="ignore"):
+            x = self.backend.asarray(x, dtype=self.dtype)
+        if narrowed and not bool(self.xp.isfinite(x).all()):
+            raise ValueError(f"{what} holds values beyond {np.dtype(self.dtype).name}'s range: scale the inputs")
         return x
 
     def check_targets(self, y, n, what="y"):
