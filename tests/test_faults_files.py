@@ -482,6 +482,32 @@ def test_every_truncation_is_refused(saved, tmp_path, fmt):
         refused(target, ".")
 
 
+# -- savers: refused saves leave what was on disk ------------------------------------------------------------------
+SAVE_CASES = [
+    ("NaN weights", lambda t, fmt: t / f"m.{fmt}", "poison", ValueError, "not saving: weight 'kernel' of layer conv"),
+    ("onto a directory", lambda t, fmt: (t / f"d.{fmt}").mkdir() or t / f"d.{fmt}", None, IsADirectoryError,
+     "a directory of that name exists"),
+    ("under a file", lambda t, fmt: written(t / "f", "x") / f"m.{fmt}", None, NotADirectoryError, "is a file"),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("where, poison, error, message", [c[1:] for c in SAVE_CASES], ids=[c[0] for c in SAVE_CASES])
+def test_refused_saves(tmp_path, fmt, where, poison, error, message):
+    model = make()
+    path = where(tmp_path, fmt)
+    if poison:
+        save(make(seed=5), path)  # a good file is already there
+        model.build()
+        model.get_layer("conv").weights["kernel"][0, 0, 0, 0] = np.nan
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(error, match=message):
+        save(model, path)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing new, not even a temporary file
+    if poison:
+        assert all(np.array_equal(a, b) for a, b in zip(load(path), make(seed=5).get_weights()))
+
+
 # -- faults while saving ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_concurrent_saves_to_one_path_never_leave_a_broken_file(tmp_path, fmt):
