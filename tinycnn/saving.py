@@ -5,26 +5,21 @@ model layer by layer (position, class, weight names, shapes) and checks every ar
 assigning any, so a mismatched or corrupt file is refused with the first mismatch named and
 the model is left exactly as it was.
 
-Reading never trusts the file: each array's header (dtype, shape) is checked against what the
-model expects before its data is read, members nobody asks for are never read, the zip's CRC is
-verified on every member read, and no object (pickle) array is ever loaded. A crafted file
-therefore cannot make tinycnn allocate more than the model's own size.
+Reading never trusts the file (tinycnn.npzfile): each array's header is checked against what the
+model expects before its data is read, and members the model does not ask for are never read, so
+a crafted file cannot make tinycnn allocate more than the model's own size.
 """
 import json
-import os
-import zipfile
 
 import numpy as np
 
 from .errors import WeightsFileError
 from .files import atomic_write
+from .npzfile import NpzReader
 
 FORMAT = "tinycnn-weights"
 VERSION = 1
 MAX_JSON_BYTES = 16 << 20  # the metadata and training records: far more than any model needs
-# What zipfile raises on a damaged archive: a flipped "encrypted" flag is a RuntimeError, an
-# unknown version or compression method a NotImplementedError.
-ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError)
 
 
 def _layer_records(model):
@@ -62,86 +57,13 @@ def _weights_arrays(model):
     return arrays
 
 
-class NpzReader:
-    """Checked, bounded reading of an `.npz` archive, one member at a time."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise WeightsFileError(f"weights file {self.path!r} does not exist")
-        if os.path.isdir(self.path):
-            raise WeightsFileError(f"{self.path!r} is a directory, not a weights file")
-        try:
-            self.zip = zipfile.ZipFile(self.path)
-        except ZIP_ERRORS as exc:
-            raise WeightsFileError(f"{self.path!r} is not a readable .npz file (corrupt or truncated, or another "
-                                   f"format?): {exc}") from None
-        self.members = {info.filename[:-4]: info for info in self.zip.infolist() if info.filename.endswith(".npy")}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.zip.close()
-
-    def __contains__(self, key):
-        return key in self.members
-
-    def keys(self):
-        return list(self.members)
-
-    def array(self, key, shape=None, kinds="f", max_bytes=None):
-        """The array stored under `key`, after checking its header: dtype kind in `kinds`, and the
-        given `shape` (or at most `max_bytes` of data). WeightsFileError on any problem."""
-        info = self.members.get(key)
-        if info is None:
-            raise WeightsFileError(f"{self.path!r} is missing {key}")
-        try:
-            with self.zip.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    found_shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    found_shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise WeightsFileError(f"{self.path!r}: {key} uses .npy format {version}, which tinycnn does not read")
-                self._check_header(key, found_shape, dtype, shape, kinds, max_bytes)
-                nbytes = int(np.prod(found_shape, dtype=np.int64)) * dtype.itemsize
-                data = f.read(nbytes)
-                if len(data) != nbytes or f.read(1):  # reading to the end also verifies the member's CRC
-                    raise WeightsFileError(f"{self.path!r}: {key} does not hold the {nbytes} bytes its header declares")
-        except WeightsFileError:
-            raise
-        except ZIP_ERRORS + (TypeError, SyntaxError) as exc:
-            raise WeightsFileError(f"{self.path!r}: {key} is corrupt or truncated: {exc}") from None
-        value = np.frombuffer(data, dtype=dtype).reshape(found_shape, order="F" if fortran else "C")
-        return value.copy()
-
-    def _check_header(self, key, found_shape, dtype, shape, kinds, max_bytes):
-        if dtype.hasobject or dtype.kind not in kinds:
-            raise WeightsFileError(f"{self.path!r}: {key} holds {dtype} values, not the kind tinycnn stores there")
-        if shape is not None and tuple(found_shape) != tuple(shape):
-            raise WeightsFileError(f"{self.path!r}: {key} has shape {tuple(found_shape)}, expected {tuple(shape)}")
-        if max_bytes is not None and int(np.prod(found_shape, dtype=np.float64)) * dtype.itemsize > max_bytes:
-            raise WeightsFileError(f"{self.path!r}: {key} declares shape {tuple(found_shape)}, larger than the "
-                                   f"{max_bytes} bytes allowed there")
-
-    def json(self, key):
-        """A JSON document stored as a 0-d string array (at most MAX_JSON_BYTES)."""
-        value = self.array(key, shape=(), kinds="U", max_bytes=MAX_JSON_BYTES)
-        try:
-            return json.loads(str(value[()]))
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise WeightsFileError(f"{self.path!r}: {key} is not valid JSON: {exc}") from None
-
-
 def _open(path):
     """An NpzReader on a tinycnn weights file and its checked metadata."""
     reader = NpzReader(path)
     try:
         if "__meta__" not in reader:
             raise WeightsFileError(f"{reader.path!r} is an .npz file but not a tinycnn weights file (no __meta__ entry)")
-        meta = reader.json("__meta__")
+        meta = reader.json("__meta__", MAX_JSON_BYTES)
         _check_meta(reader.path, meta)
     except BaseException:
         reader.zip.close()
@@ -250,8 +172,10 @@ def _check_training(path, training, settings):
         raise WeightsFileError(f"{path!r}: epochs_done is {done!r}, not a count of epochs")
     if lr is not None and not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
         raise WeightsFileError(f"{path!r}: its learning rate {lr!r} is not a positive number")
-    if settings is not None:
-        saved = training.get("settings") or {}
+    saved = training.get("settings")
+    if settings is not None and saved is not None:  # checkpoints written before settings were recorded: as before
+        if not isinstance(saved, dict):
+            raise WeightsFileError(f"{path!r}: its recorded settings are malformed")
         differ = [f"{key}={saved.get(key)!r} in the checkpoint, {value!r} now" for key, value in settings.items()
                   if saved.get(key) != value]
         if differ:
@@ -268,7 +192,7 @@ def load_checkpoint(model, path, settings=None):
         path = reader.path
         if "training" not in reader:
             raise WeightsFileError(f"{path!r} holds weights only, not a training checkpoint")
-        training = reader.json("training")
+        training = reader.json("training", MAX_JSON_BYTES)
         _check_training(path, training, settings)
         plan = _match(model, reader, meta, by_name=False)
         model.build_optimizer()
@@ -276,8 +200,11 @@ def load_checkpoint(model, path, settings=None):
         for key, current in model.optimizer.get_state().items():
             current = np.asarray(current)
             value = reader.array(f"optimizer/{key}", shape=current.shape, kinds="fiu")
+            with np.errstate(over="ignore", invalid="ignore"):
+                value = value.astype(current.dtype)  # as the optimizer will hold it: beyond its range is inf
             if not np.all(np.isfinite(value)) or (key == "iterations" and int(value) < 0):
-                raise WeightsFileError(f"{path!r}: optimizer/{key} holds invalid values")
+                raise WeightsFileError(f"{path!r}: optimizer/{key} holds invalid values (NaN, infinite, beyond "
+                                       f"{current.dtype}'s range, or a negative count)")
             state[key] = value
     model.optimizer.set_state(state)
     for layer, values in plan:

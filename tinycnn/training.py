@@ -97,9 +97,11 @@ def _result(logs, return_dict):
 
 def _auto(verbose):
     """Keras's verbose: "auto" (a progress bar), 0 (silent), 1 (progress bar), 2 (a line per epoch)."""
-    if verbose == "auto" or verbose is True:
+    if isinstance(verbose, str) and verbose == "auto":
         return 1
-    return 0 if verbose is False else arguments.integer(verbose, "verbose", 0, 2)
+    if isinstance(verbose, (bool, np.bool_)):
+        return int(verbose)
+    return arguments.integer(verbose, "verbose", 0, 2)
 
 
 def _batch_size(batch_size):
@@ -315,7 +317,8 @@ class Trainer:
                 raise ValueError(f"class_weight needs class targets (0..{count - 1}); these targets are not classes")
             table = np.ones(count)
             for cls, value in class_weight.items():
-                index = arguments.integer(cls, "a class_weight key", 0, count - 1)
+                key = int(cls) if isinstance(cls, str) and cls.strip().lstrip("-").isdigit() else cls  # JSON keys
+                index = arguments.integer(key, "a class_weight key", 0, count - 1)
                 table[index] = arguments.real(value, f"class_weight[{cls!r}]", low=0.0)
             weights = table[classes] if weights is None else weights * table[classes]
         return None if weights is None else self.backend.asarray(weights, dtype=self.dtype)

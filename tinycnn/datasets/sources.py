@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..files import atomic_write
+from ..npzfile import NpzReader
 from .idx import read_idx
 
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
@@ -106,22 +107,23 @@ class CacheInaccessible(DatasetError):
 
 def load_cache(dataset, cache_file):
     """The cached arrays, verified; DatasetError if the content is unusable, CacheInaccessible if
-    the file cannot be opened at all."""
+    the file cannot be opened or read (its content may be fine: it is never deleted then). Each
+    array's header is checked against the dataset's shape before its data is read."""
     try:
-        handle = open(cache_file, "rb")
+        with open(cache_file, "rb"):
+            pass
     except OSError as exc:
         raise CacheInaccessible(f"cannot open {cache_file} ({type(exc).__name__}: {exc.strerror or exc}); it was "
                                 "left as it is: fix its permissions, or remove it to rebuild it") from None
     try:
-        with handle, np.load(handle, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            if keys != set(ARRAY_NAMES):
-                raise DatasetError(f"unexpected arrays {sorted(keys)}, expected {sorted(ARRAY_NAMES)}")
-            arrays = {k: npz[k] for k in ARRAY_NAMES}
-    except DatasetError:
-        raise
-    except Exception as exc:  # zipfile, zlib, ValueError, EOFError, OSError...
-        raise DatasetError(f"unreadable ({type(exc).__name__}: {exc})") from exc
+        with NpzReader(cache_file, error=DatasetError, what="dataset cache") as npz:
+            if set(npz.keys()) != set(ARRAY_NAMES):
+                raise DatasetError(f"unexpected arrays {sorted(npz.keys())}, expected {sorted(ARRAY_NAMES)}")
+            arrays = {k: npz.array(k, shape=dataset.expected_shapes[k], kinds="u") for k in ARRAY_NAMES}
+    except OSError as exc:  # an I/O error while reading (EIO): not evidence of a corrupt file
+        if exc.errno is None:
+            raise DatasetError(f"unreadable ({exc})") from None
+        raise CacheInaccessible(f"cannot read {cache_file} ({exc.strerror}); it was left as it is") from None
     verify_arrays(dataset, arrays)
     return arrays
 

@@ -83,21 +83,22 @@ def weight_budget(nbytes, error):
     """Within the block, creating weights of more than `nbytes` in all raises `error(message)`
     before anything is allocated. Loading a model file uses it: its configuration may create no
     more weights than its weights member holds, so a small crafted file cannot allocate gigabytes."""
-    _budget.left, _budget.error = nbytes, error
+    stack = _budget.__dict__.setdefault("stack", [])
+    stack.append([nbytes, error])  # nested budgets: a weight is charged to every one in force
     try:
         yield
     finally:
-        _budget.left = _budget.error = None
+        stack.pop()
 
 
 def _charge_weight_budget(layer, name, nbytes):
-    left = getattr(_budget, "left", None)
-    if left is None:
-        return
-    if nbytes > left:
-        raise _budget.error(f"layer {layer.name}: weight {name!r} ({nbytes:,} bytes) would exceed what the file's "
-                            f"weights hold ({left:,} bytes left): the configuration does not match its weights")
-    _budget.left = left - nbytes
+    stack = _budget.__dict__.get("stack") or ()
+    for left, error in stack:
+        if nbytes > left:
+            raise error(f"layer {layer.name}: weight {name!r} ({nbytes:,} bytes) would exceed what the file's "
+                        f"weights hold ({left:,} bytes left): the configuration does not match its weights")
+    for entry in stack:
+        entry[0] -= nbytes
 
 
 _trainable_changes = [0]  # counts assignments to any layer's `trainable`: models recheck their buffers then

@@ -14,7 +14,7 @@ class Dropout(Layer):
     def __init__(self, rate, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.rate = arguments.real(rate, "Dropout rate", 0.0, 1.0, high_open=True)
-        self.seed = None if seed is None else arguments.integer(seed, "Dropout seed", minimum=0)
+        self.seed = None if seed is None else arguments.integer(seed, "Dropout seed")
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
