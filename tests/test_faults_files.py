@@ -498,9 +498,12 @@ def test_random_bit_flips_are_refused_or_change_nothing(saved, tmp_path, fmt):
     path, data = saved[0][fmt]
     rng = np.random.default_rng(sum(map(ord, fmt)))
     outcomes = {"refused": 0, "unchanged": 0}
-    for k in range(120):
+    # 120 random flips, and every byte of the last 128 (a zip's directory, where offsets live)
+    flips = [(int(rng.integers(len(data))), int(rng.integers(8))) for _ in range(120)]
+    flips += [(offset, int(rng.integers(8))) for offset in range(max(0, len(data) - 128), len(data))]
+    for k, (offset, bit) in enumerate(flips):
         damaged = bytearray(data)
-        damaged[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        damaged[offset] ^= 1 << bit
         target = tmp_path / f"flip.{fmt}"
         target.write_bytes(bytes(damaged))
         model = make(seed=99)

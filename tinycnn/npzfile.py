@@ -6,6 +6,7 @@ never read, object (pickle) arrays are never loaded, and reading a member to its
 the zip's CRC-32. A crafted file therefore cannot make tinycnn allocate more than the caller
 allows, and every problem is raised as the caller's error class, naming the file and member.
 """
+import errno
 import json
 import math
 import os
@@ -22,6 +23,12 @@ __all__ = ["NpzReader", "ZIP_ERRORS"]
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError, OverflowError)
 
 
+def _system_failure(exc):
+    """An OSError that says the system could not read the file (permissions, a failing disk), as
+    opposed to one a damaged file provokes (zipfile seeking to a bad offset gets EINVAL)."""
+    return isinstance(exc, PermissionError) or exc.errno == errno.EIO
+
+
 class NpzReader:
     """An `.npz` file opened for checked reading, one member at a time; a context manager."""
 
@@ -34,9 +41,10 @@ class NpzReader:
         try:
             self.zip = zipfile.ZipFile(self.path)
         except OSError as exc:
-            if exc.errno is not None:  # the system could not read the file (permissions, EIO): say that
+            if _system_failure(exc):
                 raise
-            raise error(f"{self.path!r} is not a readable .npz file: {exc}") from None
+            raise error(f"{self.path!r} is not a readable .npz file (corrupt or truncated, or another "
+                        f"format?): {exc}") from None
         except ZIP_ERRORS as exc:
             raise error(f"{self.path!r} is not a readable .npz file (corrupt or truncated, or another "
                         f"format?): {exc}") from None
@@ -80,7 +88,7 @@ class NpzReader:
         except self.error:
             raise
         except OSError as exc:
-            if exc.errno is not None:  # an I/O error, not a damaged file
+            if _system_failure(exc):
                 raise
             raise self.error(f"{self.path!r}: {key} is corrupt or truncated: {exc}") from None
         except ZIP_ERRORS + (TypeError, SyntaxError) as exc:

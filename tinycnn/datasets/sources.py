@@ -120,10 +120,8 @@ def load_cache(dataset, cache_file):
             if set(npz.keys()) != set(ARRAY_NAMES):
                 raise DatasetError(f"unexpected arrays {sorted(npz.keys())}, expected {sorted(ARRAY_NAMES)}")
             arrays = {k: npz.array(k, shape=dataset.expected_shapes[k], kinds="u") for k in ARRAY_NAMES}
-    except OSError as exc:  # an I/O error while reading (EIO): not evidence of a corrupt file
-        if exc.errno is None:
-            raise DatasetError(f"unreadable ({exc})") from None
-        raise CacheInaccessible(f"cannot read {cache_file} ({exc.strerror}); it was left as it is") from None
+    except OSError as exc:  # the system failed to read it (NpzReader lets only those through): not corruption
+        raise CacheInaccessible(f"cannot read {cache_file} ({exc.strerror or exc}); it was left as it is") from None
     verify_arrays(dataset, arrays)
     return arrays
 
