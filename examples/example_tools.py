@@ -92,7 +92,10 @@ def write_json_atomic(path, data):
 
 
 class EpochRecorder(tc.callbacks.Callback):
-    """After every epoch: the history so far to history.json and a checkpoint to resume from."""
+    """After every epoch: the history so far to history.json and a checkpoint to resume from
+    (rank 0 alone, in data-parallel training)."""
+
+    rank_zero_only = True
 
     def __init__(self, out, run_info, records):
         super().__init__()

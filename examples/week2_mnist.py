@@ -2,14 +2,20 @@
 
     python examples/week2_mnist.py [--device auto|cpu|gpu] [--epochs 20] [--batch-size 128]
                                    [--seed 0] [--train-limit N] [--out runs/week2] [--summary] [--resume]
-                                   [--onnx]
+                                   [--onnx] [--distributed [--sync-bn]]
+
+    mpiexec -n 2 python examples/week2_mnist.py --distributed     # data parallel on 2 processes
 
 Prints the model summary and the Keras 2 training log, then this run's validation accuracy
 beside the seed's for every epoch. Writes to --out: log.txt, history.json, weights.npz,
 checkpoint.npz (after every epoch, atomically; --resume continues from it), curves.png and
 misclassified.png (with matplotlib installed), and with --onnx week2.onnx, the inference graph.
+With --distributed (under mpiexec) the ranks share every batch of --batch-size (the global batch)
+and rank 0 alone prints and writes; --sync-bn makes BatchNormalization use the global batch's
+statistics, as one process does.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -75,34 +81,48 @@ def main(argv=None):
     parser.add_argument("--summary", action="store_true", help="print the model summary and exit")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--onnx", action="store_true", help="also write week2.onnx (needs the onnx package)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel training under mpiexec (tinycnn.distributed; needs mpi4py)")
+    parser.add_argument("--sync-bn", action="store_true", help="with --distributed: synchronized BatchNormalization")
     args = parser.parse_args(argv)
 
+    dp = None
     try:
+        if args.distributed:  # first: it chooses each rank's GPU and CPU threads
+            dp = tc.distributed.DataParallel(sync_batchnorm=args.sync_bn)
         model = build_week2_model(device=args.device, seed=args.seed)
-    except tc.DeviceError as exc:
+    except (tc.DeviceError, tc.DistributedError) as exc:
         print(f"week2_mnist: {exc}", file=sys.stderr)
         return 2
+    if dp is not None and not dp.is_chief:  # rank 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
     if args.summary:
         model.summary()
         return 0
 
     checkpoint = os.path.join(args.out, "checkpoint.npz")
     resuming = args.resume and os.path.exists(checkpoint)
-    return run_logged(args.out, lambda: run(args, model, checkpoint, resuming), append=resuming)
+    if dp is not None and not dp.is_chief:
+        return run(args, model, checkpoint, resuming, dp)
+    return run_logged(args.out, lambda: run(args, model, checkpoint, resuming, dp), append=resuming)
 
 
-def run(args, model, checkpoint, resuming):
+def run(args, model, checkpoint, resuming, dp=None):
     model.summary()
     print(f"\nbackend: {model.backend.describe()}")
     try:
-        (x_train, y_train), (x_test, y_test), test_labels = load_mnist(args.train_limit)
+        with dp.rank_zero_first() if dp is not None else contextlib.nullcontext():  # one download
+            (x_train, y_train), (x_test, y_test), test_labels = load_mnist(args.train_limit)
     except DatasetError as exc:
         print(f"week2_mnist: {exc}", file=sys.stderr)
         return 1
-    model.compile(optimizer=tc.optimizers.Adam(0.003), loss="categorical_crossentropy", metrics=["acc"])
+    model.compile(optimizer=tc.optimizers.Adam(0.003), loss="categorical_crossentropy", metrics=["acc"],
+                  distribution=dp)
     records, done = [], 0
     run_info = {"device": model.backend.name, "backend": model.backend.describe(), "seed": args.seed,
                 "batch_size": args.batch_size, "train_samples": int(x_train.shape[0]), "machine": machine()}
+    if dp is not None:
+        run_info["distributed"] = dp.describe()
     if args.resume and not resuming:
         print(f"(no checkpoint in {args.out}: starting from epoch 1)")
     if resuming:
@@ -118,6 +138,9 @@ def run(args, model, checkpoint, resuming):
               callbacks=[tc.callbacks.LearningRateScheduler(learning_rate, verbose=1),
                          EpochRecorder(args.out, run_info, records)])
     wall = time.perf_counter() - started
+    predicted = model.predict(x_test, batch_size=1000, verbose=0).argmax(axis=1)  # every rank: a collective
+    if dp is not None and not dp.is_chief:
+        return 0
     model.save_weights(os.path.join(args.out, "weights.npz"))
     if args.onnx:
         model.export_onnx(os.path.join(args.out, "week2.onnx"))
@@ -136,7 +159,6 @@ def run(args, model, checkpoint, resuming):
                 history = json.load(f)
         history["wall_seconds_this_invocation"] = wall
         write_json_atomic(os.path.join(args.out, "history.json"), history)
-        predicted = model.predict(x_test, batch_size=1000, verbose=0).argmax(axis=1)
         plot(args.out, records, seed_log, x_test, test_labels, predicted)
     return 0
 

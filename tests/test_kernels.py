@@ -319,9 +319,9 @@ def test_composites_go_through_the_set():
     class Counting(ReferenceKernels):
         overrides = ("dropout_forward",)
 
-        def dropout_forward(self, x, rate, seed):
+        def dropout_forward(self, x, rate, seed, offset=0):
             calls.append(rate)
-            return super().dropout_forward(x, rate, seed)
+            return super().dropout_forward(x, rate, seed, offset)
 
     x = np.random.default_rng(0).standard_normal((50, 4))
     Counting().batchnorm_dropout_forward_train(x, np.ones(4), np.zeros(4), 1e-3, 0.25, 7)

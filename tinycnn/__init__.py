@@ -1,9 +1,9 @@
 """tinycnn: a from-scratch CNN framework on a swappable NumPy (numba) / CuPy backend."""
-from . import (activations, arguments, backend, callbacks, config, datasets, files, gradcheck, initializers, layers,
-               losses, metrics, models, optimizers, regularizers, saving, schedules, utils)
+from . import (activations, arguments, backend, callbacks, config, datasets, distributed, files, gradcheck, initializers,
+               layers, losses, metrics, models, optimizers, regularizers, saving, schedules, utils)
 from .backend import get_backend
-from .errors import (ConfigError, DatasetError, DeviceError, GraphError, ModelBusyError, ShapeError,
-                     WeightsFileError)
+from .errors import (ConfigError, DatasetError, DeviceError, DistributedError, GraphError, ModelBusyError, RankFailure,
+                     ShapeError, WeightsFileError)
 from .layers import Input
 from .model import Model, Sequential
 
@@ -12,5 +12,5 @@ __all__ = [
     "Model", "Sequential", "Input", "layers", "losses", "metrics", "models", "optimizers", "schedules", "callbacks",
     "activations", "initializers", "regularizers", "utils", "backend", "config", "datasets", "files", "gradcheck",
     "saving", "get_backend", "ConfigError", "DeviceError", "GraphError", "ShapeError", "WeightsFileError",
-    "ModelBusyError", "DatasetError", "arguments", "__version__",
+    "ModelBusyError", "DatasetError", "DistributedError", "RankFailure", "distributed", "arguments", "__version__",
 ]

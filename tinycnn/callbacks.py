@@ -27,7 +27,11 @@ from .arrays import to_numpy
 
 class Callback:
     """Keras's callback hooks, all no-ops here. `self.model` is the model being trained; setting
-    `self.model.stop_training = True` ends `fit` after the current batch."""
+    `self.model.stop_training = True` ends `fit` after the current batch. Under data-parallel
+    training a callback runs on every rank, unless its `rank_zero_only` is True (those that print
+    or write files: rank 0 alone runs them)."""
+
+    rank_zero_only = False
 
     def __init__(self):
         self.model = None
@@ -253,6 +257,8 @@ class Progbar:
 class ProgbarLogger(Callback):
     """Prints `Epoch i/n` and the progress bar for each epoch (verbose 1), or one line (verbose 2)."""
 
+    rank_zero_only = True
+
     def __init__(self, verbose=1):
         super().__init__()
         self.verbose = verbose
@@ -362,6 +368,8 @@ class ModelCheckpoint(MonitorCallback):
     tinycnn's `.npz`) after every epoch, or only when the monitored quantity improves
     (`save_best_only`). The path may hold `{epoch}` and any log entry: "ck-{epoch:02d}-{val_loss:.2f}.keras"."""
 
+    rank_zero_only = True
+
     def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False, save_weights_only=False,
                  mode="auto", save_freq="epoch", initial_value_threshold=None):
         super().__init__(monitor, mode, initial_value_threshold)
@@ -404,6 +412,8 @@ class ModelCheckpoint(MonitorCallback):
 
 class CSVLogger(Callback):
     """One CSV row per epoch: the epoch and every log entry (sorted, validation entries after)."""
+
+    rank_zero_only = True
 
     def __init__(self, filename, separator=",", append=False):
         super().__init__()
@@ -512,6 +522,8 @@ class TensorBoard(Callback):
     "epoch_learning_rate") under log_dir/train and log_dir/validation as Keras 3 writes them,
     per-batch scalars with update_freq="batch" (or every N batches), and weight histograms every
     `histogram_freq` epochs. Written by tensorboardX (`pip install "tinycnn[tensorboard]"`)."""
+
+    rank_zero_only = True
 
     def __init__(self, log_dir="logs", histogram_freq=0, update_freq="epoch", write_graph=False):
         super().__init__()

@@ -29,3 +29,13 @@ class DatasetError(RuntimeError):
 
 class ModelBusyError(RuntimeError):
     """A model was called from one thread while another thread was running it."""
+
+
+class DistributedError(RuntimeError):
+    """Data-parallel training cannot go on: MPI or NCCL is missing, or the ranks were given
+    different data or settings. The message says which."""
+
+
+class RankFailure(DistributedError):
+    """Another rank of a data-parallel job failed; this rank stops too instead of waiting for it
+    forever in a collective. The message names the rank and its error."""

@@ -95,13 +95,13 @@ class BatchNormDropoutStep(Step):
         training = self.mode(training)
         x = values[self.inputs[0]]
         bn, drop = self.bn, self.dropout
-        if not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)):
+        if not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)) or bn.sync is not None:
             y, bn_saved = bn.forward(x, training)
             z, drop_saved = drop.forward(y, training)
             return z, ("apart", bn_saved, drop_saved)
         gamma, beta = bn.affine()
         y2d, saved, mean, var, inv_std = bn.kernels.batchnorm_dropout_forward_train(
-            x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed())
+            x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed(), drop.mask_offset(x))
         bn.update_moving_statistics(mean, var)
         return y2d.reshape(x.shape), ("fused", saved, inv_std)
 

@@ -15,7 +15,9 @@ is the sample-weighted per-sample loss summed over the batch and divided by its 
 regularization penalty. A metric is the plain mean of its per-sample values: sample and class
 weights reach only the loss and the `weighted_metrics`, whose means they weight.
 """
+import contextlib
 import copy
+import hashlib
 import math
 import sys
 import time
@@ -29,7 +31,8 @@ from . import metrics as metrics_module
 from . import optimizers as optimizers_module
 from .arrays import get_array_module, to_numpy
 from .concurrency import exclusive
-from .errors import ShapeError
+from .distributed.data_parallel import as_distribution
+from .errors import DistributedError, ShapeError
 from .randomness import derive_seed
 
 
@@ -57,6 +60,16 @@ class EpochMetrics:
             else:
                 self.sums[i] = self.sums[i] + (values * sample_weight).sum()
                 self.weights[i] = self.weights[i] + sample_weight.sum()
+
+    def sum_over_ranks(self, sum_):
+        """Replace every sum by its sum over the ranks of a data-parallel job (`sum_`: an in-place
+        allreduce), so the averages are those of every rank's samples."""
+        xp = get_array_module(self.loss_sum) if hasattr(self.loss_sum, "shape") else np
+        parts = [self.loss_sum, self.seen, *self.sums, *self.weights]
+        totals = sum_(xp.stack([xp.asarray(p, dtype=xp.float64).reshape(()) for p in parts]))
+        k = len(self.metrics)
+        self.loss_sum, self.seen = totals[0], int(totals[1])
+        self.sums, self.weights = list(totals[2 : 2 + k]), list(totals[2 + k :])
 
     def averages(self, prefix=""):
         """Python floats (a host sync on the GPU)."""
@@ -141,6 +154,7 @@ class Trainer:
         self.stop_training = False
         self._optimizer_buffer = None  # the flat parameter array the optimizer's state was built for
         self._growth_warned = False  # one weight-growth warning per fit
+        self.distribution = None  # a tinycnn.distributed.DataParallel, set by compile
 
     @property
     def metrics_names(self):
@@ -148,11 +162,15 @@ class Trainer:
 
     # -- compiling ------------------------------------------------------------------------------
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None, weighted_metrics=None,
-                run_eagerly=None, steps_per_execution=None, jit_compile=None, auto_scale_loss=None):
+                run_eagerly=None, steps_per_execution=None, jit_compile=None, auto_scale_loss=None,
+                distribution=None):
         """Keras's compile, its arguments in Keras 2's positional order (metrics third), which Keras 3
         scripts pass by name. `metrics` ignore sample and class weights, `weighted_metrics` use them.
         tinycnn always runs eagerly: `run_eagerly`, `steps_per_execution`, `jit_compile` and
-        `auto_scale_loss` are accepted and change nothing."""
+        `auto_scale_loss` are accepted and change nothing. `distribution`: a
+        tinycnn.distributed.DataParallel, to train on several processes (fit, evaluate and predict
+        then share every batch among the ranks)."""
+        self.distribution = as_distribution(distribution)
         if self.buildable():  # else (a Sequential with no input shape yet) the first data builds it
             self.build()
         if len(self.outputs) > 1:
@@ -324,16 +342,20 @@ class Trainer:
         return None if weights is None else self.backend.asarray(weights, dtype=self.dtype)
 
     # -- the steps -----------------------------------------------------------------------------------
-    def forward_backward(self, inputs, targets, sample_weight=None):
+    def forward_backward(self, inputs, targets, sample_weight=None, global_batch=None):
         """Forward in training mode, the loss, and backward into the flat gradient buffer
         (`self.params.grads`), regularizers included, on checked device arrays. Returns
-        (predictions, the batch's loss sum): the loss sum divided by the batch size is the batch loss."""
+        (predictions, the batch's loss sum): the loss sum divided by the batch size is the batch loss.
+        `global_batch`: under data parallelism, these rows are this rank's share of a global batch of
+        that size; the loss is its mean over the global batch and the gradients are summed over the
+        ranks (the loss sum stays this rank's)."""
         self.refresh_parameters()  # frozen or unfrozen layers; weights another model trained meanwhile
         plan = self._loss_plan()
         (out,), tape = plan.forward(inputs, training=True, keep_for_backward=True)
         logits = plan.emits_logits or self.loss.from_logits
         predictions, per_sample, dout = self.loss.compute(out, targets, logits, self.backend.kernels)
-        n = targets.shape[0]
+        rows = targets.shape[0]
+        n = rows if global_batch is None else global_batch
         if sample_weight is None:
             dout *= dout.dtype.type(1.0 / n)  # the loss is the batch mean
             batch_sum = per_sample.sum()
@@ -342,16 +364,18 @@ class Trainer:
             dout *= scale.astype(dout.dtype)
             batch_sum = (per_sample * sample_weight).sum()
         plan.backward(tape, [dout], self.params)
+        if global_batch is not None:
+            self.distribution.sum_(self.params.grads)  # before the regularizers, which every rank adds alike
         penalty = self.params.add_regularization()
         if penalty is not None:
-            batch_sum = batch_sum + penalty * n
+            batch_sum = batch_sum + penalty * rows
         return predictions, batch_sum
 
-    def train_step(self, inputs, targets, sample_weight=None):
+    def train_step(self, inputs, targets, sample_weight=None, global_batch=None):
         """One optimizer step on checked device arrays (a list of input arrays, targets prepared by
         the loss, optional per-sample weights): what `fit` runs per batch. Returns (predictions, the
-        batch's loss sum) as device values."""
-        predictions, batch_sum = self.forward_backward(inputs, targets, sample_weight)
+        batch's loss sum) as device values. `global_batch`: see `forward_backward`."""
+        predictions, batch_sum = self.forward_backward(inputs, targets, sample_weight, global_batch)
         self.build_optimizer()  # after forward_backward, which may have rebuilt the parameter buffer
         self.optimizer.apply(self.params.params, self.params.grads, self.params.grad_views)
         return predictions, batch_sum
@@ -412,11 +436,47 @@ class Trainer:
         return derive_seed(self.seed, 2, epoch)
 
     # -- fit ---------------------------------------------------------------------------------------------
+    def _collective(self):
+        """Under data parallelism, an error inside the block is told to the other ranks first."""
+        return contextlib.nullcontext() if self.distribution is None else self.distribution.guard()
+
+    def _for_this_rank(self, callbacks):
+        """The callbacks this rank runs: under data parallelism rank 0 alone runs the ones that
+        print or write files."""
+        if self.distribution is None or self.distribution.is_chief:
+            return callbacks
+        return [cb for cb in callbacks if not cb.rank_zero_only]
+
+    def _distributed_facts(self, xs, t, weights, val, batch_size, epochs, initial_epoch, shuffle):
+        """What every rank of a data-parallel fit must agree on: sizes, settings and fingerprints of
+        the data (a hash of up to 1,024 evenly spaced rows of each array)."""
+        dist, n = self.distribution, t.shape[0]
+        if batch_size < dist.size or n < dist.size:
+            raise DistributedError(f"a global batch of {min(batch_size, n)} samples cannot be shared among "
+                                   f"{dist.size} ranks: use batch_size >= {dist.size}")
+
+        def fingerprint(a):
+            rows = a[:: max(1, a.shape[0] // 1024)]
+            return hashlib.sha256(np.ascontiguousarray(to_numpy(rows)).tobytes()).hexdigest()[:16]
+
+        return {"samples": int(n), "batch_size": batch_size, "epochs": epochs, "initial_epoch": initial_epoch,
+                "shuffle": bool(shuffle), "seed": self.seed, "parameters": int(self.params.size),
+                "inputs": [fingerprint(a) for a in xs], "targets": fingerprint(t),
+                "sample_weights": None if weights is None else fingerprint(weights),
+                "validation": None if val is None else [int(val[1].shape[0]), fingerprint(val[1])]}
+
     @exclusive
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_split=0.0,
             validation_data=None, shuffle=True, class_weight=None, sample_weight=None, initial_epoch=0):
         """Keras's fit on arrays. `validation_split` holds out the last fraction of the data, before
-        shuffling, as Keras does; `validation_data` is (x, y) or (x, y, sample_weight)."""
+        shuffling, as Keras does; `validation_data` is (x, y) or (x, y, sample_weight). Compiled with
+        a `distribution`, every rank passes the same arrays and `batch_size` is the global batch."""
+        with self._collective():
+            return self._fit(x, y, batch_size, epochs, verbose, callbacks, validation_split, validation_data,
+                             shuffle, class_weight, sample_weight, initial_epoch)
+
+    def _fit(self, x, y, batch_size, epochs, verbose, callbacks, validation_split, validation_data, shuffle,
+             class_weight, sample_weight, initial_epoch):
         self._require_compiled("fit")
         batch_size = _batch_size(batch_size)
         verbose = _auto(verbose)
@@ -449,17 +509,35 @@ class Trainer:
         if class_weight is not None:  # the training samples only: validation keeps its own weights
             weights = self.check_sample_weight(None if weights is None else to_numpy(weights), class_weight, t)
         n = t.shape[0]
+        dist = self.distribution
+        self.refresh_parameters()
+        if dist is not None:
+            self.build_optimizer()
+            dist.begin_fit(self, self._distributed_facts(xs, t, weights, val, batch_size, epochs, initial_epoch,
+                                                         shuffle))
+        try:
+            return self._fit_epochs(xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose,
+                                    callbacks)
+        finally:
+            if dist is not None:
+                dist.end_fit(self)
 
+    def _fit_epochs(self, xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose, callbacks):
+        dist = self.distribution
+        chief = dist is None or dist.is_chief
         history = callbacks_module.History()
         shown = self.metrics_names + (["val_" + m for m in self.metrics_names] if val else [])
         cbs = callbacks_module.CallbackList(
-            ([callbacks_module.ProgbarLogger(verbose)] if verbose else []) + callbacks + [history],
+            self._for_this_rank(([callbacks_module.ProgbarLogger(verbose)] if verbose else []) + callbacks)
+            + [history],
             self, {"epochs": epochs, "samples": n, "batch_size": batch_size, "verbose": verbose, "metrics": shown,
                    "do_validation": val is not None, "steps": -(-n // batch_size)})
-        if verbose and val is not None:
+        if verbose and chief and dist is not None:
+            shares = "-".join(map(str, sorted({batch_size // dist.size, -(-batch_size // dist.size)})))
+            sys.stdout.write(f"{dist.describe()}\nglobal batch {batch_size} = {dist.size} ranks x {shares} samples\n")
+        if verbose and chief and val is not None:
             sys.stdout.write("Train on %d samples, validate on %d samples\n" % (n, val[1].shape[0]))
         self.stop_training = False
-        self.refresh_parameters()
         start_scale, self._growth_warned = self._largest_weight(), False
         cbs.call("on_train_begin", {})
         for epoch in range(int(initial_epoch), epochs):
@@ -471,13 +549,24 @@ class Trainer:
             for batch, start in enumerate(range(0, n, batch_size)):
                 cbs.on_train_batch_begin(batch)
                 idx = order[start : start + batch_size]
+                global_batch = None
+                if dist is not None:  # this rank's share of the global batch
+                    global_batch = idx.shape[0]
+                    first, stop = dist.shard(global_batch)
+                    dist.place_batch(self, first)
+                    idx = idx[first:stop]
                 tb = t[idx]
                 wb = None if weights is None else weights[idx]
-                predictions, batch_sum = self.train_step([a[idx] for a in xs], tb, wb)
+                predictions, batch_sum = self.train_step([a[idx] for a in xs], tb, wb, global_batch)
                 metrics.add(batch_sum, predictions, tb, wb)
                 cbs.on_train_batch_end(batch, metrics.running)
+                if dist is not None:  # a callback on one rank stops every rank
+                    self.stop_training = dist.any(self.stop_training)
                 if self.stop_training:
                     break
+            if dist is not None:
+                metrics.sum_over_ranks(dist.sum_)
+                dist.average_statistics(self)
             logs = metrics.averages()
             if not np.isfinite(logs["loss"]) and not self.stop_training:  # else a callback (TerminateOnNaN) stopped it
                 self.history = history
@@ -492,7 +581,8 @@ class Trainer:
             logs["seconds"] = time.perf_counter() - started
             if val is not None:
                 cbs.call("on_test_begin", {})
-                val_logs = self._evaluate_arrays(val[0], val[1], val[2], batch_size, callbacks=cbs).averages("val_")
+                val_logs = self._evaluate_arrays(val[0], val[1], val[2], batch_size, callbacks=cbs,
+                                                 shared=True).averages("val_")
                 cbs.call("on_test_end", {k[4:]: v for k, v in val_logs.items()})
                 logs.update(val_logs)
             cbs.call("on_epoch_end", epoch, logs)
@@ -536,7 +626,17 @@ class Trainer:
             batch_size = min(batch_size, self.CPU_INFERENCE_BATCH)
         return range(0, n, batch_size), batch_size
 
-    def _evaluate_arrays(self, xs, t, weights, batch_size, exact_batch=False, callbacks=None):
+    def _shard(self, arrays):
+        """Under data parallelism, this rank's contiguous share of the rows of each array (None stays None)."""
+        first, stop = self.distribution.shard(next(a for a in arrays if a is not None).shape[0])
+        return [None if a is None else a[first:stop] for a in arrays]
+
+    def _evaluate_arrays(self, xs, t, weights, batch_size, exact_batch=False, callbacks=None, shared=False):
+        """The loss and metrics over the arrays, batch by batch in inference mode. `shared`: under
+        data parallelism each rank evaluates its share and the sums are summed over the ranks."""
+        shared = shared and self.distribution is not None
+        if shared:
+            *xs, t, weights = self._shard([*xs, t, weights])
         plan = self._loss_plan()
         logits = plan.emits_logits or self.loss.from_logits
         metrics = self.epoch_metrics()
@@ -557,22 +657,32 @@ class Trainer:
             metrics.add(batch_sum, predictions, tb, wb)
             if callbacks is not None:
                 callbacks.on_batch("on_test_batch_end", batch, metrics.running)
+        if shared:
+            metrics.sum_over_ranks(self.distribution.sum_)
         return metrics
 
     @exclusive
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False,
                  callbacks=None):
-        """[loss, *metrics] in inference mode (a dict with return_dict=True), like Keras."""
+        """[loss, *metrics] in inference mode (a dict with return_dict=True), like Keras. Compiled
+        with a `distribution`, each rank evaluates its share and every rank returns the totals."""
+        with self._collective():
+            return self._evaluate(x, y, batch_size, verbose, sample_weight, return_dict, callbacks)
+
+    def _evaluate(self, x, y, batch_size, verbose, sample_weight, return_dict, callbacks):
         self._require_compiled("evaluate")
         batch_size = _batch_size(batch_size)
         verbose = _auto(verbose)
+        if self.distribution is not None and not self.distribution.is_chief:
+            verbose = 0  # rank 0 alone prints
         xs = self.check_inputs(x)
         t = self.check_targets(y, xs[0].shape[0])
         weights = self.check_sample_weight(sample_weight, None, t)
-        cbs = callbacks_module.CallbackList(_callbacks(callbacks), self, {"verbose": verbose, "samples": t.shape[0]})
+        cbs = callbacks_module.CallbackList(self._for_this_rank(_callbacks(callbacks)), self,
+                                            {"verbose": verbose, "samples": t.shape[0]})
         cbs.call("on_test_begin", {})
         bar = callbacks_module.Progbar(t.shape[0], verbose=verbose) if verbose else None
-        values = self._evaluate_arrays(xs, t, weights, batch_size, callbacks=cbs).averages()
+        values = self._evaluate_arrays(xs, t, weights, batch_size, callbacks=cbs, shared=True).averages()
         if bar is not None:
             bar.update(t.shape[0], lambda: values, finalize=True)
         cbs.call("on_test_end", dict(values))
@@ -580,16 +690,27 @@ class Trainer:
 
     @exclusive
     def predict(self, x, batch_size=None, verbose="auto", callbacks=None):
-        """Outputs in inference mode as NumPy arrays (a list for a model with several outputs)."""
+        """Outputs in inference mode as NumPy arrays (a list for a model with several outputs).
+        Compiled with a `distribution`, each rank predicts its share and every rank returns all rows."""
+        with self._collective():
+            return self._predict(x, batch_size, verbose, callbacks)
+
+    def _predict(self, x, batch_size, verbose, callbacks):
+        dist = self.distribution
         batch_size = _batch_size(batch_size)
         verbose = _auto(verbose)
+        if dist is not None and not dist.is_chief:
+            verbose = 0  # rank 0 alone prints
         xs = self.check_inputs(x)
         n = xs[0].shape[0]
-        cbs = callbacks_module.CallbackList(_callbacks(callbacks), self, {"verbose": verbose, "samples": n})
+        if dist is not None:
+            xs = self._shard(xs)
+        cbs = callbacks_module.CallbackList(self._for_this_rank(_callbacks(callbacks)), self,
+                                            {"verbose": verbose, "samples": n})
         cbs.call("on_predict_begin", {})
         plan = self.plan()
         outs = [[] for _ in self.outputs]
-        starts, batch_size = self._inference_batches(n, batch_size)
+        starts, batch_size = self._inference_batches(xs[0].shape[0], batch_size)
         bar = callbacks_module.Progbar(n, verbose=verbose) if verbose else None
         for batch, start in enumerate(starts):
             cbs.on_batch("on_predict_batch_begin", batch)
@@ -602,5 +723,8 @@ class Trainer:
         if bar is not None:
             bar.update(n, lambda: {}, finalize=True)
         cbs.call("on_predict_end", {})
-        joined = [np.concatenate(parts) for parts in outs]
+        joined = [np.concatenate(parts) if parts else np.empty((0,) + tuple(tensor.shape[1:]), dtype=self.dtype)
+                  for parts, tensor in zip(outs, self.outputs)]
+        if dist is not None:
+            joined = [dist.gather(part) for part in joined]
         return joined[0] if self.single_output else joined

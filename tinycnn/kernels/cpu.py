@@ -334,13 +334,13 @@ def _bn_stats(x2d):
 
 
 @njit(**_JIT)
-def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, y, keep):
+def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, offset, y, keep):
     m, c = x2d.shape
     for r in prange(m):
         for ch in range(c):
             v = (x2d[r, ch] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch]
             if use_dropout:
-                k = _hash_keep(r * c + ch, key, threshold)
+                k = _hash_keep(offset + r * c + ch, key, threshold)
                 keep[r, ch] = k
                 v = v * scale if k else 0.0
             y[r, ch] = v
@@ -390,10 +390,10 @@ def _bn_affine(x2d, scale, shift, y):
 # Dropout alone (when no BatchNormalization precedes it): the same counter-based mask, stored as 0/1
 # bytes; backward applies mask and scale in one pass.
 @njit(**_JIT)
-def _dropout_forward(x, key, threshold, scale, y, keep):
+def _dropout_forward(x, key, threshold, scale, offset, y, keep):
     flat_x, flat_y, flat_k = x.reshape(-1), y.reshape(-1), keep.reshape(-1)
     for i in prange(flat_x.size):
-        k = _hash_keep(i, key, threshold)
+        k = _hash_keep(offset + i, key, threshold)
         flat_k[i] = k
         flat_y[i] = flat_x[i] * scale if k else 0.0
 
@@ -558,7 +558,7 @@ class CPUKernels(ReferenceKernels):
         return dx
 
     # -- BatchNormalization (small inputs take the reference path, forward and backward alike) ----------
-    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed):
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0):
         x2d = np.ascontiguousarray(x2d)
         mean64, var64 = _bn_stats(x2d)
         dtype = x2d.dtype
@@ -570,7 +570,7 @@ class CPUKernels(ReferenceKernels):
         scale = dtype.type(1.0 / (1.0 - rate))
         key = np.uint64(dropout_key(seed) if use_dropout else 0)
         _bn_normalize(x2d, mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
-                      use_dropout, y, keep)
+                      use_dropout, np.int64(offset), y, keep)
         saved = (x2d, mean, keep if use_dropout else None, scale)
         return y, saved, mean, var, inv_std
 
@@ -599,10 +599,10 @@ class CPUKernels(ReferenceKernels):
             return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std)
         return self._bn_backward(dy2d, saved, gamma, inv_std)
 
-    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed):
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0):
         if x2d.size < SMALL:
-            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed)
-        return self._bn_forward(x2d, gamma, beta, eps, rate, seed)
+            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed, offset)
+        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset)
 
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std):
         if dy2d.size < SMALL:
@@ -620,14 +620,15 @@ class CPUKernels(ReferenceKernels):
         return y, scale
 
     # -- Dropout ---------------------------------------------------------------------------------------
-    def dropout_forward(self, x, rate, seed):
+    def dropout_forward(self, x, rate, seed, offset=0):
         if x.size < SMALL:
-            return super().dropout_forward(x, rate, seed)
+            return super().dropout_forward(x, rate, seed, offset)
         x = np.ascontiguousarray(x)
         scale = x.dtype.type(1.0 / (1.0 - rate))
         y = np.empty_like(x)
         keep = np.empty(x.shape, dtype=np.uint8)
-        _dropout_forward(x, np.uint64(dropout_key(seed)), np.uint64(dropout_keep_threshold(rate)), scale, y, keep)
+        _dropout_forward(x, np.uint64(dropout_key(seed)), np.uint64(dropout_keep_threshold(rate)), scale,
+                         np.int64(offset), y, keep)
         return y, (keep, scale)
 
     def dropout_backward(self, dy, saved):

@@ -97,10 +97,10 @@ _MAXPOOL_BACKWARD = cp.ElementwiseKernel(
 
 # The same counter-based hash as tinycnn.randomness.lowbias32, in native 32-bit arithmetic.
 _DROPOUT_FORWARD = cp.ElementwiseKernel(
-    "T x, uint32 key, uint32 threshold, T scale",
+    "T x, uint32 key, uint32 threshold, T scale, uint64 offset",
     "T y, uint8 keep",
     """
-    unsigned int h = ((unsigned int)i) ^ key;
+    unsigned int h = ((unsigned int)(i + offset)) ^ key;
     h ^= h >> 16; h *= 0x7FEB352Du; h ^= h >> 15; h *= 0x846CA68Bu; h ^= h >> 16;
     keep = (h >> 8) >= threshold;
     y = keep ? x * scale : (T)0;
@@ -167,12 +167,13 @@ class GPUKernels(ReferenceKernels):
                           pads[0], pads[2], dy.shape[1], dy.shape[2], dx)
         return dx
 
-    def dropout_forward(self, x, rate, seed):
+    def dropout_forward(self, x, rate, seed, offset=0):
         x = cp.ascontiguousarray(x)
         y = cp.empty_like(x)
         keep = cp.empty(x.shape, dtype=cp.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
-        _DROPOUT_FORWARD(x, cp.uint32(dropout_key(seed)), cp.uint32(dropout_keep_threshold(rate)), scale, y, keep)
+        _DROPOUT_FORWARD(x, cp.uint32(dropout_key(seed)), cp.uint32(dropout_keep_threshold(rate)), scale,
+                         cp.uint64(offset), y, keep)
         return y, (keep, scale)
 
     def dropout_backward(self, dy, saved):

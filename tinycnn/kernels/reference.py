@@ -226,11 +226,11 @@ class ReferenceKernels:
         scale = gamma / get_array_module(x2d).sqrt(moving_var + eps)
         return x2d * scale + (beta - moving_mean * scale), scale
 
-    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed):
-        """BatchNormalization then Dropout(rate) with the mask of dropout_forward(., rate, seed):
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0):
+        """BatchNormalization then Dropout(rate) with the mask of dropout_forward(., rate, seed, offset):
         one kernel where a set can fuse them. Returns y, saved, mean, var, inv_std."""
         y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps)
-        y, mask = self.dropout_forward(y, rate, seed)
+        y, mask = self.dropout_forward(y, rate, seed, offset)
         return y, (saved, mask), mean, var, inv_std
 
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std):
@@ -238,13 +238,14 @@ class ReferenceKernels:
         return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std)
 
     # -- dropout --------------------------------------------------------------------------------
-    def dropout_forward(self, x, rate, seed):
+    def dropout_forward(self, x, rate, seed, offset=0):
         """Inverted dropout with a counter-based mask: element i is kept when
         hash(i ^ key(seed)) >> 8 >= threshold. The mask depends only on (seed, i), so every
         implementation (NumPy, numba, CuPy) draws the same mask for the same seed, in parallel.
+        `offset`: the index of x's first element (a share of a larger batch draws that batch's mask).
         Returns y and what backward needs (here the scaled mask)."""
         xp = get_array_module(x)
-        index = xp.arange(x.size, dtype=xp.uint64)
+        index = xp.arange(offset, offset + x.size, dtype=xp.uint64)
         bits = lowbias32(index ^ xp.uint64(dropout_key(seed))) >> 8
         keep = (bits >= dropout_keep_threshold(rate)).reshape(x.shape)
         mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - rate))

@@ -263,6 +263,10 @@ class Layer:
     def reseed(self, seed):
         """Layers that draw random numbers during training restart their stream from `seed`."""
 
+    def place_in_batch(self, first_sample):
+        """Layers that draw random masks draw them for samples `first_sample`, `first_sample + 1`, ...
+        of the batch: a rank of data-parallel training computes part of a global batch."""
+
     def get_config(self):
         """The layer's constructor arguments, under Keras's names (so `type(layer)(**config)` remakes it)."""
         return {"name": self.name, "trainable": self.trainable}

@@ -15,12 +15,20 @@ class Dropout(Layer):
         super().__init__(**kwargs)
         self.rate = arguments.real(rate, "Dropout rate", 0.0, 1.0, high_open=True)
         self.seed = None if seed is None else arguments.integer(seed, "Dropout seed")
+        self.first_sample = 0  # where this call's samples start in the batch (data parallelism)
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
     def create_weights(self, input_shape, rng):
         self.reseed(self.seed if self.seed is not None else int(rng.integers(2**31)))
+
+    def place_in_batch(self, first_sample):
+        self.first_sample = int(first_sample)
+
+    def mask_offset(self, x):
+        """The element index, in the whole batch, of `x`'s first element (masks hash it)."""
+        return self.first_sample * (x.size // x.shape[0]) if x.shape[0] else 0
 
     def reseed(self, seed):
         # Host-side: each training call draws one 63-bit seed from here; the mask itself is
@@ -34,7 +42,7 @@ class Dropout(Layer):
     def forward(self, x, training):
         if not training or self.rate == 0.0:
             return x, None
-        return self.kernels.dropout_forward(x, self.rate, self.next_seed())
+        return self.kernels.dropout_forward(x, self.rate, self.next_seed(), self.mask_offset(x))
 
     def backward(self, saved, dy, need_input_grad=True):
         if saved is None:

@@ -1,0 +1,188 @@
+"""Data-parallel training (tinycnn.distributed): N ranks under mpiexec train as one process does
+with the global batch.
+
+The multi-process tests run tests/distributed_run.py under `mpiexec -n 2` and compare with the
+same script on one process. Tolerances: in float64 the two agree to 1e-9 (the method is exact;
+only the summation order differs). In float32 a model without BatchNormalization agrees to 1e-6
+after 10 steps (observed 1.6e-7, weights up to 0.53). Adam's first steps move each weight by
+about the learning rate times the sign of its gradient, so a gradient component within float32
+round-off of zero may take the other sign: for the Week2 model in float32 the test compares one
+step (observed 3.9e-6); after ten steps the 2-rank and 1-process runs differ by 2.3e-3, ten times
+less than one process's own fast and reference kernels differ from each other (2.5e-2).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinycnn as tc
+from tinycnn.distributed.data_parallel import DataParallel, share
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "distributed_run.py")
+
+try:
+    import mpi4py  # noqa: F401
+
+    HAVE_MPI4PY = True
+except ImportError:
+    HAVE_MPI4PY = False
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+needs_mpi = pytest.mark.skipif(not (HAVE_MPI4PY and MPIEXEC),
+                               reason="needs mpi4py and mpiexec (pip install -e '.[distributed]')")
+
+
+def launch(tmp_path, out, *args, ranks=None, check=True, timeout=180):
+    """Run the script on one process (ranks=None) or under mpiexec; returns (process, saved results)."""
+    command = [sys.executable, SCRIPT, "--out", str(tmp_path / out), *args]
+    if ranks is not None:
+        command = [MPIEXEC, "-n", str(ranks)] + command + ["--distributed"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc, np.load(tmp_path / out)
+    return proc, None
+
+
+def weights(result):
+    return [result[k] for k in sorted((k for k in result.files if k.startswith("arr_")), key=lambda k: int(k[4:]))]
+
+
+def largest_difference(a, b):
+    return max(float(np.abs(x.astype(np.float64) - y).max()) for x, y in zip(weights(a), weights(b)))
+
+
+# -- several processes ------------------------------------------------------------------------------------
+@needs_mpi
+def test_a_model_without_batchnorm_trains_on_two_ranks_as_on_one_process(tmp_path):
+    # 515 samples in global batches of 128: the last batch (3 samples) is shared 2 + 1
+    _, one = launch(tmp_path, "one.npz")
+    _, two = launch(tmp_path, "two.npz", ranks=2)
+    assert len(set(two["fingerprints"])) == 1  # both ranks hold the same weights
+    assert largest_difference(one, two) <= 1e-6
+    h1, h2 = json.loads(str(one["history"])), json.loads(str(two["history"]))
+    for key in ("loss", "acc", "val_loss", "val_acc"):  # epoch logs cover every rank's samples
+        np.testing.assert_allclose(h2[key], h1[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(two["evaluated"], one["evaluated"], rtol=1e-5)
+    assert two["predicted"].shape == one["predicted"].shape == (200, 10)  # predict gathers every rank's rows
+    np.testing.assert_allclose(two["predicted"], one["predicted"], atol=1e-6)
+
+
+@needs_mpi
+def test_week2_with_synchronized_batchnorm_equals_one_process(tmp_path):
+    _, one = launch(tmp_path, "one.npz", "--model", "week2", "--dtype", "float64")
+    _, two = launch(tmp_path, "two.npz", "--model", "week2", "--dtype", "float64", "--sync-bn", ranks=2)
+    assert len(set(two["fingerprints"])) == 1
+    assert largest_difference(one, two) <= 1e-9  # 10 steps, Dropout included: exact up to summation order
+    _, one32 = launch(tmp_path, "one32.npz", "--model", "week2", "--samples", "128", "--epochs", "1")
+    _, two32 = launch(tmp_path, "two32.npz", "--model", "week2", "--samples", "128", "--epochs", "1", "--sync-bn",
+                      ranks=2)
+    assert largest_difference(one32, two32) <= 1e-5
+
+
+@needs_mpi
+def test_week2_with_per_rank_batchnorm_keeps_the_ranks_in_step(tmp_path):
+    """Per-rank statistics (Keras's MirroredStrategy, Horovod): each rank normalizes its own 64
+    samples, so the run differs from one process; the moving statistics are averaged every epoch,
+    so the ranks still hold the same weights."""
+    _, one = launch(tmp_path, "one.npz", "--model", "week2", "--dtype", "float64")
+    _, two = launch(tmp_path, "two.npz", "--model", "week2", "--dtype", "float64", ranks=2)
+    assert len(set(two["fingerprints"])) == 1
+    assert largest_difference(one, two) > 1e-4
+    assert np.all(np.isfinite(json.loads(str(two["history"]))["loss"]))
+
+
+@needs_mpi
+def test_a_checkpoint_from_two_ranks_resumes_on_one_or_two(tmp_path):
+    _, straight = launch(tmp_path, "straight.npz", "--epochs", "2", "--checkpoint", str(tmp_path / "ck"), ranks=2)
+    assert os.path.exists(tmp_path / "ck.1") and os.path.exists(tmp_path / "ck.2")  # written by rank 0
+    _, again_two = launch(tmp_path, "two.npz", "--epochs", "2", "--resume", str(tmp_path / "ck.1"), ranks=2)
+    _, again_one = launch(tmp_path, "one.npz", "--epochs", "2", "--resume", str(tmp_path / "ck.1"))
+    assert again_two["fingerprints"][0] == straight["fingerprints"][0]  # bit for bit
+    assert largest_difference(straight, again_one) <= 1e-6
+
+
+@needs_mpi
+def test_a_failing_rank_stops_every_rank_with_a_clear_error(tmp_path):
+    proc, _ = launch(tmp_path, "x.npz", "--fail-rank", "1", ranks=2, check=False, timeout=60)
+    assert proc.returncode != 0
+    assert "ValueError: an injected failure on this rank" in proc.stderr
+    assert "rank 1 of 2 failed with the error above" in proc.stderr
+    assert "RankFailure: rank 1 of 2 failed (ValueError: an injected failure on this rank); rank 0 stops too" \
+        in proc.stderr
+
+
+@needs_mpi
+def test_ranks_given_different_data_are_refused(tmp_path):
+    proc, _ = launch(tmp_path, "x.npz", "--other-data-rank", "1", ranks=2, check=False, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.count("DistributedError: the ranks were given different data or settings to fit (inputs:") == 2
+
+
+@needs_mpi
+def test_the_example_runs_under_mpiexec(tmp_path):
+    example = os.path.join(os.path.dirname(HERE), "examples", "week2_mnist.py")
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, example, "--distributed", "--sync-bn", "--epochs", "1",
+                           "--train-limit", "512", "--device", "cpu", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Epoch 1/1") == 1  # rank 0 alone prints
+    assert "global batch 128 = 2 ranks x 64 samples" in proc.stdout
+    assert "BatchNormalization statistics synchronized" in proc.stdout
+    assert os.path.exists(tmp_path / "run" / "checkpoint.npz")
+
+
+# -- one process ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("count,size", [(128, 2), (3, 2), (7, 3), (1, 1), (10, 4)])
+def test_shares_cover_the_batch_once_in_order(count, size):
+    shares = [share(count, rank, size) for rank in range(size)]
+    assert shares[0][0] == 0 and shares[-1][1] == count
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert max(s[1] - s[0] for s in shares) - min(s[1] - s[0] for s in shares) <= 1
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fast"])
+def test_a_share_of_a_batch_draws_that_share_of_the_batchs_dropout_mask(kernels):
+    with tc.config.using(kernels=kernels):
+        k = tc.get_backend("cpu").kernels
+    x = np.random.default_rng(0).random((96, 20, 20, 3)).astype(np.float32) + 1.0  # >= 4,096 elements per share
+    full, _ = k.dropout_forward(x, 0.3, 1234)
+    per_sample = x[0].size
+    part, _ = k.dropout_forward(x[40:70], 0.3, 1234, 40 * per_sample)
+    np.testing.assert_array_equal(part, full[40:70])
+    x2d = x.reshape(-1, 3)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    fused, *_ = k.batchnorm_dropout_forward_train(x2d, gamma, beta, 1e-3, 0.3, 99)
+    fused_part, *_ = k.batchnorm_dropout_forward_train(x2d[4000:8000], gamma, beta, 1e-3, 0.3, 99, 4000 * 3)
+    np.testing.assert_array_equal(fused_part != 0, fused[4000:8000] != 0)  # same kept elements
+
+
+@pytest.mark.skipif(not HAVE_MPI4PY, reason="needs mpi4py (pip install -e '.[distributed]')")
+def test_one_rank_trains_bit_for_bit_like_a_plain_fit():
+    sys.path.insert(0, HERE)
+    from distributed_run import data, plain_model
+
+    x, y = data(300)
+    runs = []
+    for distribution in (None, DataParallel("mpi")):
+        model = plain_model(0, "float32")
+        model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["acc"], distribution=distribution)
+        history = model.fit(x, y, batch_size=64, epochs=2, verbose=0, validation_data=(x[:50], y[:50]))
+        runs.append((model.get_weights(), {k: v for k, v in history.history.items() if k != "seconds"},
+                     model.evaluate(x, y, verbose=0), model.predict(x[:70], verbose=0)))
+    (w1, h1, e1, p1), (w2, h2, e2, p2) = runs
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    assert h1 == h2 and e1 == e2
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_compile_refuses_a_distribution_that_is_not_one():
+    model = tc.Sequential([tc.layers.Dense(2, input_shape=(3,))], device="cpu", seed=0)
+    with pytest.raises(tc.DistributedError, match="distribution must be a tinycnn.distributed.DataParallel"):
+        model.compile("adam", "mse", distribution="mpi")
