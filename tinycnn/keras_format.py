@@ -24,7 +24,7 @@ from . import layers as L
 from .errors import WeightsFileError
 from .files import atomic_path
 from .keras_io import h5py_module, read_weights_file, write_weights
-from .saving import check_savable
+from .saving import savable_weights
 
 KERAS_VERSION = "3.15.1"  # the Keras release whose format this follows
 MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
@@ -324,12 +324,13 @@ def save_model(model, path):
     if not path.endswith(".keras"):
         raise ValueError(f"a model file must end in .keras (Keras 3's format), got {path!r}; for weights alone use "
                          "save_weights with .weights.h5 or .npz")
-    check_savable(model)
+    model.build()  # so that the weights checked are the ones written
+    weights = savable_weights(model)
     config = model_to_config(model)
     metadata = {"keras_version": KERAS_VERSION, "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
     buffer = io.BytesIO()
     with h5py.File(buffer, "w", libver=("v110", "v110")) as f:
-        write_weights(model, f)
+        write_weights(model, f, weights)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w") as zf:
             zf.writestr("metadata.json", json.dumps(metadata))
