@@ -194,8 +194,6 @@ def model_to_config(model):
 
 
 # -- compile arguments ----------------------------------------------------------------------------------------
-_OPTIMIZERS = {"Adam": optimizers.Adam, "AdamW": optimizers.AdamW, "SGD": optimizers.SGD,
-               "RMSprop": optimizers.RMSprop, "Adadelta": optimizers.Adadelta}
 _OPTIMIZER_NEUTRAL = {"use_ema": (False,), "ema_momentum": None, "ema_overwrite_frequency": (None,),
                       "loss_scale_factor": (None,), "gradient_accumulation_steps": (None,), "amsgrad": (False,),
                       "name": None}
@@ -222,8 +220,7 @@ def compile_config(model):
             opt_config["learning_rate"] = opt.current_learning_rate()
     loss = model.loss
     default = type(loss)()
-    if type(loss).__name__ in ("CategoricalCrossentropy", "SparseCategoricalCrossentropy", "BinaryCrossentropy",
-                               "MeanSquaredError") and loss.get_config() == default.get_config():
+    if losses.class_named(type(loss).__name__) is not None and loss.get_config() == default.get_config():
         loss_value = loss.name
     else:
         loss_value = {"module": "keras.losses", "class_name": type(loss).__name__,
@@ -248,7 +245,7 @@ def _metrics_to_keras(identifiers, metric_objects):
 def _optimizer_from_keras(spec):
     if isinstance(spec, str):
         return optimizers.get(spec)
-    cls = _OPTIMIZERS.get(spec.get("class_name"))
+    cls = optimizers.class_named(spec.get("class_name"))
     if cls is None:
         raise ValueError(f"the model was compiled with optimizer {spec.get('class_name')!r}, which tinycnn lacks")
     kwargs = {}
@@ -278,8 +275,7 @@ def _optimizer_from_keras(spec):
 def _loss_from_keras(spec):
     if isinstance(spec, str) or spec is None:
         return spec
-    cls = {c.__name__: c for c in (losses.CategoricalCrossentropy, losses.SparseCategoricalCrossentropy,
-                                   losses.BinaryCrossentropy, losses.MeanSquaredError)}.get(spec.get("class_name"))
+    cls = losses.class_named(spec.get("class_name"))
     if cls is None:
         raise ValueError(f"the model was compiled with loss {spec.get('class_name')!r}, which tinycnn lacks")
     config = dict(spec.get("config") or {})
@@ -294,9 +290,7 @@ def _loss_from_keras(spec):
 def _metric_from_keras(spec):
     if isinstance(spec, str):
         return spec
-    cls = {c.__name__: c for c in (metrics.CategoricalAccuracy, metrics.SparseCategoricalAccuracy,
-                                   metrics.BinaryAccuracy, metrics.TopKCategoricalAccuracy,
-                                   metrics.SparseTopKCategoricalAccuracy, metrics.Accuracy)}.get(spec.get("class_name"))
+    cls = metrics.class_named(spec.get("class_name"))
     if cls is None:
         raise ValueError(f"the model was compiled with metric {spec.get('class_name')!r}, which tinycnn lacks")
     config = {k: v for k, v in (spec.get("config") or {}).items() if k in ("name", "k", "threshold")}
