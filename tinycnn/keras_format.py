@@ -13,6 +13,7 @@ with the value that means "off", else refused with its name. Only the three know
 the archive are read, each up to a size limit. The optimizer's saved state is not restored: a
 loaded model is compiled with a fresh optimizer (tinycnn's own checkpoints resume exactly).
 """
+import contextlib
 import datetime
 import io
 import json
@@ -24,10 +25,10 @@ from . import layers as L
 from .errors import WeightsFileError
 from .files import atomic_path
 from .keras_io import h5py_module, read_weights_file, write_weights
+from .npzfile import ZIP_ERRORS
 from .saving import savable_weights
 
 KERAS_VERSION = "3.15.1"  # the Keras release whose format this follows
-MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 MAX_JSON_BYTES = 16 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
 # Keras stores the weights uncompressed; a recompressed file of real weights shrinks by 1.1-2x.
@@ -332,26 +333,6 @@ def save_model(model, path):
             zf.writestr("model.weights.h5", buffer.getvalue())
 
 
-def _member(zf, name, limit, path):
-    try:
-        info = zf.getinfo(name)
-    except KeyError:
-        raise WeightsFileError(f"{path!r} is not a .keras model file: it has no {name}") from None
-    if info.file_size > limit:
-        raise WeightsFileError(f"{path!r}: {name} declares {info.file_size} bytes, more than the {limit} allowed")
-    with zf.open(info) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise WeightsFileError(f"{path!r}: {name} is larger than the {limit} bytes allowed")
-    return data
-
-
-# What zipfile and json raise on damaged input (a flipped "encrypted" flag is a RuntimeError, an
-# unknown version or compression method a NotImplementedError).
-_READ_ERRORS = (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, RecursionError,
-                ValueError, RuntimeError, NotImplementedError)
-
-
 class ModelArchive:
     """A `.keras` file opened for checked reading: the config at once (a JSON object of bounded
     size), the weights member only when asked, up to a size the caller derives from the model the
@@ -365,15 +346,13 @@ class ModelArchive:
             hint = " (a legacy Keras 2 .h5 model? tinycnn reads Keras 3's .keras format)" if path.endswith(".h5") else ""
             raise WeightsFileError(f"{path!r} is not a .keras model file (not a zip archive){hint}")
         try:
-            self.zip = zipfile.ZipFile(path)
-            self.config = json.loads(_member(self.zip, "config.json", MAX_JSON_BYTES, path))
-            self.weights_size = self._weights_size(self._info("model.weights.h5"))
+            with self._reading():
+                self.zip = zipfile.ZipFile(path)
+                self.config = json.loads(self._member("config.json", MAX_JSON_BYTES))
+                self.weights_size = self._weights_size(self._info("model.weights.h5"))
         except WeightsFileError:
             self.close()
             raise
-        except _READ_ERRORS as exc:
-            self.close()
-            raise WeightsFileError(f"{path!r} is not a readable .keras file (corrupt or truncated?): {exc}") from None
         if not isinstance(self.config, dict):
             self.close()
             raise WeightsFileError(f"{path!r}: config.json does not hold a model configuration")
@@ -388,20 +367,40 @@ class ModelArchive:
         ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_COMPRESSION
         return min(info.file_size, info.compress_size * ratio, MAX_WEIGHTS_BYTES)
 
+    @contextlib.contextmanager
+    def _reading(self):
+        """What zipfile and json raise on a damaged file (json's errors are ValueErrors, its
+        RecursionError a RuntimeError: all among ZIP_ERRORS) as a WeightsFileError naming it."""
+        try:
+            yield
+        except WeightsFileError:
+            raise
+        except ZIP_ERRORS as exc:
+            raise WeightsFileError(f"{self.path!r} is not a readable .keras file (corrupt or truncated?): "
+                                   f"{exc}") from None
+
     def _info(self, name):
         try:
             return self.zip.getinfo(name)
         except KeyError:
             raise WeightsFileError(f"{self.path!r} is not a .keras model file: it has no {name}") from None
 
+    def _member(self, name, limit):
+        """The bytes of member `name`, refused when it declares or holds more than `limit`."""
+        info = self._info(name)
+        if info.file_size > limit:
+            raise WeightsFileError(f"{self.path!r}: {name} declares {info.file_size} bytes, more than the "
+                                   f"{limit} allowed")
+        with self.zip.open(info) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise WeightsFileError(f"{self.path!r}: {name} is larger than the {limit} bytes allowed")
+        return data
+
     def weights(self, limit):
         """The bytes of model.weights.h5, refused when they declare more than `limit` bytes."""
-        try:
-            return _member(self.zip, "model.weights.h5", min(limit, MAX_WEIGHTS_BYTES), self.path)
-        except WeightsFileError:
-            raise
-        except _READ_ERRORS as exc:
-            raise WeightsFileError(f"{self.path!r} is not a readable .keras file (corrupt or truncated?): {exc}") from None
+        with self._reading():
+            return self._member("model.weights.h5", min(limit, MAX_WEIGHTS_BYTES))
 
     def close(self):
         if getattr(self, "zip", None) is not None:
