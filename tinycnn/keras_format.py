@@ -13,6 +13,7 @@ with the value that means "off", else refused with its name. Only the three know
 the archive are read, each up to a size limit. The optimizer's saved state is not restored: a
 loaded model is compiled with a fresh optimizer (tinycnn's own checkpoints resume exactly).
 """
+import contextlib
 import datetime
 import io
 import json
@@ -24,10 +25,10 @@ from . import layers as L
 from .errors import WeightsFileError
 from .files import atomic_path
 from .keras_io import h5py_module, read_weights_file, write_weights
-from .saving import check_savable
+from .npzfile import ZIP_ERRORS
+from .saving import savable_weights
 
 KERAS_VERSION = "3.15.1"  # the Keras release whose format this follows
-MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 MAX_JSON_BYTES = 16 << 20
 MAX_WEIGHTS_BYTES = 2 << 30
 # Keras stores the weights uncompressed; a recompressed file of real weights shrinks by 1.1-2x.
@@ -43,7 +44,7 @@ LAYER_CLASSES = {cls.__name__: cls for cls in (
 NEUTRAL = {
     "groups": (1,), "activity_regularizer": (None,), "kernel_constraint": (None,), "bias_constraint": (None,),
     "depthwise_constraint": (None,), "pointwise_constraint": (None,), "beta_constraint": (None,),
-    "gamma_constraint": (None,), "synchronized": (False,), "renorm": (False,), "renorm_clipping": (None,),
+    "gamma_constraint": (None,), "renorm": (False,), "renorm_clipping": (None,),
     "renorm_momentum": (0.99,), "noise_shape": (None,), "quantization_config": (None,), "lora_rank": (None,),
     "lora_alpha": (None,), "max_value": (None,), "threshold": (0.0,), "sparse": (False,), "ragged": (False,),
     "optional": (False,), "dilation_rate": ([1, 1], (1, 1), 1), "data_format": ("channels_last", None),
@@ -194,8 +195,6 @@ def model_to_config(model):
 
 
 # -- compile arguments ----------------------------------------------------------------------------------------
-_OPTIMIZERS = {"Adam": optimizers.Adam, "AdamW": optimizers.AdamW, "SGD": optimizers.SGD,
-               "RMSprop": optimizers.RMSprop, "Adadelta": optimizers.Adadelta}
 _OPTIMIZER_NEUTRAL = {"use_ema": (False,), "ema_momentum": None, "ema_overwrite_frequency": (None,),
                       "loss_scale_factor": (None,), "gradient_accumulation_steps": (None,), "amsgrad": (False,),
                       "name": None}
@@ -222,8 +221,7 @@ def compile_config(model):
             opt_config["learning_rate"] = opt.current_learning_rate()
     loss = model.loss
     default = type(loss)()
-    if type(loss).__name__ in ("CategoricalCrossentropy", "SparseCategoricalCrossentropy", "BinaryCrossentropy",
-                               "MeanSquaredError") and loss.get_config() == default.get_config():
+    if losses.class_named(type(loss).__name__) is not None and loss.get_config() == default.get_config():
         loss_value = loss.name
     else:
         loss_value = {"module": "keras.losses", "class_name": type(loss).__name__,
@@ -248,7 +246,7 @@ def _metrics_to_keras(identifiers, metric_objects):
 def _optimizer_from_keras(spec):
     if isinstance(spec, str):
         return optimizers.get(spec)
-    cls = _OPTIMIZERS.get(spec.get("class_name"))
+    cls = optimizers.class_named(spec.get("class_name"))
     if cls is None:
         raise ValueError(f"the model was compiled with optimizer {spec.get('class_name')!r}, which tinycnn lacks")
     kwargs = {}
@@ -278,8 +276,7 @@ def _optimizer_from_keras(spec):
 def _loss_from_keras(spec):
     if isinstance(spec, str) or spec is None:
         return spec
-    cls = {c.__name__: c for c in (losses.CategoricalCrossentropy, losses.SparseCategoricalCrossentropy,
-                                   losses.BinaryCrossentropy, losses.MeanSquaredError)}.get(spec.get("class_name"))
+    cls = losses.class_named(spec.get("class_name"))
     if cls is None:
         raise ValueError(f"the model was compiled with loss {spec.get('class_name')!r}, which tinycnn lacks")
     config = dict(spec.get("config") or {})
@@ -294,9 +291,7 @@ def _loss_from_keras(spec):
 def _metric_from_keras(spec):
     if isinstance(spec, str):
         return spec
-    cls = {c.__name__: c for c in (metrics.CategoricalAccuracy, metrics.SparseCategoricalAccuracy,
-                                   metrics.BinaryAccuracy, metrics.TopKCategoricalAccuracy,
-                                   metrics.SparseTopKCategoricalAccuracy, metrics.Accuracy)}.get(spec.get("class_name"))
+    cls = metrics.class_named(spec.get("class_name"))
     if cls is None:
         raise ValueError(f"the model was compiled with metric {spec.get('class_name')!r}, which tinycnn lacks")
     config = {k: v for k, v in (spec.get("config") or {}).items() if k in ("name", "k", "threshold")}
@@ -324,37 +319,18 @@ def save_model(model, path):
     if not path.endswith(".keras"):
         raise ValueError(f"a model file must end in .keras (Keras 3's format), got {path!r}; for weights alone use "
                          "save_weights with .weights.h5 or .npz")
-    check_savable(model)
+    model.build()  # so that the weights checked are the ones written
+    weights = savable_weights(model)
     config = model_to_config(model)
     metadata = {"keras_version": KERAS_VERSION, "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S")}
     buffer = io.BytesIO()
     with h5py.File(buffer, "w", libver=("v110", "v110")) as f:
-        write_weights(model, f)
+        write_weights(model, f, weights)
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w") as zf:
             zf.writestr("metadata.json", json.dumps(metadata))
             zf.writestr("config.json", json.dumps(config))
             zf.writestr("model.weights.h5", buffer.getvalue())
-
-
-def _member(zf, name, limit, path):
-    try:
-        info = zf.getinfo(name)
-    except KeyError:
-        raise WeightsFileError(f"{path!r} is not a .keras model file: it has no {name}") from None
-    if info.file_size > limit:
-        raise WeightsFileError(f"{path!r}: {name} declares {info.file_size} bytes, more than the {limit} allowed")
-    with zf.open(info) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise WeightsFileError(f"{path!r}: {name} is larger than the {limit} bytes allowed")
-    return data
-
-
-# What zipfile and json raise on damaged input (a flipped "encrypted" flag is a RuntimeError, an
-# unknown version or compression method a NotImplementedError).
-_READ_ERRORS = (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError, RecursionError,
-                ValueError, RuntimeError, NotImplementedError)
 
 
 class ModelArchive:
@@ -370,15 +346,13 @@ class ModelArchive:
             hint = " (a legacy Keras 2 .h5 model? tinycnn reads Keras 3's .keras format)" if path.endswith(".h5") else ""
             raise WeightsFileError(f"{path!r} is not a .keras model file (not a zip archive){hint}")
         try:
-            self.zip = zipfile.ZipFile(path)
-            self.config = json.loads(_member(self.zip, "config.json", MAX_JSON_BYTES, path))
-            self.weights_size = self._weights_size(self._info("model.weights.h5"))
+            with self._reading():
+                self.zip = zipfile.ZipFile(path)
+                self.config = json.loads(self._member("config.json", MAX_JSON_BYTES))
+                self.weights_size = self._weights_size(self._info("model.weights.h5"))
         except WeightsFileError:
             self.close()
             raise
-        except _READ_ERRORS as exc:
-            self.close()
-            raise WeightsFileError(f"{path!r} is not a readable .keras file (corrupt or truncated?): {exc}") from None
         if not isinstance(self.config, dict):
             self.close()
             raise WeightsFileError(f"{path!r}: config.json does not hold a model configuration")
@@ -393,20 +367,40 @@ class ModelArchive:
         ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_COMPRESSION
         return min(info.file_size, info.compress_size * ratio, MAX_WEIGHTS_BYTES)
 
+    @contextlib.contextmanager
+    def _reading(self):
+        """What zipfile and json raise on a damaged file (json's errors are ValueErrors, its
+        RecursionError a RuntimeError: all among ZIP_ERRORS) as a WeightsFileError naming it."""
+        try:
+            yield
+        except WeightsFileError:
+            raise
+        except ZIP_ERRORS as exc:
+            raise WeightsFileError(f"{self.path!r} is not a readable .keras file (corrupt or truncated?): "
+                                   f"{exc}") from None
+
     def _info(self, name):
         try:
             return self.zip.getinfo(name)
         except KeyError:
             raise WeightsFileError(f"{self.path!r} is not a .keras model file: it has no {name}") from None
 
+    def _member(self, name, limit):
+        """The bytes of member `name`, refused when it declares or holds more than `limit`."""
+        info = self._info(name)
+        if info.file_size > limit:
+            raise WeightsFileError(f"{self.path!r}: {name} declares {info.file_size} bytes, more than the "
+                                   f"{limit} allowed")
+        with self.zip.open(info) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise WeightsFileError(f"{self.path!r}: {name} is larger than the {limit} bytes allowed")
+        return data
+
     def weights(self, limit):
         """The bytes of model.weights.h5, refused when they declare more than `limit` bytes."""
-        try:
-            return _member(self.zip, "model.weights.h5", min(limit, MAX_WEIGHTS_BYTES), self.path)
-        except WeightsFileError:
-            raise
-        except _READ_ERRORS as exc:
-            raise WeightsFileError(f"{self.path!r} is not a readable .keras file (corrupt or truncated?): {exc}") from None
+        with self._reading():
+            return self._member("model.weights.h5", min(limit, MAX_WEIGHTS_BYTES))
 
     def close(self):
         if getattr(self, "zip", None) is not None:

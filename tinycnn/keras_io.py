@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import WeightsFileError
 from .files import atomic_path
-from .saving import check_file_array, check_savable
+from .saving import check_file_array, savable_weights
 
 KERAS_INSTALL_HINT = 'pip install "tinycnn[keras]"  (h5py)'
 
@@ -56,13 +56,13 @@ def keras_paths(model):
     return paths
 
 
-def write_weights(model, f):
-    """Write the model's weights into the open h5py File `f`."""
+def write_weights(model, f, weights):
+    """Write `weights` (saving.savable_weights of the model) into the open h5py File `f`."""
     f.create_group("vars").attrs["name"] = model.name
-    for layer, group_path in zip(model.compute_layers, keras_paths(model)):
+    for layer, group_path, values in zip(model.compute_layers, keras_paths(model), weights):
         group = f.create_group(f"{group_path}/vars")
         group.attrs["name"] = layer.name
-        for i, value in enumerate(layer.get_weights()):
+        for i, value in enumerate(values):
             group.create_dataset(str(i), data=value.astype(np.float32), fletcher32=True)
 
 
@@ -155,10 +155,10 @@ def save_keras_weights(model, path):
     if not path.endswith(".weights.h5"):
         raise ValueError(f"Keras 3 only loads weights files named *.weights.h5, got {path!r}")
     model.build()
-    check_savable(model)  # before the temporary file exists
+    weights = savable_weights(model)  # checked before the temporary file exists
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
-            write_weights(model, f)
+            write_weights(model, f, weights)
 
 
 def load_keras_weights(model, path):

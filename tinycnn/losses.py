@@ -238,7 +238,13 @@ _LOSSES = {
     "mse": MeanSquaredError,
     "MSE": MeanSquaredError,
 }
-_LOSSES.update({cls.__name__: cls for cls in set(_LOSSES.values())})
+_BY_CLASS_NAME = {cls.__name__: cls for cls in set(_LOSSES.values())}  # how Keras files name them
+_LOSSES.update(_BY_CLASS_NAME)
+
+
+def class_named(name):
+    """The loss class called `name` ("MeanSquaredError", as a Keras file names it), or None."""
+    return _BY_CLASS_NAME.get(name)
 
 
 def get(loss):

@@ -157,7 +157,13 @@ _BY_NAME = {
     "top_k_categorical_accuracy": TopKCategoricalAccuracy,
     "sparse_top_k_categorical_accuracy": SparseTopKCategoricalAccuracy,
 }
-_BY_NAME.update({cls.__name__: cls for cls in list(_BY_NAME.values()) + [Accuracy]})
+_BY_CLASS_NAME = {cls.__name__: cls for cls in list(_BY_NAME.values()) + [Accuracy]}  # how Keras files name them
+_BY_NAME.update(_BY_CLASS_NAME)
+
+
+def class_named(name):
+    """The metric class called `name` ("CategoricalAccuracy", as a Keras file names it), or None."""
+    return _BY_CLASS_NAME.get(name)
 
 
 def accuracy_for(loss, output_shape):

@@ -4,6 +4,7 @@
 and converts each layer's configuration; this module turns the configuration into a Sequential or
 a functional Model).
 """
+import contextlib
 import os
 
 from . import keras_format
@@ -23,29 +24,32 @@ def load_model(filepath, compile=True, device=None):
         config = archive.config
         # the configuration may create no more weights than the file's weights member holds
         with weight_budget(archive.weights_size + (1 << 20), lambda message: WeightsFileError(f"{path!r}: {message}")):
-            try:
+            # a layer or option tinycnn lacks, a shape that does not fit: the error names it
+            with _config_errors(path, "model configuration", prefix=""):
                 model = model_from_config(config, device=device)
                 model.build()
-            except WeightsFileError:
-                raise
-            except ValueError as exc:  # a layer or option tinycnn lacks, a shape that does not fit: named
-                raise WeightsFileError(f"{path!r}: {exc}") from None
-            except (KeyError, TypeError, IndexError, AttributeError) as exc:
-                raise WeightsFileError(f"{path!r}: its model configuration is malformed "
-                                       f"({type(exc).__name__}: {exc})") from None
         weights = archive.weights(keras_format.weights_file_limit(model))
     keras_format.load_weights_bytes(model, weights, path)
     if compile:
-        try:
+        # an optimizer, loss or option tinycnn lacks: the error names it
+        with _config_errors(path, "compile configuration", prefix="its compile configuration: "):
             keras_format.compile_from_keras(model, config.get("compile_config"))
-        except WeightsFileError:
-            raise
-        except ValueError as exc:  # an optimizer, loss or option tinycnn lacks: named
-            raise WeightsFileError(f"{path!r}: its compile configuration: {exc}") from None
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise WeightsFileError(f"{path!r}: its compile configuration is malformed "
-                                   f"({type(exc).__name__}: {exc})") from None
     return model
+
+
+@contextlib.contextmanager
+def _config_errors(path, part, prefix):
+    """Errors from turning the file's `part` into a model, as WeightsFileErrors naming the file:
+    a ValueError says what tinycnn lacks (after `prefix`); any other error of a wrong
+    type, key or index means a malformed configuration."""
+    try:
+        yield
+    except WeightsFileError:
+        raise
+    except ValueError as exc:
+        raise WeightsFileError(f"{path!r}: {prefix}{exc}") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise WeightsFileError(f"{path!r}: its {part} is malformed ({type(exc).__name__}: {exc})") from None
 
 
 def save_model(model, filepath, overwrite=True):

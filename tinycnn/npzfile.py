@@ -10,7 +10,9 @@ import errno
 import json
 import math
 import os
+import tokenize
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -19,14 +21,16 @@ from .errors import WeightsFileError
 __all__ = ["NpzReader", "ZIP_ERRORS"]
 
 # What zipfile raises on a damaged archive: a flipped "encrypted" flag is a RuntimeError, an
-# unknown version or compression method a NotImplementedError.
-ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError, OverflowError)
+# unknown version or compression method a NotImplementedError, a corrupt deflated member zlib.error.
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError, OverflowError,
+              zlib.error)
 
 
 def _system_failure(exc):
-    """An OSError that says the system could not read the file (permissions, a failing disk), as
-    opposed to one a damaged file provokes (zipfile seeking to a bad offset gets EINVAL)."""
-    return isinstance(exc, PermissionError) or exc.errno == errno.EIO
+    """Whether `exc` is an OSError that says the system could not read the file (permissions, a
+    failing disk), as opposed to one a damaged file provokes (zipfile seeking to a bad offset gets
+    EINVAL) or another error of a damaged file. Those pass through: the file may be fine."""
+    return isinstance(exc, OSError) and (isinstance(exc, PermissionError) or exc.errno == errno.EIO)
 
 
 class NpzReader:
@@ -40,12 +44,9 @@ class NpzReader:
             raise error(f"{self.path!r} is a directory, not a {what}")
         try:
             self.zip = zipfile.ZipFile(self.path)
-        except OSError as exc:
+        except ZIP_ERRORS as exc:
             if _system_failure(exc):
                 raise
-            raise error(f"{self.path!r} is not a readable .npz file (corrupt or truncated, or another "
-                        f"format?): {exc}") from None
-        except ZIP_ERRORS as exc:
             raise error(f"{self.path!r} is not a readable .npz file (corrupt or truncated, or another "
                         f"format?): {exc}") from None
         self.members = {info.filename[:-4]: info for info in self.zip.infolist() if info.filename.endswith(".npy")}
@@ -87,11 +88,9 @@ class NpzReader:
             return np.frombuffer(data, dtype=dtype).reshape(found_shape, order="F" if fortran else "C").copy()
         except self.error:
             raise
-        except OSError as exc:
+        except ZIP_ERRORS + (TypeError, SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header
             if _system_failure(exc):
                 raise
-            raise self.error(f"{self.path!r}: {key} is corrupt or truncated: {exc}") from None
-        except ZIP_ERRORS + (TypeError, SyntaxError) as exc:
             raise self.error(f"{self.path!r}: {key} is corrupt or truncated: {exc}") from None
 
     def _check_header(self, key, found_shape, dtype, shape, kinds, max_bytes):

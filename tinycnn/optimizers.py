@@ -230,6 +230,12 @@ class Adadelta(Optimizer):
 
 
 _OPTIMIZERS = {"adam": Adam, "sgd": SGD, "adamw": AdamW, "rmsprop": RMSprop, "adadelta": Adadelta}
+_BY_CLASS_NAME = {cls.__name__: cls for cls in _OPTIMIZERS.values()}  # how Keras files name them
+
+
+def class_named(name):
+    """The optimizer class called `name` ("Adam", as a Keras file names it), or None."""
+    return _BY_CLASS_NAME.get(name)
 
 
 def get(optimizer):

@@ -30,12 +30,17 @@ def dropout_key(seed):
     return low ^ ((seed >> 32) & HASH_MASK)
 
 
+def index_hashes(xp, n, seed, offset=0):
+    """The 32-bit hash of each index offset..offset+n-1 mixed with `seed`'s key, as a uint64 array of
+    array module `xp`: what a dropout mask and a shuffle are drawn from."""
+    return lowbias32(xp.arange(offset, offset + n, dtype=xp.uint64) ^ xp.uint64(dropout_key(seed)))
+
+
 def permutation(xp, n, seed):
     """A random permutation of range(n) computed with array module `xp`: the order of the
     counter-based hashes of the indices (a bijection, so no ties). The same seed gives the same
     permutation on every backend."""
-    keys = lowbias32(xp.arange(n, dtype=xp.uint64) ^ xp.uint64(dropout_key(seed)))
-    return xp.argsort(keys)
+    return xp.argsort(index_hashes(xp, n, seed))
 
 
 def derive_seed(*parts):

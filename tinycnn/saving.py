@@ -39,20 +39,26 @@ def atomic_savez(path, arrays):
         np.savez(f, **arrays)
 
 
-def check_savable(model):
-    """Refuse to write weights that could not be loaded back: every weight must be finite."""
+def savable_weights(model):
+    """Every compute layer's weights as host arrays (one list per layer, in model order), each
+    fetched from the device once for the writer to use. Refuses weights that could not be loaded
+    back: every value must be finite."""
+    fetched = []
     for layer in model.compute_layers:
-        for name, value in zip(layer.weights, layer.get_weights()):
+        values = layer.get_weights()
+        for name, value in zip(layer.weights, values):
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"not saving: weight {name!r} of layer {layer.name} holds NaN or infinite values "
                                  "(training diverged?); the file on disk is left as it was")
+        fetched.append(values)
+    return fetched
 
 
 def _weights_arrays(model):
-    check_savable(model)
+    weights = savable_weights(model)
     arrays = {"__meta__": np.array(json.dumps({"format": FORMAT, "version": VERSION, "layers": _layer_records(model)}))}
-    for i, layer in enumerate(model.compute_layers):
-        for name, value in zip(layer.weights, layer.get_weights()):
+    for i, (layer, values) in enumerate(zip(model.compute_layers, weights)):
+        for name, value in zip(layer.weights, values):
             arrays[f"layer{i:03d}/{name}"] = value
     return arrays
 

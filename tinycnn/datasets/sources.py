@@ -149,10 +149,10 @@ def load_idx_dir(path):
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise DatasetError(f"{directory}: not a directory")
-    missing = [IDX_NAMES[k] + ".gz" for k in ARRAY_NAMES if find_idx_file(directory, IDX_NAMES[k]) is None]
+    files = {key: find_idx_file(directory, IDX_NAMES[key]) for key in ARRAY_NAMES}
+    missing = [IDX_NAMES[key] + ".gz" for key in ARRAY_NAMES if files[key] is None]
     if missing:
         raise DatasetError(f"{directory}: missing IDX file(s) {', '.join(missing)} (gzipped or not)")
-    files = {key: find_idx_file(directory, IDX_NAMES[key]) for key in ARRAY_NAMES}
     arrays = {key: read_idx(files[key]) for key in ARRAY_NAMES}
     for split in ("train", "test"):
         xk, yk = "x_" + split, "y_" + split

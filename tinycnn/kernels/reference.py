@@ -16,7 +16,7 @@ Conventions shared by every implementation (all images NHWC):
 - Kernels return new arrays and never modify their inputs unless a name says so (`*_update`).
 """
 from ..arrays import get_array_module
-from ..randomness import dropout_keep_threshold, dropout_key, lowbias32
+from ..randomness import dropout_keep_threshold, index_hashes
 
 
 def output_hw(h, w, kh, kw, stride, pads=(0, 0, 0, 0)):
@@ -60,36 +60,55 @@ class ReferenceKernels:
     def describe(self):
         return self.name
 
-    # -- convolution ------------------------------------------------------------------------
-    def im2col(self, x, kh, kw, stride, pads):
-        """(N, H, W, C) -> (N*OH*OW, kh*kw*C) patch matrix.
+    # -- windows: what convolution and pooling share ------------------------------------------
+    def _windows(self, x, window, stride, pads, fill):
+        """(N, OH, OW, kh*kw, C): every kh x kw window of x padded with `fill`, entry i*kw + j
+        holding window offset (i, j).
 
-        A loop over the kh*kw kernel offsets only; each step copies one strided slice of the
+        A loop over the kh*kw window offsets only; each step copies one strided slice of the
         whole batch, so the Python overhead is kh*kw array operations whatever the image size."""
         xp = get_array_module(x)
         n, h, w, c = x.shape
+        kh, kw = window
         oh, ow = output_hw(h, w, kh, kw, stride, pads)
-        xpad = pad_nhwc(x, pads)
-        cols = xp.empty((n, oh, ow, kh, kw, c), dtype=x.dtype)
+        xpad = pad_nhwc(x, pads, fill)
+        win = xp.empty((n, oh, ow, kh * kw, c), dtype=x.dtype)
         for i in range(kh):
             for j in range(kw):
                 rows, columns = _window_slice(i, j, stride, oh, ow)
-                cols[:, :, :, i, j, :] = xpad[:, rows, columns, :]
-        return cols.reshape(n * oh * ow, kh * kw * c)
+                win[:, :, :, i * kw + j, :] = xpad[:, rows, columns, :]
+        return win
+
+    def _scatter_windows(self, entry, x_shape, window, stride, pads, xp, dtype):
+        """Adjoint of _windows: the (N, H, W, C) sums, onto each input pixel, of the window entries
+        gathered from it, where entry(k) gives the (N, OH, OW, C) values of entry k = i*kw + j
+        (what lands on padding is dropped). Entries are made one at a time, so no array of every
+        window is needed."""
+        n, h, w, c = x_shape
+        top, bottom, left, right = pads
+        kh, kw = window
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=dtype)
+        for i in range(kh):
+            for j in range(kw):
+                rows, columns = _window_slice(i, j, stride, oh, ow)
+                dx[:, rows, columns, :] += entry(i * kw + j)
+        return dx[:, top : top + h, left : left + w, :]
+
+    # -- convolution ------------------------------------------------------------------------
+    def im2col(self, x, kh, kw, stride, pads):
+        """(N, H, W, C) -> (N*OH*OW, kh*kw*C) patch matrix: the zero-padded windows, one row each."""
+        n, h, w, c = x.shape
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        return self._windows(x, (kh, kw), stride, pads, 0.0).reshape(n * oh * ow, kh * kw * c)
 
     def col2im(self, cols, x_shape, kh, kw, stride, pads):
         """Adjoint of im2col: sums each patch entry back onto the input pixel it was copied from."""
-        xp = get_array_module(cols)
         n, h, w, c = x_shape
-        top, bottom, left, right = pads
         oh, ow = output_hw(h, w, kh, kw, stride, pads)
-        cols = cols.reshape(n, oh, ow, kh, kw, c)
-        dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=cols.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                rows, columns = _window_slice(i, j, stride, oh, ow)
-                dx[:, rows, columns, :] += cols[:, :, :, i, j, :]
-        return dx[:, top : top + h, left : left + w, :]
+        win = cols.reshape(n, oh, ow, kh * kw, c)
+        return self._scatter_windows(lambda k: win[:, :, :, k, :], x_shape, (kh, kw), stride, pads,
+                                     get_array_module(cols), cols.dtype)
 
     def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):
         """Convolution as im2col + one GEMM. Returns (z as (N*OH*OW, F), what backward needs)."""
@@ -129,20 +148,6 @@ class ReferenceKernels:
         return self.col2im(dcols.reshape(cols.shape[0], kh * kw * c), x_shape, kh, kw, stride, pads)
 
     # -- pooling ----------------------------------------------------------------------------
-    def _windows(self, x, pool, stride, pads, fill):
-        """(N, OH, OW, ph*pw, C): every pooling window of x padded with `fill`."""
-        xp = get_array_module(x)
-        n, h, w, c = x.shape
-        (ph, pw) = pool
-        oh, ow = output_hw(h, w, ph, pw, stride, pads)
-        xpad = pad_nhwc(x, pads, fill)
-        win = xp.empty((n, oh, ow, ph * pw, c), dtype=x.dtype)
-        for i in range(ph):
-            for j in range(pw):
-                rows, columns = _window_slice(i, j, stride, oh, ow)
-                win[:, :, :, i * pw + j, :] = xpad[:, rows, columns, :]
-        return win
-
     def maxpool_forward(self, x, pool, stride, pads):
         """Max-pooling (padding never wins: it is -inf). Returns (y, argmax); ties go to the first
         maximum, so the gradient is exact."""
@@ -153,17 +158,9 @@ class ReferenceKernels:
         return y, argmax
 
     def maxpool_backward(self, dy, argmax, x_shape, pool, stride, pads):
-        xp = get_array_module(dy)
-        n, h, w, c = x_shape
-        top, bottom, left, right = pads
-        ph, pw = pool
-        oh, ow = dy.shape[1], dy.shape[2]
-        dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=dy.dtype)
-        for i in range(ph):
-            for j in range(pw):
-                rows, columns = _window_slice(i, j, stride, oh, ow)
-                dx[:, rows, columns, :] += dy * (argmax == (i * pw + j))
-        return dx[:, top : top + h, left : left + w, :]
+        """Each window's gradient goes to its argmax entry; the other entries get zero."""
+        return self._scatter_windows(lambda k: dy * (argmax == k), x_shape, pool, stride, pads,
+                                     get_array_module(dy), dy.dtype)
 
     def _window_counts(self, x_shape, pool, stride, pads, xp, dtype):
         """(1, OH, OW, 1): how many real (unpadded) pixels each window covers."""
@@ -178,18 +175,10 @@ class ReferenceKernels:
         return win.sum(axis=3) / self._window_counts(x.shape, pool, stride, pads, xp, x.dtype)
 
     def avgpool_backward(self, dy, x_shape, pool, stride, pads):
+        """Every entry of a window gets an equal share of its gradient (padding counts for none)."""
         xp = get_array_module(dy)
-        n, h, w, c = x_shape
-        top, bottom, left, right = pads
-        ph, pw = pool
-        oh, ow = dy.shape[1], dy.shape[2]
         share = dy / self._window_counts(x_shape, pool, stride, pads, xp, dy.dtype)
-        dx = xp.zeros((n, h + top + bottom, w + left + right, c), dtype=dy.dtype)
-        for i in range(ph):
-            for j in range(pw):
-                rows, columns = _window_slice(i, j, stride, oh, ow)
-                dx[:, rows, columns, :] += share
-        return dx[:, top : top + h, left : left + w, :]
+        return self._scatter_windows(lambda k: share, x_shape, pool, stride, pads, xp, dy.dtype)
 
     # -- activations --------------------------------------------------------------------------
     def relu_forward(self, x):
@@ -244,9 +233,7 @@ class ReferenceKernels:
         implementation (NumPy, numba, CuPy) draws the same mask for the same seed, in parallel.
         `offset`: the index of x's first element (a share of a larger batch draws that batch's mask).
         Returns y and what backward needs (here the scaled mask)."""
-        xp = get_array_module(x)
-        index = xp.arange(offset, offset + x.size, dtype=xp.uint64)
-        bits = lowbias32(index ^ xp.uint64(dropout_key(seed))) >> 8
+        bits = index_hashes(get_array_module(x), x.size, seed, offset) >> 8
         keep = (bits >= dropout_keep_threshold(rate)).reshape(x.shape)
         mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - rate))
         return x * mask, mask
