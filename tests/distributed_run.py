@@ -21,13 +21,13 @@ import tinycnn as tc  # noqa: E402
 from tinycnn import layers as L  # noqa: E402
 
 
-def plain_model(seed, dtype):
+def plain_model(seed, dtype, device="cpu"):
     """Convolutions, pooling, Dropout and Dense: no BatchNormalization."""
     return tc.Sequential([
         L.Conv2D(8, 3, activation="relu", input_shape=(28, 28, 1)), L.MaxPooling2D(2), L.Dropout(0.2),
         L.Conv2D(12, 3, activation="relu"), L.GlobalAveragePooling2D(), L.Dropout(0.1),
         L.Dense(10, activation="softmax"),
-    ], device="cpu", seed=seed, dtype=dtype)
+    ], device=device, seed=seed, dtype=dtype)
 
 
 def data(samples, seed=1):
@@ -53,6 +53,10 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--distributed", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--communicator", default="mpi")
+    p.add_argument("--seed", type=int, default=0, help="the model's seed; -1: none (each process draws its own)")
+    p.add_argument("--train-on-batch", action="store_true", help="train with train_on_batch on the first batches")
     p.add_argument("--checkpoint", help="write a checkpoint here after every epoch (rank 0)")
     p.add_argument("--resume", help="resume from this checkpoint")
     p.add_argument("--fail-rank", type=int, help="this rank raises in its 2nd training batch")
@@ -60,13 +64,14 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    dp = tc.distributed.DataParallel("mpi", sync_batchnorm=args.sync_bn) if args.distributed else None
+    dp = tc.distributed.DataParallel(args.communicator, sync_batchnorm=args.sync_bn) if args.distributed else None
+    seed = None if args.seed < 0 else args.seed
     if args.model == "plain":
-        model = plain_model(0, args.dtype)
+        model = plain_model(seed, args.dtype, args.device)
     else:
         from week2_model import build_week2_model
 
-        model = build_week2_model(device="cpu", seed=0, dtype=args.dtype)
+        model = build_week2_model(device=args.device, seed=seed, dtype=args.dtype)
     model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["acc"], distribution=dp)
     x, y = data(args.samples)
     rank = dp.rank if dp else 0
@@ -93,8 +98,13 @@ def main():
 
         callbacks.append(Fail())
     xv, yv = data(200, seed=2)
-    history = model.fit(x, y, batch_size=args.batch, epochs=args.epochs, initial_epoch=done, verbose=0,
-                        validation_data=(xv, yv), callbacks=callbacks)
+    if args.train_on_batch:
+        logs = [model.train_on_batch(x[k : k + args.batch], y[k : k + args.batch]) for k in (0, 128, 256)]
+        history = tc.callbacks.History()
+        history.history = {"train_on_batch": logs, "test_on_batch": model.test_on_batch(xv, yv)}
+    else:
+        history = model.fit(x, y, batch_size=args.batch, epochs=args.epochs, initial_epoch=done, verbose=0,
+                            validation_data=(xv, yv), callbacks=callbacks)
     evaluated = model.evaluate(xv, yv, batch_size=64, verbose=0)
     predicted = model.predict(xv, batch_size=64, verbose=0)
     weights = model.get_weights()

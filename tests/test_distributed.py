@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import tinycnn as tc
+from tinycnn.backend import gpu_problem
 from tinycnn.distributed.data_parallel import DataParallel, share
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,8 +76,10 @@ def test_a_model_without_batchnorm_trains_on_two_ranks_as_on_one_process(tmp_pat
 
 @needs_mpi
 def test_week2_with_synchronized_batchnorm_equals_one_process(tmp_path):
-    _, one = launch(tmp_path, "one.npz", "--model", "week2", "--dtype", "float64")
-    _, two = launch(tmp_path, "two.npz", "--model", "week2", "--dtype", "float64", "--sync-bn", ranks=2)
+    # 513 samples: the last global batch has 1 sample, so rank 1's share is empty
+    _, one = launch(tmp_path, "one.npz", "--model", "week2", "--dtype", "float64", "--samples", "513")
+    _, two = launch(tmp_path, "two.npz", "--model", "week2", "--dtype", "float64", "--samples", "513", "--sync-bn",
+                    ranks=2)
     assert len(set(two["fingerprints"])) == 1
     assert largest_difference(one, two) <= 1e-9  # 10 steps, Dropout included: exact up to summation order
     _, one32 = launch(tmp_path, "one32.npz", "--model", "week2", "--samples", "128", "--epochs", "1")
@@ -90,11 +93,29 @@ def test_week2_with_per_rank_batchnorm_keeps_the_ranks_in_step(tmp_path):
     """Per-rank statistics (Keras's MirroredStrategy, Horovod): each rank normalizes its own 64
     samples, so the run differs from one process; the moving statistics are averaged every epoch,
     so the ranks still hold the same weights."""
-    _, one = launch(tmp_path, "one.npz", "--model", "week2", "--dtype", "float64")
-    _, two = launch(tmp_path, "two.npz", "--model", "week2", "--dtype", "float64", ranks=2)
-    assert len(set(two["fingerprints"])) == 1
+    _, one = launch(tmp_path, "one.npz", "--model", "week2", "--dtype", "float64", "--samples", "513")
+    _, two = launch(tmp_path, "two.npz", "--model", "week2", "--dtype", "float64", "--samples", "513", ranks=2)
+    assert len(set(two["fingerprints"])) == 1  # an empty share (the last batch's 1 sample) leaves the statistics alone
     assert largest_difference(one, two) > 1e-4
     assert np.all(np.isfinite(json.loads(str(two["history"]))["loss"]))
+
+
+@needs_mpi
+def test_train_on_batch_shares_the_batch_and_test_on_batch_sums_over_the_ranks(tmp_path):
+    _, one = launch(tmp_path, "one.npz", "--train-on-batch", "--model", "week2", "--dtype", "float64")
+    _, two = launch(tmp_path, "two.npz", "--train-on-batch", "--model", "week2", "--dtype", "float64", "--sync-bn",
+                    ranks=2)
+    assert largest_difference(one, two) <= 1e-9
+    h1, h2 = json.loads(str(one["history"])), json.loads(str(two["history"]))
+    np.testing.assert_allclose(h2["train_on_batch"], h1["train_on_batch"], rtol=1e-9)
+    np.testing.assert_allclose(h2["test_on_batch"], h1["test_on_batch"], rtol=1e-9)
+
+
+@needs_mpi
+def test_ranks_that_drew_different_seeds_start_from_rank_0s_model(tmp_path):
+    for loop in ([], ["--train-on-batch"]):
+        _, two = launch(tmp_path, "two.npz", "--seed", "-1", *loop, ranks=2)
+        assert len(set(two["fingerprints"])) == 1, loop
 
 
 @needs_mpi
@@ -135,6 +156,29 @@ def test_the_example_runs_under_mpiexec(tmp_path):
     assert "global batch 128 = 2 ranks x 64 samples" in proc.stdout
     assert "BatchNormalization statistics synchronized" in proc.stdout
     assert os.path.exists(tmp_path / "run" / "checkpoint.npz")
+    # rank 0's checkpoint resumes on one process (and the other way round)
+    again = subprocess.run([sys.executable, example, "--resume", "--epochs", "2", "--train-limit", "512", "--device",
+                            "cpu", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after epoch 1" in again.stdout and "Epoch 2/2" in again.stdout
+
+
+@needs_mpi
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_problem() is not None, reason=f"no GPU backend: {gpu_problem()}")
+@pytest.mark.parametrize("communicator", ["mpi", "nccl"])
+def test_on_the_gpu_two_ranks_train_as_one_process(tmp_path, communicator):
+    """Two ranks may share one GPU over MPI (device arrays go through the host); NCCL refuses two
+    ranks on one GPU, so its 2-rank case needs two GPUs."""
+    import cupy
+
+    if communicator == "nccl" and cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("NCCL needs one GPU per rank: this machine has one")
+    common = ["--model", "week2", "--dtype", "float64", "--device", "gpu"]
+    _, one = launch(tmp_path, "one.npz", *common)
+    _, two = launch(tmp_path, "two.npz", *common, "--sync-bn", "--communicator", communicator, ranks=2)
+    assert len(set(two["fingerprints"])) == 1
+    assert largest_difference(one, two) <= 1e-9
 
 
 # -- one process ------------------------------------------------------------------------------------------

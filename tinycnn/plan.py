@@ -95,7 +95,8 @@ class BatchNormDropoutStep(Step):
         training = self.mode(training)
         x = values[self.inputs[0]]
         bn, drop = self.bn, self.dropout
-        if not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)) or bn.sync is not None:
+        if (not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)) or bn.sync is not None
+                or x.shape[0] == 0):  # synchronized statistics, or a rank's empty share: the layers' own paths
             y, bn_saved = bn.forward(x, training)
             z, drop_saved = drop.forward(y, training)
             return z, ("apart", bn_saved, drop_saved)

@@ -387,25 +387,43 @@ class Trainer:
 
     @exclusive
     def train_on_batch(self, x, y, sample_weight=None, class_weight=None, return_dict=False):
-        """One optimizer step on one batch; returns [loss, *metrics] (or a dict) like Keras."""
-        self._require_compiled("train_on_batch")
-        xs = self.check_inputs(x)
-        tb = self.check_targets(y, xs[0].shape[0])
-        weights = self.check_sample_weight(sample_weight, class_weight, tb)
-        predictions, batch_sum = self.train_step(xs, tb, weights)
-        logs = self._batch_logs(predictions, batch_sum, tb, weights)
-        return _result(logs, return_dict)
+        """One optimizer step on one batch; returns [loss, *metrics] (or a dict) like Keras.
+        Compiled with a `distribution`, the batch is the global batch: every rank passes it whole
+        and computes its share."""
+        with self._collective():
+            self._require_compiled("train_on_batch")
+            xs = self.check_inputs(x)
+            tb = self.check_targets(y, xs[0].shape[0])
+            weights = self.check_sample_weight(sample_weight, class_weight, tb)
+            dist = self.distribution
+            if dist is None:
+                predictions, batch_sum = self.train_step(xs, tb, weights)
+                return _result(self._batch_logs(predictions, batch_sum, tb, weights), return_dict)
+            self.build_optimizer()
+            if not dist.synchronized(self):
+                dist.synchronize(self)
+            n = tb.shape[0]
+            first, stop = dist.shard(n)
+            *xs, tb, weights = [None if a is None else a[first:stop] for a in (*xs, tb, weights)]
+            with dist.training(self):
+                dist.place_batch(self, first)
+                predictions, batch_sum = self.train_step(xs, tb, weights, n)
+            metrics = self.epoch_metrics()
+            metrics.add(batch_sum, predictions, tb, weights)
+            metrics.sum_over_ranks(dist.sum_)
+            return _result(metrics.averages(), return_dict)
 
     @exclusive
     def test_on_batch(self, x, y, sample_weight=None, return_dict=False):
         """Loss and metrics of one batch in inference mode; [loss, *metrics] (or a dict)."""
-        self._require_compiled("test_on_batch")
-        xs = self.check_inputs(x)
-        tb = self.check_targets(y, xs[0].shape[0])
-        weights = self.check_sample_weight(sample_weight, None, tb)
-        metrics = self._evaluate_arrays(xs, tb, weights, tb.shape[0], exact_batch=True)
-        logs = metrics.averages()
-        return _result(logs, return_dict)
+        with self._collective():
+            self._require_compiled("test_on_batch")
+            xs = self.check_inputs(x)
+            tb = self.check_targets(y, xs[0].shape[0])
+            weights = self.check_sample_weight(sample_weight, None, tb)
+            metrics = self._evaluate_arrays(xs, tb, weights, tb.shape[0], exact_batch=True, shared=True)
+            logs = metrics.averages()
+            return _result(logs, return_dict)
 
     @exclusive
     def predict_on_batch(self, x):
@@ -460,7 +478,7 @@ class Trainer:
             return hashlib.sha256(np.ascontiguousarray(to_numpy(rows)).tobytes()).hexdigest()[:16]
 
         return {"samples": int(n), "batch_size": batch_size, "epochs": epochs, "initial_epoch": initial_epoch,
-                "shuffle": bool(shuffle), "seed": self.seed, "parameters": int(self.params.size),
+                "shuffle": bool(shuffle), "parameters": int(self.params.size),
                 "inputs": [fingerprint(a) for a in xs], "targets": fingerprint(t),
                 "sample_weights": None if weights is None else fingerprint(weights),
                 "validation": None if val is None else [int(val[1].shape[0]), fingerprint(val[1])]}
@@ -511,16 +529,15 @@ class Trainer:
         n = t.shape[0]
         dist = self.distribution
         self.refresh_parameters()
-        if dist is not None:
-            self.build_optimizer()
-            dist.begin_fit(self, self._distributed_facts(xs, t, weights, val, batch_size, epochs, initial_epoch,
-                                                         shuffle))
-        try:
+        if dist is None:
             return self._fit_epochs(xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose,
                                     callbacks)
-        finally:
-            if dist is not None:
-                dist.end_fit(self)
+        self.build_optimizer()
+        dist.check_same(self._distributed_facts(xs, t, weights, val, batch_size, epochs, initial_epoch, shuffle))
+        dist.synchronize(self)
+        with dist.training(self):
+            return self._fit_epochs(xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose,
+                                    callbacks)
 
     def _fit_epochs(self, xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose, callbacks):
         dist = self.distribution

@@ -48,20 +48,8 @@ class Communicator:
     def broadcast_(self, array, root=0):
         return array
 
-    def _gather_host(self, host):
-        """(every rank's rows of a host array, concatenated in rank order; each rank's row count)."""
-        row = int(np.prod(host.shape[1:], dtype=np.int64))
-        counts = self._counts(host.shape[0])
-        out = np.empty((int(counts.sum()),) + host.shape[1:], dtype=host.dtype)
-        sizes = counts * row
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        self.wait(self._collectives.Iallgatherv(host.reshape(-1), [out.reshape(-1), (sizes, offsets)]))
-        return out, counts
-
     def gather(self, array):
-        """Every rank's rows of `array` (same trailing shape and dtype on every rank), in rank order."""
-        out, _ = self._gather_host(self._host(array))
-        return get_array_module(array).asarray(out)
+        return array
 
     def agree(self, values, what="the arguments"):
         return values
@@ -176,15 +164,19 @@ class MpiCommunicator(Communicator):
         self.wait(self._collectives.Iallgather(np.array([count], dtype=np.int64), counts))
         return counts
 
-    def gather(self, array):
-        """Every rank's rows of `array` (same trailing shape and dtype on every rank), in rank order."""
-        host = self._host(array)
+    def _gather_host(self, host):
+        """(every rank's rows of a host array, concatenated in rank order; each rank's row count)."""
         row = int(np.prod(host.shape[1:], dtype=np.int64))
         counts = self._counts(host.shape[0])
         out = np.empty((int(counts.sum()),) + host.shape[1:], dtype=host.dtype)
         sizes = counts * row
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.wait(self._collectives.Iallgatherv(host.reshape(-1), [out.reshape(-1), (sizes, offsets)]))
+        return out, counts
+
+    def gather(self, array):
+        """Every rank's rows of `array` (same trailing shape and dtype on every rank), in rank order."""
+        out, _ = self._gather_host(self._host(array))
         return get_array_module(array).asarray(out)
 
     def agree(self, values, what="the arguments"):

@@ -28,6 +28,7 @@ others (learning-rate schedules, early stopping: they see the same epoch logs, s
 """
 import contextlib
 import os
+import weakref
 
 import numpy as np
 
@@ -45,6 +46,7 @@ class DataParallel:
         self.comm = make_communicator(communicator)
         self.sync_batchnorm = bool(sync_batchnorm)
         self.threads = self._share_cores(threads)
+        self._synchronized = weakref.WeakSet()  # models whose state came from rank 0
         if self.size > 1:
             abort_on_uncaught_errors(self.comm)
 
@@ -112,10 +114,17 @@ class DataParallel:
         """(start, stop): this rank's contiguous share of `count` items."""
         return share(count, self.rank, self.size)
 
-    def begin_fit(self, model, facts):
-        """Check that every rank was given the same `facts` (sizes, settings, data checksums), then
-        make every rank start from rank 0's weights, statistics and optimizer state."""
+    def check_same(self, facts):
+        """DistributedError on every rank unless every rank was given the same `facts` (sizes,
+        settings and fingerprints of the data)."""
         self.comm.agree(facts, "data or settings to fit")
+
+    def synchronize(self, model):
+        """Make every rank hold rank 0's seed (the epochs' shuffles and masks derive from it),
+        weights, statistics and optimizer state: fit does this first, and train_on_batch the first
+        time it sees a model."""
+        seed = self.comm.broadcast_(np.array([model.seed], dtype=np.int64))
+        model.seed = int(seed[0])
         for layer in model.compute_layers:
             for value in layer.weights.values():
                 self.comm.broadcast_(value)
@@ -127,14 +136,24 @@ class DataParallel:
         if not callable(optimizer.learning_rate):
             rate = self.comm.broadcast_(np.array([optimizer.learning_rate], dtype=np.float64))
             optimizer.learning_rate = float(rate[0])
+        self._synchronized.add(model)
+
+    def synchronized(self, model):
+        return model in self._synchronized
+
+    @contextlib.contextmanager
+    def training(self, model):
+        """While the block trains `model`: its synchronized BatchNormalization layers share their
+        statistics over the ranks; afterwards every layer is back to single-process behaviour."""
         for layer in self.batchnorm_layers(model):
             layer.synchronize_with(self.comm if (self.sync_batchnorm or layer.synchronized) else None)
-
-    def end_fit(self, model):
-        for layer in model.compute_layers:
-            layer.place_in_batch(0)
-        for layer in self.batchnorm_layers(model):
-            layer.synchronize_with(None)
+        try:
+            yield
+        finally:
+            for layer in model.compute_layers:
+                layer.place_in_batch(0)
+            for layer in self.batchnorm_layers(model):
+                layer.synchronize_with(None)
 
     @staticmethod
     def batchnorm_layers(model):
