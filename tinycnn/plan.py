@@ -95,14 +95,14 @@ class BatchNormDropoutStep(Step):
         training = self.mode(training)
         x = values[self.inputs[0]]
         bn, drop = self.bn, self.dropout
-        if (not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)) or bn.sync is not None
-                or x.shape[0] == 0):  # synchronized statistics, or a rank's empty share: the layers' own paths
+        if not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)) or x.shape[0] == 0:
             y, bn_saved = bn.forward(x, training)
             z, drop_saved = drop.forward(y, training)
             return z, ("apart", bn_saved, drop_saved)
         gamma, beta = bn.affine()
         y2d, saved, mean, var, inv_std = bn.kernels.batchnorm_dropout_forward_train(
-            x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed(), drop.mask_offset(x))
+            x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed(), drop.mask_offset(x),
+            bn.reduce)
         bn.update_moving_statistics(mean, var)
         return y2d.reshape(x.shape), ("fused", saved, inv_std)
 
@@ -113,7 +113,7 @@ class BatchNormDropoutStep(Step):
             dx, grads = self.bn.backward(a, dy, self.need_dx[0])
             return (dx,), grads
         dx2d, dgamma, dbeta = self.bn.kernels.batchnorm_dropout_backward_train(
-            dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b)
+            dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b, self.bn.reduce)
         return ((dx2d.reshape(dy.shape) if self.need_dx[0] else None),), self.bn.affine_grads(dgamma, dbeta)
 
     def describe(self):

@@ -175,7 +175,7 @@ class DataParallel:
         """Average the moving statistics of per-rank BatchNormalization layers over the ranks (the
         synchronized ones are equal on every rank already)."""
         for layer in self.batchnorm_layers(model):
-            if layer.sync is None:
+            if layer.reduce is None:
                 for name in ("moving_mean", "moving_variance"):
                     value = self.comm.sum_(layer.weights[name])
                     value *= value.dtype.type(1.0 / self.size)

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import cpu_conv
-from .reference import ReferenceKernels, output_hw, pad_nhwc
+from .reference import ReferenceKernels, moments_from_sums, output_hw, pad_nhwc
 from .scratch import scratch_buffer
 from ..randomness import dropout_keep_threshold, dropout_key
 
@@ -334,6 +334,21 @@ def _bn_stats(x2d):
 
 
 @njit(**_JIT)
+def _bn_sums(x2d):
+    """Float64 column sums of x and x^2 (rows 0 and 1): a rank's part of the whole batch's moments."""
+    m, c = x2d.shape
+    step = (m + _BLOCKS - 1) // _BLOCKS
+    partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
+    for blk in prange(_BLOCKS):
+        for r in range(blk * step, min(m, (blk + 1) * step)):
+            for ch in range(c):
+                v = np.float64(x2d[r, ch])
+                partial[blk, 0, ch] += v
+                partial[blk, 1, ch] += v * v
+    return partial.sum(axis=0)
+
+
+@njit(**_JIT)
 def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, offset, y, keep):
     m, c = x2d.shape
     for r in prange(m):
@@ -558,9 +573,14 @@ class CPUKernels(ReferenceKernels):
         return dx
 
     # -- BatchNormalization (small inputs take the reference path, forward and backward alike) ----------
-    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0):
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
         x2d = np.ascontiguousarray(x2d)
-        mean64, var64 = _bn_stats(x2d)
+        if reduce is None:
+            mean64, var64 = _bn_stats(x2d)
+        else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
+            c = x2d.shape[1]
+            totals = reduce(np.concatenate([_bn_sums(x2d).reshape(-1), [float(x2d.shape[0])]]))
+            mean64, var64 = moments_from_sums(totals, c, np.float64)
         dtype = x2d.dtype
         mean, var = mean64.astype(dtype), var64.astype(dtype)
         inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
@@ -574,7 +594,7 @@ class CPUKernels(ReferenceKernels):
         saved = (x2d, mean, keep if use_dropout else None, scale)
         return y, saved, mean, var, inv_std
 
-    def _bn_backward(self, dy2d, saved, gamma, inv_std):
+    def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce=None):
         x2d, mean, keep, scale = saved
         dy2d = np.ascontiguousarray(dy2d)
         m = dy2d.shape[0]
@@ -582,32 +602,35 @@ class CPUKernels(ReferenceKernels):
         keep = keep if use_mask else np.empty((1, 1), dtype=np.uint8)
         sums = _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask)
         dtype = dy2d.dtype
-        dbeta, dgamma = sums[0].astype(dtype), sums[1].astype(dtype)
+        dbeta, dgamma = sums[0].astype(dtype), sums[1].astype(dtype)  # this rank's, under data parallelism
+        if reduce is not None:  # dx needs the sums and the row count of the whole batch
+            totals = reduce(np.concatenate([sums.reshape(-1), [float(m)]]))
+            sums, m = totals[: sums.size].reshape(sums.shape), totals[sums.size]
         dx = np.empty_like(dy2d)
         # dx = gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy after the dropout mask
         _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, (gamma * inv_std).astype(dtype),
                         (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
         return dx, dgamma, dbeta
 
-    def batchnorm_forward_train(self, x2d, gamma, beta, eps):
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None):
         if x2d.size < SMALL:
-            return super().batchnorm_forward_train(x2d, gamma, beta, eps)
-        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0)
+            return super().batchnorm_forward_train(x2d, gamma, beta, eps, reduce)
+        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce)
 
-    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std):
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
         if dy2d.size < SMALL:
-            return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std)
-        return self._bn_backward(dy2d, saved, gamma, inv_std)
+            return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std, reduce)
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
 
-    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0):
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
         if x2d.size < SMALL:
-            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed, offset)
-        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset)
+            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed, offset, reduce)
+        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)
 
-    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std):
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
         if dy2d.size < SMALL:
-            return super().batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std)
-        return self._bn_backward(dy2d, saved, gamma, inv_std)
+            return super().batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std, reduce)
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
 
     def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
         """Inference: one pass of x * scale + shift (NumPy's version makes two, with a temporary)."""

@@ -39,6 +39,36 @@ def _window_slice(i, j, stride, oh, ow):
     return slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
 
 
+def global_moments(x2d, reduce):
+    """The mean and biased variance per column of rows spread over ranks: `reduce` sums the float64
+    [sum of x, sum of x^2, row count] over them in place. float64 keeps E[x^2] - E[x]^2 exact to
+    far below float32's resolution for activations of any sensible scale."""
+    xp = get_array_module(x2d)
+    c = x2d.shape[1]
+    x64 = x2d.astype(xp.float64)
+    totals = reduce(xp.concatenate([x64.sum(axis=0), (x64 * x64).sum(axis=0), xp.array([x2d.shape[0]], xp.float64)]))
+    return moments_from_sums(totals, c, x2d.dtype)
+
+
+def moments_from_sums(totals, c, dtype):
+    """(mean, biased variance) in `dtype` from [sum of x (c), sum of x^2 (c), count]."""
+    xp = get_array_module(totals)
+    count = totals[2 * c]
+    mean = totals[:c] / count
+    var = xp.maximum(totals[c : 2 * c] / count - mean * mean, 0.0)
+    return mean.astype(dtype), var.astype(dtype)
+
+
+def global_gradient_sums(dbeta, dgamma, rows, reduce):
+    """Batch normalization's two gradient sums and the row count, summed over the ranks by `reduce`
+    (float64 on the way). Returns them in the gradients' dtype (the count as a float)."""
+    xp = get_array_module(dbeta)
+    c, dtype = dbeta.shape[0], dbeta.dtype
+    totals = reduce(xp.concatenate([dbeta.astype(xp.float64), dgamma.astype(xp.float64),
+                                    xp.array([rows], xp.float64)]))
+    return totals[:c].astype(dtype), totals[c : 2 * c].astype(dtype), dtype.type(totals[2 * c])
+
+
 class ReferenceKernels:
     """Plain array-module kernels: what every faster set is tested against."""
 
@@ -189,25 +219,38 @@ class ReferenceKernels:
         return dy * (y > 0)
 
     # -- batch normalization ------------------------------------------------------------------
-    def batchnorm_forward_train(self, x2d, gamma, beta, eps):
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None):
         """Batch statistics over rows of (M, C). Returns y, saved, mean, biased var, 1/sqrt(var+eps),
-        where `saved` is what batchnorm_backward_train of the same set needs (here: xhat)."""
+        where `saved` is what batchnorm_backward_train of the same set needs (here: xhat).
+
+        `reduce` (data parallelism): an in-place sum over the ranks, each holding some of the
+        batch's rows; the statistics are then the whole batch's, from the float64 sums of x and
+        x^2 and the row count (one reduce)."""
         xp = get_array_module(x2d)
-        mean = x2d.mean(axis=0)
-        centered = x2d - mean
-        var = (centered * centered).mean(axis=0)
+        if reduce is None:
+            mean = x2d.mean(axis=0)
+            centered = x2d - mean
+            var = (centered * centered).mean(axis=0)
+        else:
+            mean, var = global_moments(x2d, reduce)
+            centered = x2d - mean
         inv_std = 1.0 / xp.sqrt(var + eps)
         xhat = centered * inv_std
         return xhat * gamma + beta, xhat, mean, var, inv_std
 
-    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std):
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
         """The full batch-statistics gradient (mean and variance depend on every row).
-        Returns dx, dgamma, dbeta."""
+        Returns dx, dgamma, dbeta. With `reduce` (see forward), dx uses the sums over the whole
+        batch, while dgamma and dbeta stay this rank's (the gradient sum over the ranks adds them)."""
         xhat = saved
         m = dy2d.shape[0]
         dbeta = dy2d.sum(axis=0)
         dgamma = (dy2d * xhat).sum(axis=0)
-        dx = (gamma * inv_std / m) * (m * dy2d - dbeta - xhat * dgamma)
+        if reduce is None:
+            dx = (gamma * inv_std / m) * (m * dy2d - dbeta - xhat * dgamma)
+        else:
+            total_beta, total_gamma, count = global_gradient_sums(dbeta, dgamma, m, reduce)
+            dx = (gamma * inv_std / count) * (count * dy2d - total_beta - xhat * total_gamma)
         return dx, dgamma, dbeta
 
     def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
@@ -215,16 +258,16 @@ class ReferenceKernels:
         scale = gamma / get_array_module(x2d).sqrt(moving_var + eps)
         return x2d * scale + (beta - moving_mean * scale), scale
 
-    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0):
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
         """BatchNormalization then Dropout(rate) with the mask of dropout_forward(., rate, seed, offset):
         one kernel where a set can fuse them. Returns y, saved, mean, var, inv_std."""
-        y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps)
+        y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps, reduce)
         y, mask = self.dropout_forward(y, rate, seed, offset)
         return y, (saved, mask), mean, var, inv_std
 
-    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std):
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
         bn_saved, mask = saved
-        return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std)
+        return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std, reduce)
 
     # -- dropout --------------------------------------------------------------------------------
     def dropout_forward(self, x, rate, seed, offset=0):

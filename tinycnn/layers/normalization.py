@@ -19,7 +19,7 @@ class BatchNormalization(Layer):
                  beta_regularizer=None, gamma_regularizer=None, synchronized=False, **kwargs):
         super().__init__(**kwargs)
         self.synchronized = bool(synchronized)
-        self.sync = None  # the communicator whose ranks share the batch statistics, during a distributed fit
+        self.reduce = None  # during a distributed fit: the sum over the ranks that share the batch statistics
         self.momentum = arguments.real(momentum, "BatchNormalization momentum", 0.0, 1.0)
         self.epsilon = arguments.real(epsilon, "BatchNormalization epsilon", low=0.0, low_open=True)
         self.axis = arguments.integer(axis, "BatchNormalization axis")
@@ -80,19 +80,19 @@ class BatchNormalization(Layer):
         return training and self.trainable
 
     def synchronize_with(self, comm):
-        """Share batch statistics with the ranks of `comm` (None: this process's batch alone)."""
-        self.sync = comm
+        """Share batch statistics with the ranks of `comm` (None: this process's batch alone): the
+        kernels take the moments and the gradient sums over every rank's rows."""
+        self.reduce = None if comm is None else comm.sum_
 
     def forward(self, x, training):
         w = self.weights
         gamma, beta = self.affine()
         x2d = x.reshape(-1, x.shape[-1])
-        if self.uses_batch_statistics(training) and self.sync is not None:
-            return self._forward_synchronized(x, x2d, gamma, beta)
-        if self.uses_batch_statistics(training) and x2d.shape[0] == 0:  # a rank's empty share: no statistics
-            return x, ("empty", None, None)
         if self.uses_batch_statistics(training):
-            y2d, saved, mean, var, inv_std = self.kernels.batchnorm_forward_train(x2d, gamma, beta, self.epsilon)
+            if x2d.shape[0] == 0 and self.reduce is None:  # a rank's empty share, statistics per rank: none
+                return x, ("empty", None, None)
+            y2d, saved, mean, var, inv_std = self.kernels.batchnorm_forward_train(x2d, gamma, beta, self.epsilon,
+                                                                                  self.reduce)
             self.update_moving_statistics(mean, var)
             return y2d.reshape(x.shape), ("train", saved, inv_std)
         y2d, scale = self.kernels.batchnorm_forward_infer(x2d, gamma, beta, w["moving_mean"], w["moving_variance"],
@@ -103,50 +103,14 @@ class BatchNormalization(Layer):
         mode, a, b = saved
         dy2d = dy.reshape(-1, dy.shape[-1])
         w = self.weights
-        if mode == "synchronized":
-            return self._backward_synchronized(dy, dy2d, a, b, need_input_grad)
         if mode == "empty":
             zeros = self.xp.zeros(dy.shape[-1], dtype=dy.dtype)
             return dy, self.affine_grads(zeros, zeros.copy())
         if mode == "train":
-            dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, self.affine()[0], b)
+            dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, self.affine()[0], b, self.reduce)
         else:  # inference mode is an affine map with constant statistics
             x2d, scale = a, b
             xhat = (x2d - w["moving_mean"]) / self.xp.sqrt(w["moving_variance"] + self.epsilon)
             dgamma, dbeta = (dy2d * xhat).sum(axis=0), dy2d.sum(axis=0)
             dx = dy2d * scale
         return (dx.reshape(dy.shape) if need_input_grad else None), self.affine_grads(dgamma, dbeta)
-
-    # -- synchronized batch statistics (data parallelism): the formulas of the single-process
-    # kernels, with each sum over rows taken over every rank's rows. Sums accumulate in float64.
-    def _forward_synchronized(self, x, x2d, gamma, beta):
-        xp, dtype = self.xp, x2d.dtype
-        sums = xp.concatenate([x2d.sum(axis=0, dtype=xp.float64), xp.array([x2d.shape[0]], dtype=xp.float64)])
-        self.sync.sum_(sums)
-        count = sums[-1]
-        mean = (sums[:-1] / count).astype(dtype)
-        centered = x2d - mean
-        squares = (centered * centered).sum(axis=0, dtype=xp.float64)
-        self.sync.sum_(squares)
-        var = (squares / count).astype(dtype)
-        inv_std = (1.0 / xp.sqrt(squares / count + self.epsilon)).astype(dtype)
-        xhat = centered * inv_std
-        self.update_moving_statistics(mean, var)
-        return (xhat * gamma + beta).reshape(x.shape), ("synchronized", xhat, (inv_std, count))
-
-    def _backward_synchronized(self, dy, dy2d, xhat, stats, need_input_grad):
-        inv_std, count = stats
-        xp = self.xp
-        dbeta = dy2d.sum(axis=0, dtype=xp.float64)
-        dgamma = (dy2d * xhat).sum(axis=0, dtype=xp.float64)
-        # This rank's dgamma and dbeta are its parameter gradients (the gradient sum over the
-        # ranks adds them up); the input gradient needs the global ones.
-        local = dgamma.astype(dy.dtype), dbeta.astype(dy.dtype)
-        dx = None
-        if need_input_grad:
-            both = self.sync.sum_(xp.concatenate([dbeta, dgamma]))
-            c = dy2d.shape[1]
-            total_beta, total_gamma = both[:c].astype(dy.dtype), both[c:].astype(dy.dtype)
-            dx = ((self.affine()[0] * inv_std / dy.dtype.type(count)) *
-                  (dy.dtype.type(count) * dy2d - total_beta - xhat * total_gamma)).reshape(dy.shape)
-        return dx, self.affine_grads(*local)
