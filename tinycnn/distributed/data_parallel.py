@@ -17,9 +17,9 @@ BatchNormalization, per rank (the default, as in Keras's MirroredStrategy and Ho
 normalizes with its own share's statistics, and the moving statistics are averaged over the
 ranks at the end of every epoch (as Keras reads its per-replica copies; an average of moving
 averages is the moving average of the averages, so this equals averaging every step).
-Synchronized (`sync_batchnorm=True`, or a layer's own `synchronized=True`): the batch statistics
-and their gradients are summed over the ranks, so N ranks normalize as one process does with
-the global batch; it costs three small allreduces per layer and step.
+Synchronized (`sync_batchnorm=True`, or a layer's own `synchronized=True`): the kernels sum the
+moments and the gradient sums over the ranks (their `reduce`), so N ranks normalize as one
+process does with the global batch, for two small allreduces per layer and step.
 
 Logs: the epoch's loss and metrics, validation included, are sums over every rank's samples; the
 running values a progress bar shows during an epoch are rank 0's own (as with Horovod). Rank 0
