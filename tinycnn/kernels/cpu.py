@@ -309,16 +309,29 @@ def _hash_keep(i, key, threshold):
 
 
 @njit(**_JIT)
-def _bn_stats(x2d):
+def _bn_block_sums(x2d, shift):
+    """Float64 sums of (x - shift) and (x - shift)^2 per column, one partial row pair per block of
+    rows (the blocks run in parallel; callers add them up in a fixed order)."""
     m, c = x2d.shape
     step = (m + _BLOCKS - 1) // _BLOCKS
     partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
     for blk in prange(_BLOCKS):
         for r in range(blk * step, min(m, (blk + 1) * step)):
             for ch in range(c):
-                v = np.float64(x2d[r, ch]) - np.float64(x2d[0, ch])
+                v = np.float64(x2d[r, ch]) - shift[ch]
                 partial[blk, 0, ch] += v
                 partial[blk, 1, ch] += v * v
+    return partial
+
+
+@njit(**_JIT)
+def _bn_stats(x2d):
+    """Mean and biased variance per column, shifted by the first row (less cancellation)."""
+    m, c = x2d.shape
+    shift = np.empty(c, dtype=np.float64)
+    for ch in range(c):
+        shift[ch] = np.float64(x2d[0, ch])
+    partial = _bn_block_sums(x2d, shift)
     mean = np.empty(c, dtype=np.float64)
     var = np.empty(c, dtype=np.float64)
     for ch in range(c):
@@ -328,24 +341,9 @@ def _bn_stats(x2d):
             s1 += partial[blk, 0, ch]
             s2 += partial[blk, 1, ch]
         d = s1 / m
-        mean[ch] = np.float64(x2d[0, ch]) + d
+        mean[ch] = shift[ch] + d
         var[ch] = max(s2 / m - d * d, 0.0)
     return mean, var
-
-
-@njit(**_JIT)
-def _bn_sums(x2d):
-    """Float64 column sums of x and x^2 (rows 0 and 1): a rank's part of the whole batch's moments."""
-    m, c = x2d.shape
-    step = (m + _BLOCKS - 1) // _BLOCKS
-    partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
-    for blk in prange(_BLOCKS):
-        for r in range(blk * step, min(m, (blk + 1) * step)):
-            for ch in range(c):
-                v = np.float64(x2d[r, ch])
-                partial[blk, 0, ch] += v
-                partial[blk, 1, ch] += v * v
-    return partial.sum(axis=0)
 
 
 @njit(**_JIT)
@@ -579,7 +577,8 @@ class CPUKernels(ReferenceKernels):
             mean64, var64 = _bn_stats(x2d)
         else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
             c = x2d.shape[1]
-            totals = reduce(np.concatenate([_bn_sums(x2d).reshape(-1), [float(x2d.shape[0])]]))
+            sums = _bn_block_sums(x2d, np.zeros(c)).sum(axis=0)  # unshifted: the ranks' sums must add up
+            totals = reduce(np.concatenate([sums.reshape(-1), [float(x2d.shape[0])]]))
             mean64, var64 = moments_from_sums(totals, c, np.float64)
         dtype = x2d.dtype
         mean, var = mean64.astype(dtype), var64.astype(dtype)
