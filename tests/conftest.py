@@ -7,6 +7,21 @@ from tinycnn.backend import gpu_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
+
+
+def install_kind():
+    """"checkout" when the tinycnn under test is this checkout's sources (pip install -e, or run
+    from the source tree), "installed" when it is a copy in site-packages (a wheel, pip install .)."""
+    import tinycnn
+
+    return "checkout" if os.path.dirname(os.path.abspath(tinycnn.__file__)) == os.path.join(ROOT, "tinycnn") \
+        else "installed"
+
+
+if install_kind() == "installed":
+    # Test the installed copy, never the checkout beside it: a subprocess started here (python -c,
+    # python -m) must not put the working directory, the checkout, in front of site-packages.
+    os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, os.path.join(ROOT, "examples"))  # week2_model lives beside the example that uses it
 
 _GPU_PROBLEM = gpu_problem()

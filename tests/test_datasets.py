@@ -633,8 +633,6 @@ def test_pip_failure_reported(tmp_path, monkeypatch):
 
 def test_import_does_not_fetch(tmp_path):
     env = dict(os.environ, TINYCNN_HOME=str(tmp_path / "home"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     code = ("import sys, tinycnn.datasets as d; "
             "assert callable(d.mnist.load_data) and callable(d.idx.read_idx); "
             "assert issubclass(d.DatasetError, RuntimeError); "

@@ -43,8 +43,7 @@ def launch(tmp_path, out, *args, ranks=None, check=True, timeout=180):
     command = [sys.executable, SCRIPT, "--out", str(tmp_path / out), *args]
     if ranks is not None:
         command = [MPIEXEC, "-n", str(ranks)] + command + ["--distributed"]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE)}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc, np.load(tmp_path / out)

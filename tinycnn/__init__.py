@@ -7,7 +7,7 @@ from .errors import (ConfigError, DatasetError, DeviceError, DistributedError, G
 from .layers import Input
 from .model import Model, Sequential
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     "Model", "Sequential", "Input", "layers", "losses", "metrics", "models", "optimizers", "schedules", "callbacks",
     "activations", "initializers", "regularizers", "utils", "backend", "config", "datasets", "files", "gradcheck",

@@ -125,10 +125,15 @@ def _silu_backward(dy, x, y, kernels):
     return dy * (s * (1 + x * (1 - s)))
 
 
+#: f(x) = x.
 linear = ActivationFunction("linear", lambda x, k: x, lambda dy, x, y, k: dy, ())
+#: max(x, 0).
 relu = ActivationFunction("relu", _relu_forward, _relu_backward, ("y",))
+#: 1 / (1 + exp(-x)).
 sigmoid = ActivationFunction("sigmoid", _sigmoid_forward, lambda dy, x, y, k: dy * y * (1 - y), ("y",))
+#: The hyperbolic tangent.
 tanh = ActivationFunction("tanh", lambda x, k: get_array_module(x).tanh(x), lambda dy, x, y, k: dy * (1 - y * y), ("y",))
+#: exp(x) / sum(exp(x)) over the last axis.
 softmax = ActivationFunction("softmax", _softmax_forward,
                              lambda dy, x, y, k: y * (dy - (dy * y).sum(axis=-1, keepdims=True)), ("y",))
 def make_elu(alpha=ELU_ALPHA):
@@ -138,11 +143,16 @@ def make_elu(alpha=ELU_ALPHA):
                               ("y",), {"alpha": alpha})
 
 
+#: x for x > 0, else alpha (exp(x) - 1), alpha = 1.
 elu = make_elu()
+#: Scaled ELU with the self-normalizing constants (Klambauer et al. 2017).
 selu = ActivationFunction("selu", lambda x, k: SELU_SCALE * _elu(x, SELU_ALPHA),
                           lambda dy, x, y, k: SELU_SCALE * _elu_backward(dy, y / SELU_SCALE, SELU_ALPHA), ("y",))
+#: The Gaussian error linear unit, x * Phi(x).
 gelu = ActivationFunction("gelu", _gelu_forward, _gelu_backward, ("x",))
+#: x * sigmoid(x).
 silu = ActivationFunction("silu", lambda x, k: x * _sigmoid_forward(x, k), _silu_backward, ("x",))
+#: Another name of silu.
 swish = silu
 
 
@@ -159,6 +169,7 @@ def make_leaky_relu(negative_slope=LEAKY_RELU_SLOPE):
     return ActivationFunction("leaky_relu", forward, backward, ("x",), {"negative_slope": slope})
 
 
+#: x for x > 0, else 0.2 x (Keras 3's default slope).
 leaky_relu = make_leaky_relu()
 
 _BY_NAME = {f.name: f for f in (linear, relu, sigmoid, tanh, softmax, elu, selu, leaky_relu, gelu, silu)}

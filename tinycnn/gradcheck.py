@@ -4,7 +4,7 @@ A layer's output is reduced to a scalar with a fixed random projection, L = sum(
 one backward pass (with dy = r) gives the analytic gradient of L for the input and every
 trainable weight; each entry is then compared with (L(w + h) - L(w - h)) / 2h.
 
-The error of one quantity is  max|a - n| / max(floor, max|a| + max|n|): scale-free, and
+The error of one quantity is ``max|a - n| / max(floor, max|a| + max|n|)``: scale-free, and
 unlike a per-element ratio it does not blow up on entries that are legitimately near zero.
 With h = 1e-6 in float64 the central difference is exact to about 1e-9 relative for smooth
 functions, so the default tolerance 1e-6 fails real bugs (errors of order 1) and passes
@@ -13,7 +13,7 @@ round-off. Inputs must keep away from kinks (ReLU at 0, max-pool ties) by more t
 A quantity whose true gradient is zero (a bias feeding a training-mode BatchNormalization)
 has no scale to be relative to: differences then resolve nothing below the noise of
 (L(w + h) - L(w - h)) / 2h, about 1e-10 here, so such a quantity also passes when every
-|a - n| is within `atol` (1e-8).
+``|a - n|`` is within `atol` (1e-8).
 """
 import numpy as np
 

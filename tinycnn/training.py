@@ -387,7 +387,7 @@ class Trainer:
 
     @exclusive
     def train_on_batch(self, x, y, sample_weight=None, class_weight=None, return_dict=False):
-        """One optimizer step on one batch; returns [loss, *metrics] (or a dict) like Keras.
+        """One optimizer step on one batch; returns ``[loss, *metrics]`` (or a dict) like Keras.
         Compiled with a `distribution`, the batch is the global batch: every rank passes it whole
         and computes its share."""
         with self._collective():
@@ -415,7 +415,7 @@ class Trainer:
 
     @exclusive
     def test_on_batch(self, x, y, sample_weight=None, return_dict=False):
-        """Loss and metrics of one batch in inference mode; [loss, *metrics] (or a dict)."""
+        """Loss and metrics of one batch in inference mode; ``[loss, *metrics]`` (or a dict)."""
         with self._collective():
             self._require_compiled("test_on_batch")
             xs = self.check_inputs(x)
@@ -681,7 +681,7 @@ class Trainer:
     @exclusive
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, return_dict=False,
                  callbacks=None):
-        """[loss, *metrics] in inference mode (a dict with return_dict=True), like Keras. Compiled
+        """``[loss, *metrics]`` in inference mode (a dict with return_dict=True), like Keras. Compiled
         with a `distribution`, each rank evaluates its share and every rank returns the totals."""
         with self._collective():
             return self._evaluate(x, y, batch_size, verbose, sample_weight, return_dict, callbacks)

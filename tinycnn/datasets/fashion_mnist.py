@@ -33,6 +33,7 @@ from .sources import IDX_NAMES, IdxDataset, default_cache_dir, progress
 
 __all__ = ["load_data", "CLASS_NAMES", "DATASET", "default_cache_dir", "DatasetError"]
 
+#: The names of the ten classes, by label.
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot")
 
@@ -50,6 +51,7 @@ MIRRORS = (
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 )
 
+#: Where Fashion-MNIST comes from and how each array is checked.
 DATASET = IdxDataset("fashion_mnist", "Fashion-MNIST", EXPECTED_SHA256, EXPECTED_SHAPES, {}, MIRRORS)
 
 #: Where Debian's package installs the IDX files.

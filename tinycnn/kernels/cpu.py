@@ -324,7 +324,7 @@ def _bn_block_sums(x2d, shift):
     return partial
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True)  # its parallel loop is _bn_block_sums'
 def _bn_stats(x2d):
     """Mean and biased variance per column, shifted by the first row (less cancellation)."""
     m, c = x2d.shape

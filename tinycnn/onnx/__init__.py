@@ -26,6 +26,7 @@ from ..files import atomic_write
 
 __all__ = ["export", "to_onnx", "DEFAULT_OPSET"]
 
+#: The ONNX opset `export` writes unless told otherwise.
 DEFAULT_OPSET = 17  # ONNX Runtime 1.14 and later, ONNX Runtime Web, and the mobile runtimes read it
 MIN_OPSET = 13  # Squeeze/Unsqueeze take their axes as an input, and Softmax works on one axis, from 13
 ONNX_INSTALL_HINT = 'pip install "tinycnn[onnx]"  (onnx; onnxruntime to run the file)'
