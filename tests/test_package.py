@@ -142,3 +142,12 @@ def test_the_week2_example_runs_one_short_epoch_from_an_install_outside_the_chec
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Total params: 12,516" in proc.stdout and "Epoch 1/1" in proc.stdout
     assert json.loads((tmp_path / "run" / "history.json").read_text())["epochs"][0]["epoch"] == 1
+
+
+def test_twine_accepts_the_wheel_and_the_sdist(wheel):
+    pytest.importorskip("twine", reason="twine checks the metadata (pip install twine)")
+    files = [wheel] + glob.glob(os.path.join(os.path.dirname(wheel), f"tinycnn-{tinycnn.__version__}.tar.gz"))
+    proc = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *files], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("PASSED") == len(files)
