@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""A roofline for the Week2 training step: each kernel's achieved GFLOP/s or GB/s against the bound
+that applies to it on this machine, so the next lever is visible.
+
+    python benchmarks/roofline.py [--threads 2]
+
+The roofs are measured, not taken from a datasheet:
+- compute: float32 GEMM (OpenBLAS through NumPy, 2048^3, the threads given) - an FMA-bound kernel
+  tuned by others; also reported per core;
+- memory: a STREAM-style triad a = b + s * c over 3 x 64 MiB in numba, the threads given.
+Each kernel is timed as `bench_tinycnn.py` times it (Week2 shapes, batch 128, median of runs).
+Its floor is max(FLOPs / compute roof, minimum bytes / memory roof): the bytes are each array read
+or written once (what any implementation must move if it does not fit in cache; the Week2
+activations are 0.1-5.5 MB per tensor against 2 MiB of L2 per core, so most do not).
+Writes benchmarks/results/roofline.md and roofline.json.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import common as C  # noqa: E402
+
+F32 = 4
+
+
+def gemm_gflops(threads, n=2048, repeats=5):
+    """float32 GEMM rate in a subprocess whose OpenBLAS uses `threads` threads."""
+    code = f"""
+import time, numpy as np
+a = np.random.default_rng(0).random(({n}, {n}), dtype=np.float32); b = a.T.copy(); c = a @ b
+best = 1e9
+for _ in range({repeats}):
+    t = time.perf_counter(); np.matmul(a, b, out=c); best = min(best, time.perf_counter() - t)
+print(2 * {n} ** 3 / best / 1e9)
+"""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip())
+
+
+def triad_gbs(threads, mib=64, repeats=7):
+    """Bytes moved per second by a = b + s * c (3 arrays of `mib` MiB: 2 reads and 1 write each)."""
+    import numba
+    import numpy as np
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True)
+    def triad(a, b, c, s):
+        for i in prange(a.size):
+            a[i] = b[i] + s * c[i]
+
+    numba.set_num_threads(threads)
+    n = mib * 2 ** 20 // F32
+    a, b, c = np.zeros(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32)
+    triad(a, b, c, np.float32(2.0))
+    best = 1e9
+    for _ in range(repeats):
+        t = time.perf_counter()
+        triad(a, b, c, np.float32(2.0))
+        best = min(best, time.perf_counter() - t)
+    return 3 * n * F32 / best / 1e9
+
+
+def kernel_work():
+    """(FLOPs, minimum bytes) of every timed Week2 kernel at batch 128."""
+    work = {}
+    for name in C.CONVS:
+        s = C.conv_shapes(name)
+        n, oh, ow, cout = s["y"]
+        k, cin = s["k"], s["x"][3]
+        flops = 2 * n * oh * ow * k * k * cin * cout
+        x, w, y = (int(math.prod(s[key])) * F32 for key in ("x", "w", "y"))
+        work[f"{name}.fwd"] = (flops, x + w + y)  # read x and w, write y
+        work[f"{name}.bwd_data"] = (flops, y + w + x)  # read dy and w, write dx
+        work[f"{name}.bwd_filter"] = (flops, x + y + w)  # read x and dy, write dw
+    elems = int(math.prod(C.BN_SHAPE))
+    work["batchnorm.fwd_train"] = (8 * elems, 2 * elems * F32)  # read x (statistics and normalize fused: once), write y
+    work["batchnorm.bwd"] = (10 * elems, 3 * elems * F32)  # read dy and x, write dx
+    pool = int(math.prod(C.MAXPOOL_SHAPE))
+    work["maxpool.fwd"] = (pool, pool * F32 + pool // 4 * (F32 + 4))  # read x, write y and an int32 argmax
+    work["maxpool.bwd"] = (pool // 4, pool // 4 * (F32 + 4) + pool * F32)  # read dy and argmax, write dx
+    work["softmax_ce.fwd_bwd"] = (8 * C.BATCH * C.NUM_CLASSES, 4 * C.BATCH * C.NUM_CLASSES * F32)
+    return work
+
+
+# The BatchNormalization inputs of the Week2 model (NHWC without the batch), each followed by a
+# Dropout except the last: the step runs the fused kernel at each of these shapes.
+BN_INPUTS = [(26, 26, 16), (24, 24, 16), (10, 10, 10), (8, 8, 16), (6, 6, 16), (4, 4, 16), (1, 1, 10)]
+NOT_IN_STEP = {"conv1.bwd_data"}  # the first layer's input gradient is never computed in training
+
+
+def step_floor_ms(peak, bandwidth):
+    """A floor for the whole step: every convolution pass it runs at its roofline (1.40 GFLOP), plus
+    every BatchNorm(+Dropout) forward and backward and the max-pool at their minimum traffic
+    (ReLU gradients, the loss and Adam are left out: small, so this stays a floor)."""
+    work = kernel_work()
+    total = sum(max(f / peak, b / bandwidth) / 1e6 for k, (f, b) in work.items()
+                if k.startswith("conv") and k not in NOT_IN_STEP)
+    total += sum(max(f / peak, b / bandwidth) / 1e6 for k, (f, b) in work.items() if k.startswith("maxpool"))
+    for shape in BN_INPUTS:
+        elems = C.BATCH * math.prod(shape)
+        total += (2 * elems * F32 + elems) / bandwidth / 1e6  # forward: read x, write y and a 1-byte mask
+        total += (3 * elems * F32 + elems) / bandwidth / 1e6  # backward: read dy, x and the mask, write dx
+    return total
+
+
+def kernel_times(threads):
+    """The kernels' median ms per call, measured as bench_tinycnn.py does, in this process."""
+    os.environ.setdefault("TINYCNN_NUMBA_THREADS", str(threads))
+    import numpy as np
+
+    import bench_tinycnn
+    import tinycnn as tc
+
+    be = tc.get_backend("cpu")
+    counts = C.Counts()
+    times = bench_tinycnn.kernels(np, be, counts, [], None)
+    return {name: s["median"] for name, s in times.items()}
+
+
+def step_ms(threads, steps=50):
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import tinycnn as tc
+    from week2_model import build_week2_model
+
+    model = build_week2_model(device="cpu", seed=0)
+    model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["acc"])
+    rng = np.random.default_rng(0)
+    x = rng.random((128, 28, 28, 1), dtype=np.float32)
+    y = model.check_targets(np.eye(10, dtype=np.float32)[rng.integers(0, 10, 128)], 128)
+    xs = model.check_inputs(x)
+    for _ in range(5):
+        model.train_step(xs, y)
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(steps):
+            model.train_step(xs, y)
+        runs.append((time.perf_counter() - t) / steps * 1e3)
+    return sorted(runs)[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    threads = args.threads
+    C.log("roofs")
+    gemm = {t: gemm_gflops(t) for t in sorted({1, threads})}
+    triad = triad_gbs(threads)
+    peak, bandwidth = gemm[threads], triad
+    C.log(f"GEMM {gemm} GFLOP/s, triad {triad:.1f} GB/s")
+    times = kernel_times(threads)
+    step = step_ms(threads)
+    rows = []
+    for name, (flops, nbytes) in kernel_work().items():
+        ms = times[name]
+        compute_ms, memory_ms = flops / peak / 1e6, nbytes / bandwidth / 1e6
+        bound = "compute" if compute_ms >= memory_ms else "memory"
+        floor = max(compute_ms, memory_ms)
+        rows.append({"kernel": name, "ms": ms, "gflops": flops / ms / 1e6, "gbs": nbytes / ms / 1e6,
+                     "intensity": flops / nbytes, "bound": bound, "floor_ms": floor, "of_floor": ms / floor,
+                     "in_step": name not in NOT_IN_STEP})
+    result = {"cpu": C.machine_info()["cpu_model"], "threads": threads,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gemm_gflops": gemm,
+              "triad_gbs": triad, "kernels": rows, "step_ms": step, "step_floor_ms": step_floor_ms(peak, bandwidth),
+              "step_gflop": sum(f for k, (f, _) in kernel_work().items()
+                                if k.startswith("conv") and k not in NOT_IN_STEP) / 1e9}
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "roofline.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = report(result)
+    with open(os.path.join(HERE, "results", "roofline.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def report(r):
+    t = r["threads"]
+    lines = ["# Roofline of the Week2 training step (CPU, batch 128)", "",
+             f"`python benchmarks/roofline.py` on {r['cpu']}, {t} threads, {r['date']}.", "",
+             "Roofs, measured here: float32 GEMM (OpenBLAS, 2048^3) "
+             + ", ".join(f"{v:.0f} GFLOP/s on {k} thread(s)" for k, v in r["gemm_gflops"].items())
+             + f"; STREAM-style triad {r['triad_gbs']:.1f} GB/s on {t} threads.", "",
+             "Each kernel's floor is max(FLOPs / GEMM rate, minimum bytes / triad rate); 'x floor' is its time "
+             "over that floor (1.0 would be on the roof). The kernels are timed as `bench_tinycnn.py` times them.",
+             "", "| kernel | ms | GFLOP/s | GB/s | FLOP/byte | bound | floor ms | x floor |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for k in sorted(r["kernels"], key=lambda k: -k["ms"]):
+        note = "" if k["in_step"] else " (not in the step)"
+        lines.append(f"| `{k['kernel']}`{note} | {k['ms']:.3f} | {k['gflops']:.0f} | {k['gbs']:.1f} | "
+                     f"{k['intensity']:.1f} | {k['bound']} | {k['floor_ms']:.3f} | {k['of_floor']:.1f} |")
+    lines += ["", f"**The step.** Its convolutions do {r['step_gflop']:.2f} GFLOP: "
+              f"{r['step_gflop'] / r['gemm_gflops'][t] * 1e3:.1f} ms at the GEMM rate. With the BatchNorm(+Dropout) "
+              f"layers at all seven shapes and the max-pool at their minimum traffic, the step's floor is "
+              f"{r['step_floor_ms']:.1f} ms. The step measured {r['step_ms']:.1f} ms, "
+              f"{r['step_ms'] / r['step_floor_ms']:.1f}x that floor (the issue's target: 1.5x).", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
