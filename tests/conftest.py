@@ -14,8 +14,8 @@ def install_kind():
     from the source tree), "installed" when it is a copy in site-packages (a wheel, pip install .)."""
     import tinycnn
 
-    return "checkout" if os.path.dirname(os.path.abspath(tinycnn.__file__)) == os.path.join(ROOT, "tinycnn") \
-        else "installed"
+    here = os.path.dirname(os.path.realpath(tinycnn.__file__))
+    return "checkout" if here == os.path.realpath(os.path.join(ROOT, "tinycnn")) else "installed"
 
 
 if install_kind() == "installed":

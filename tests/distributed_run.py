@@ -61,6 +61,10 @@ def main():
     p.add_argument("--resume", help="resume from this checkpoint")
     p.add_argument("--fail-rank", type=int, help="this rank raises in its 2nd training batch")
     p.add_argument("--other-data-rank", type=int, help="this rank passes different data to fit")
+    p.add_argument("--sample-weight", action="store_true", help="weight the samples (1, 2, 3, 1, 2, 3, ...)")
+    p.add_argument("--caught-error-first", action="store_true",
+                   help="first call fit with a batch too small for the ranks, catch the error, then go on")
+    p.add_argument("--stop-after-epoch-on-rank-0", type=int, help="rank 0 alone stops fit after this epoch")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -98,23 +102,38 @@ def main():
 
         callbacks.append(Fail())
     xv, yv = data(200, seed=2)
+    weights = (np.arange(x.shape[0]) % 3 + 1.0) if args.sample_weight else None
+    if args.caught_error_first:
+        try:
+            model.fit(x, y, batch_size=1, epochs=1, verbose=0)
+        except tc.DistributedError:
+            pass
+    if args.stop_after_epoch_on_rank_0 is not None:
+        class Stop(tc.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if rank == 0 and epoch + 1 >= args.stop_after_epoch_on_rank_0:
+                    self.model.stop_training = True
+
+        callbacks.append(Stop())
     if args.train_on_batch:
-        logs = [model.train_on_batch(x[k : k + args.batch], y[k : k + args.batch]) for k in (0, 128, 256)]
+        logs = [model.train_on_batch(x[k : k + args.batch], y[k : k + args.batch],
+                                     sample_weight=None if weights is None else weights[k : k + args.batch])
+                for k in (0, 128, 256)]
         history = tc.callbacks.History()
         history.history = {"train_on_batch": logs, "test_on_batch": model.test_on_batch(xv, yv)}
     else:
         history = model.fit(x, y, batch_size=args.batch, epochs=args.epochs, initial_epoch=done, verbose=0,
-                            validation_data=(xv, yv), callbacks=callbacks)
+                            validation_data=(xv, yv), callbacks=callbacks, sample_weight=weights)
     evaluated = model.evaluate(xv, yv, batch_size=64, verbose=0)
     predicted = model.predict(xv, batch_size=64, verbose=0)
-    weights = model.get_weights()
-    prints = [fingerprint(weights)]
+    final = model.get_weights()
+    prints = [fingerprint(final)]
     if dp is not None:  # every rank's fingerprint, to check that all hold the same weights
         mine = np.frombuffer(bytes.fromhex(prints[0]), dtype=np.uint8)[None]
         prints = [bytes(row).hex() for row in dp.gather(mine)]
     if rank == 0:
-        np.savez(args.out, *weights, history=json.dumps(history.history), evaluated=np.array(evaluated),
-                 predicted=predicted, fingerprints=np.array(prints))
+        np.savez(args.out, *final, history=json.dumps(history.history), evaluated=np.array(evaluated),
+                 predicted=predicted, fingerprints=np.array(prints), seed=np.array(model.seed))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 that trains, numba's cache when the installed package cannot be written to, and tests that run
 against the installed copy rather than the checkout."""
 import glob
+import importlib.metadata
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ def test_the_wheel_holds_the_package_its_license_and_complete_metadata(wheel):
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/", "docs/"))]
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: MIT" in meta and f"Version: {tinycnn.__version__}" in meta
-    for field in ("Summary:", "Requires-Python: >=3.10", "Requires-Dist: numpy", "Requires-Dist: numba",
+    for field in ("Summary:", "Requires-Python: >=3.11", "Requires-Dist: numpy", "Requires-Dist: numba",
                   "Classifier: Programming Language :: Python :: 3", "Description-Content-Type: text/markdown"):
         assert field in meta, field
     for extra in ("gpu", "keras", "onnx", "distributed", "plot", "tensorboard", "test", "docs"):
@@ -51,14 +52,27 @@ def test_the_wheel_holds_the_package_its_license_and_complete_metadata(wheel):
     assert "Project-URL" not in meta  # none exists yet; none is invented
 
 
+def installed_copy():
+    """Whether pip installed tinycnn as a copy from a wheel or a directory (its record says so, PEP 610),
+    not as the editable checkout. A setuptools build's tinycnn.egg-info in the checkout is no install."""
+    for dist in importlib.metadata.distributions(name="tinycnn"):
+        direct = dist.read_text("direct_url.json")
+        if direct and not json.loads(direct).get("dir_info", {}).get("editable"):
+            return True
+    return False
+
+
 def test_the_tests_run_against_the_installed_package():
-    if install_kind() != "installed":
-        pytest.skip("tinycnn is imported from the checkout here (pip install -e): the tests run its sources")
-    checkout = os.path.join(ROOT, "tinycnn")
-    assert os.path.dirname(tinycnn.__file__) != checkout
+    checkout = os.path.realpath(os.path.join(ROOT, "tinycnn"))
+    if install_kind() == "checkout":
+        # Fine for pip install -e; a copy installed beside it but shadowed by the checkout is not.
+        assert not installed_copy(), ("tinycnn is installed as a copy, but the tests imported the checkout's "
+                                      "sources (run pytest, not python -m pytest, from the checkout)")
+        pytest.skip("tinycnn is installed editable: the tests run the checkout's sources")
     probe = subprocess.run([sys.executable, "-c", "import tinycnn; print(tinycnn.__file__)"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
-    assert os.path.dirname(probe.stdout.strip()) != checkout, "a subprocess in the checkout imports its sources"
+    assert os.path.dirname(os.path.realpath(probe.stdout.strip())) != checkout, \
+        "a subprocess in the checkout imports its sources"
 
 
 def fresh_venv(where, wheel):
@@ -146,7 +160,10 @@ def test_the_week2_example_runs_one_short_epoch_from_an_install_outside_the_chec
 
 def test_twine_accepts_the_wheel_and_the_sdist(wheel):
     pytest.importorskip("twine", reason="twine checks the metadata (pip install twine)")
-    files = [wheel] + glob.glob(os.path.join(os.path.dirname(wheel), f"tinycnn-{tinycnn.__version__}.tar.gz"))
+    sdist = os.path.join(os.path.dirname(wheel), f"tinycnn-{tinycnn.__version__}.tar.gz")
+    if not os.path.exists(sdist):
+        pytest.skip("no sdist beside the wheel: python -m build writes both to dist/")
+    files = [wheel, sdist]
     proc = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *files], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -61,10 +61,11 @@ class EpochMetrics:
                 self.sums[i] = self.sums[i] + (values * sample_weight).sum()
                 self.weights[i] = self.weights[i] + sample_weight.sum()
 
-    def sum_over_ranks(self, sum_):
+    def sum_over_ranks(self, sum_, xp):
         """Replace every sum by its sum over the ranks of a data-parallel job (`sum_`: an in-place
-        allreduce), so the averages are those of every rank's samples."""
-        xp = get_array_module(self.loss_sum) if hasattr(self.loss_sum, "shape") else np
+        allreduce), so the averages are those of every rank's samples. `xp`: the model's array
+        module, on every rank alike (a rank with no rows holds Python numbers, yet must take part
+        in the same collective as the others: NCCL for device arrays)."""
         parts = [self.loss_sum, self.seen, *self.sums, *self.weights]
         totals = sum_(xp.stack([xp.asarray(p, dtype=xp.float64).reshape(()) for p in parts]))
         k = len(self.metrics)
@@ -360,7 +361,7 @@ class Trainer:
             dout *= dout.dtype.type(1.0 / n)  # the loss is the batch mean
             batch_sum = per_sample.sum()
         else:
-            scale = (sample_weight / n).reshape((n,) + (1,) * (dout.ndim - 1))
+            scale = (sample_weight / n).reshape((rows,) + (1,) * (dout.ndim - 1))
             dout *= scale.astype(dout.dtype)
             batch_sum = (per_sample * sample_weight).sum()
         plan.backward(tape, [dout], self.params)
@@ -408,9 +409,10 @@ class Trainer:
             with dist.training(self):
                 dist.place_batch(self, first)
                 predictions, batch_sum = self.train_step(xs, tb, weights, n)
+                dist.average_statistics(self)  # per-rank BatchNorm: every rank holds the same statistics
             metrics = self.epoch_metrics()
             metrics.add(batch_sum, predictions, tb, weights)
-            metrics.sum_over_ranks(dist.sum_)
+            metrics.sum_over_ranks(dist.sum_, self.xp)
             return _result(metrics.averages(), return_dict)
 
     @exclusive
@@ -478,7 +480,10 @@ class Trainer:
             return hashlib.sha256(np.ascontiguousarray(to_numpy(rows)).tobytes()).hexdigest()[:16]
 
         return {"samples": int(n), "batch_size": batch_size, "epochs": epochs, "initial_epoch": initial_epoch,
-                "shuffle": bool(shuffle), "parameters": int(self.params.size),
+                "shuffle": bool(shuffle), "parameters": int(self.params.size), "dtype": str(self.dtype),
+                "device": self.backend.name,
+                "layers": [[type(layer).__name__, [list(w.shape) for w in layer.weights.values()]]
+                           for layer in self.compute_layers],
                 "inputs": [fingerprint(a) for a in xs], "targets": fingerprint(t),
                 "sample_weights": None if weights is None else fingerprint(weights),
                 "validation": None if val is None else [int(val[1].shape[0]), fingerprint(val[1])]}
@@ -582,7 +587,7 @@ class Trainer:
                 if self.stop_training:
                     break
             if dist is not None:
-                metrics.sum_over_ranks(dist.sum_)
+                metrics.sum_over_ranks(dist.sum_, self.xp)
                 dist.average_statistics(self)
             logs = metrics.averages()
             if not np.isfinite(logs["loss"]) and not self.stop_training:  # else a callback (TerminateOnNaN) stopped it
@@ -603,6 +608,8 @@ class Trainer:
                 cbs.call("on_test_end", {k[4:]: v for k, v in val_logs.items()})
                 logs.update(val_logs)
             cbs.call("on_epoch_end", epoch, logs)
+            if dist is not None:  # a callback on one rank (rank 0's checkpoint writer, say) stops every rank
+                self.stop_training = dist.any(self.stop_training)
             if self.stop_training:
                 break
         cbs.call("on_train_end", {})
@@ -675,7 +682,7 @@ class Trainer:
             if callbacks is not None:
                 callbacks.on_batch("on_test_batch_end", batch, metrics.running)
         if shared:
-            metrics.sum_over_ranks(self.distribution.sum_)
+            metrics.sum_over_ranks(self.distribution.sum_, self.xp)
         return metrics
 
     @exclusive

@@ -51,13 +51,19 @@ class Communicator:
     def gather(self, array):
         return array
 
+    def broadcast_object(self, value, root=0):
+        return value
+
     def agree(self, values, what="the arguments"):
         return values
 
     def barrier(self):
         pass
 
-    def fail(self, message):
+    def fail(self, message, final=False):
+        pass
+
+    def begin_call(self):
         pass
 
     def describe(self):
@@ -85,7 +91,8 @@ class MpiCommunicator(Communicator):
         self._notices = world.Dup()
         self._exit = world.Dup()
         self._sent = []  # failure notices in flight (kept alive until delivered)
-        self.notified = False  # this rank has told the others it failed
+        self.call = 0  # which distributed call (fit, evaluate, ...) this is: the same count on every rank
+        self.notified = False  # this rank has told the others it failed, in this call
         self.failed_rank = None  # the rank whose failure notice this rank received
 
     def describe(self):
@@ -93,12 +100,22 @@ class MpiCommunicator(Communicator):
         return f"{self.size} processes over MPI ({version})"
 
     # -- waiting, and failures -------------------------------------------------------------------
+    def begin_call(self):
+        """A new distributed call starts (every rank starts the same ones, in the same order). A
+        failure notice from an earlier call is stale: an error every rank raised alike (a bad
+        argument) was sent by every rank, and each rank has already seen its own."""
+        self.call += 1
+        self.notified = False
+        self.failed_rank = None
+
     def check(self):
-        """RankFailure if another rank has said it failed."""
+        """RankFailure if another rank has said it failed in this call (stale notices are dropped)."""
         status = self.MPI.Status()
-        if self._notices.Iprobe(source=self.MPI.ANY_SOURCE, tag=FAILURE_TAG, status=status):
+        while self._notices.Iprobe(source=self.MPI.ANY_SOURCE, tag=FAILURE_TAG, status=status):
             source = status.Get_source()
-            message = self._notices.recv(source=source, tag=FAILURE_TAG)
+            call, message = self._notices.recv(source=source, tag=FAILURE_TAG)
+            if call < self.call:
+                continue
             self.failed_rank = source
             raise RankFailure(f"rank {source} of {self.size} failed ({message}); rank {self.rank} stops too")
 
@@ -111,13 +128,14 @@ class MpiCommunicator(Communicator):
             if polls > POLLS_BEFORE_SLEEPING:
                 time.sleep(50e-6)  # a rank that waits long (a slower peer) leaves the core to others
 
-    def fail(self, message):
-        """Tell every other rank that this one failed (once); they raise RankFailure at their next wait."""
+    def fail(self, message, final=False):
+        """Tell every other rank that this one failed (once per call); they raise RankFailure at their
+        next wait. `final`: the process is ending, so the notice holds for any call the others are in."""
         if self.notified or self.failed_rank is not None:
             return
         self.notified = True
-        text = str(message)[:2000]
-        self._sent = [self._notices.isend(text, dest=r, tag=FAILURE_TAG) for r in range(self.size) if r != self.rank]
+        notice = (sys.maxsize if final else self.call, str(message)[:2000])
+        self._sent += [self._notices.isend(notice, dest=r, tag=FAILURE_TAG) for r in range(self.size) if r != self.rank]
 
     def abort_job(self, grace=EXIT_GRACE_SECONDS):
         """End this rank after an error, and make sure no rank is left waiting: when every rank
@@ -158,6 +176,10 @@ class MpiCommunicator(Communicator):
 
     def barrier(self):
         self.wait(self._collectives.Ibarrier())
+
+    def broadcast_object(self, value, root=0):
+        """A small picklable value from rank `root` (blocking: used when a call starts, not in steps)."""
+        return self._collectives.bcast(value, root=root)
 
     def _counts(self, count):
         counts = np.zeros(self.size, dtype=np.int64)
@@ -271,15 +293,27 @@ def make_communicator(kind="auto"):
         return MpiCommunicator()
     if kind == "nccl":
         return NcclCommunicator()
+    MPI = _mpi()
+    usable = _nccl_usable()
+    if MPI.COMM_WORLD.allreduce(int(usable), op=MPI.MIN):  # every rank alike, or none
+        return NcclCommunicator()
+    if MPI.COMM_WORLD.allreduce(int(usable), op=MPI.MAX):
+        import warnings
+
+        warnings.warn("some ranks have a working GPU with NCCL and some do not: every rank uses MPI",
+                      RuntimeWarning, stacklevel=3)
+    return MpiCommunicator()
+
+
+def _nccl_usable():
+    """Whether CuPy with NCCL and a working GPU are here (no collective: each rank asks itself)."""
     try:
         import cupy
         from cupy.cuda import nccl  # noqa: F401
 
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return NcclCommunicator()
-    except Exception:  # no CuPy, no NCCL in it, or no working GPU: MPI it is
-        pass
-    return MpiCommunicator()
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no NCCL in it, or no working GPU
+        return False
 
 
 def abort_on_uncaught_errors(comm):
@@ -293,7 +327,7 @@ def abort_on_uncaught_errors(comm):
             print(f"tinycnn.distributed: rank {comm.rank} of {comm.size} failed with the error above; "
                   "stopping every rank", file=sys.stderr)
         try:
-            comm.fail(f"{kind.__name__}: {value}")
+            comm.fail(f"{kind.__name__}: {value}", final=True)
         finally:
             comm.abort_job()
 

@@ -77,7 +77,8 @@ class DataParallel:
             import numba
         except ImportError:
             return None
-        count = threads if threads is not None else max(1, (os.cpu_count() or 1) // self.comm.local_size)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        count = threads if threads is not None else max(1, cores // self.comm.local_size)
         count = min(int(count), numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(count)
         return count
@@ -98,6 +99,7 @@ class DataParallel:
     def guard(self):
         """An error inside the block is told to the other ranks (they raise RankFailure at their
         next collective) before it propagates here."""
+        self.comm.begin_call()
         try:
             yield
         except RankFailure:
@@ -120,11 +122,14 @@ class DataParallel:
         self.comm.agree(facts, "data or settings to fit")
 
     def synchronize(self, model):
-        """Make every rank hold rank 0's seed (the epochs' shuffles and masks derive from it),
-        weights, statistics and optimizer state: fit does this first, and train_on_batch the first
+        """Make every rank hold rank 0's seed (the epochs' shuffles and masks derive from it), random
+        streams, weights, statistics and optimizer state: fit does this first, and train_on_batch the first
         time it sees a model."""
-        seed = self.comm.broadcast_(np.array([model.seed], dtype=np.int64))
-        model.seed = int(seed[0])
+        model.seed = int(self.comm.broadcast_(np.array([model.seed], dtype=np.int64))[0])
+        states = self.comm.broadcast_object([layer.random_state() for layer in model.compute_layers])
+        for layer, state in zip(model.compute_layers, states):  # the same Dropout streams as rank 0
+            if state is not None:
+                layer.set_random_state(state)
         for layer in model.compute_layers:
             for value in layer.weights.values():
                 self.comm.broadcast_(value)

@@ -66,7 +66,7 @@ def global_gradient_sums(dbeta, dgamma, rows, reduce):
     c, dtype = dbeta.shape[0], dbeta.dtype
     totals = reduce(xp.concatenate([dbeta.astype(xp.float64), dgamma.astype(xp.float64),
                                     xp.array([rows], xp.float64)]))
-    return totals[:c].astype(dtype), totals[c : 2 * c].astype(dtype), dtype.type(totals[2 * c])
+    return totals[:c].astype(dtype), totals[c : 2 * c].astype(dtype), totals[2 * c].astype(dtype)  # on the device
 
 
 class ReferenceKernels:

@@ -263,6 +263,14 @@ class Layer:
     def reseed(self, seed):
         """Layers that draw random numbers during training restart their stream from `seed`."""
 
+    def random_state(self):
+        """The state of the layer's random stream (None for layers without one): data-parallel
+        ranks take rank 0's, so they draw the same masks."""
+        return None
+
+    def set_random_state(self, state):
+        """Restore a `random_state()`."""
+
     def place_in_batch(self, first_sample):
         """Layers that draw random masks draw them for samples `first_sample`, `first_sample + 1`, ...
         of the batch: a rank of data-parallel training computes part of a global batch."""

@@ -23,6 +23,12 @@ class Dropout(Layer):
     def create_weights(self, input_shape, rng):
         self.reseed(self.seed if self.seed is not None else int(rng.integers(2**31)))
 
+    def random_state(self):
+        return self._seeds.bit_generator.state
+
+    def set_random_state(self, state):
+        self._seeds.bit_generator.state = state
+
     def place_in_batch(self, first_sample):
         self.first_sample = int(first_sample)
 

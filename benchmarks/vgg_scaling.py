@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""How the training step scales with channels and batch: a VGG-style network on CIFAR-sized
+inputs, tinycnn against PyTorch eager on the same cores.
+
+    python benchmarks/vgg_scaling.py [--peer-python PATH_TO_PYTHON_WITH_TORCH] [--threads 2]
+
+The network: 32x32x3 inputs; three blocks of two (3x3 same convolution without bias +
+BatchNormalization + ReLU) with W, 2W and 4W channels, a 2x2 max-pool after the first two blocks,
+global average pooling, Dense 10 (softmax), categorical cross-entropy, Adam. The grid: W = 16,
+32, 64 at batch 64, and batch 16, 64, 256 at W = 16 and 64. Each cell is the median over 3 runs
+of the mean of several steps after 2 warm-up steps, each framework in its own subprocess, the
+frameworks alternating cell by cell. Writes benchmarks/results/vgg_scaling.md and .json.
+
+Internal: `--part tinycnn|pytorch --width W --batch B --steps S` times one cell and prints JSON.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GRID = [(16, 64), (32, 64), (64, 64), (16, 16), (16, 256), (64, 16), (64, 256)]
+CLASSES = 10
+
+
+def data(batch):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, 32, 32, 3), dtype=np.float32)
+    y = np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, batch)]
+    return x, y
+
+
+def steps_for(width, batch):
+    return max(3, min(30, int(2e6 / (width * width * batch))))  # about the same seconds per cell
+
+
+def time_steps(step, steps):
+    for _ in range(2):
+        step()
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        runs.append((time.perf_counter() - t) / steps * 1e3)
+    return sorted(runs)[1], runs
+
+
+def part_tinycnn(width, batch, steps):
+    sys.path.insert(0, ROOT)
+    import tinycnn as tc
+    from tinycnn import layers as L
+
+    body = []
+    for block, channels in enumerate((width, 2 * width, 4 * width)):
+        for _ in range(2):
+            body += [L.Conv2D(channels, 3, padding="same", use_bias=False), L.BatchNormalization(), L.ReLU()]
+        if block < 2:
+            body.append(L.MaxPooling2D(2))
+    model = tc.Sequential([tc.Input((32, 32, 3))] + body + [L.GlobalAveragePooling2D(),
+                                                           L.Dense(CLASSES, activation="softmax")],
+                          device="cpu", seed=0)
+    model.compile(tc.optimizers.Adam(1e-3), "categorical_crossentropy")
+    x, y = data(batch)
+    xs, t = model.check_inputs(x), model.check_targets(y, batch)
+    median, runs = time_steps(lambda: model.train_step(xs, t), steps)
+    return {"ms": median, "runs": runs, "params": model.count_params()}
+
+
+def part_pytorch(width, batch, steps, threads):
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    layers, cin = [], 3
+    for block, channels in enumerate((width, 2 * width, 4 * width)):
+        for _ in range(2):
+            layers += [nn.Conv2d(cin, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+            cin = channels
+        if block < 2:
+            layers.append(nn.MaxPool2d(2))
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, CLASSES))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = data(batch)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    yt = torch.from_numpy(y.argmax(axis=1))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xt), yt)
+        loss.backward()
+        opt.step()
+
+    median, runs = time_steps(step, steps)
+    return {"ms": median, "runs": runs, "params": sum(p.numel() for p in model.parameters()),
+            "version": torch.__version__}
+
+
+def run_cell(python, framework, width, batch, threads):
+    env = {**os.environ, "TINYCNN_NUMBA_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
+    command = [python, os.path.abspath(__file__), "--part", framework, "--width", str(width), "--batch", str(batch),
+               "--steps", str(steps_for(width, batch)), "--threads", str(threads)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip()[-500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def driver(peer_python, threads):
+    cells = []
+    for width, batch in GRID:
+        t = run_cell(sys.executable, "tinycnn", width, batch, threads)
+        p = run_cell(peer_python, "pytorch", width, batch, threads)
+        cells.append({"width": width, "batch": batch, "tinycnn": t, "pytorch": p})
+        print(f"W={width} batch={batch}: tinycnn {t.get('ms', t.get('error'))} ms, "
+              f"pytorch {p.get('ms', p.get('error'))} ms", file=sys.stderr)
+    result = {"cpu": cpu_name(), "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "cells": cells}
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "vgg_scaling.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    text = report(result)
+    with open(os.path.join(HERE, "results", "vgg_scaling.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+def report(r):
+    version = next((c["pytorch"].get("version") for c in r["cells"] if "version" in c["pytorch"]), "?")
+    lines = ["# VGG-style network: the training step as channels and batch grow", "",
+             f"`python benchmarks/vgg_scaling.py` on {r['cpu']}, {r['threads']} threads, {r['date']}; "
+             f"PyTorch {version} eager (NCHW), tinycnn on its CPU kernels (NHWC). ms per training step "
+             "(forward, backward, Adam), median of 3 runs; the two alternate cell by cell. Target (issue 18): "
+             "tinycnn / PyTorch <= 0.8 everywhere.", "",
+             "| W (channels W, 2W, 4W) | batch | parameters | tinycnn ms | PyTorch ms | tinycnn / PyTorch |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for c in r["cells"]:
+        t, p = c["tinycnn"], c["pytorch"]
+        ratio = f"{t['ms'] / p['ms']:.2f}" if "ms" in t and "ms" in p else "-"
+        lines.append(f"| {c['width']} | {c['batch']} | {t.get('params', '-'):,} | {t.get('ms', float('nan')):.1f} | "
+                     f"{p.get('ms', float('nan')):.1f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["tinycnn", "pytorch"])
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--peer-python", default=sys.executable)
+    args = p.parse_args()
+    if args.part == "tinycnn":
+        print(json.dumps(part_tinycnn(args.width, args.batch, args.steps)))
+    elif args.part == "pytorch":
+        print(json.dumps(part_pytorch(args.width, args.batch, args.steps, args.threads)))
+    else:
+        driver(args.peer_python, args.threads)
+
+
+if __name__ == "__main__":
+    main()
