@@ -507,3 +507,14 @@ def machine_info():
         "load_average": load,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_report(name, result, text, folder=None):
+    """benchmarks/results/<name>.json (the numbers) and <name>.md (the report); returns the text."""
+    folder = folder or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(text)
+    return text

@@ -18,12 +18,13 @@ Internal parts (run by the driver): `--part step` and `--part allreduce`, under 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common as C  # noqa: E402  (beside this script)
 ROOT = os.path.dirname(HERE)
 WEEK2_WEIGHTS = 12316  # trainable float32 weights: the flat buffer one allreduce sums per step
 WEEK2_BATCHNORM_LAYERS = 7
@@ -109,14 +110,6 @@ NETWORKS = {  # name: (bandwidth in bytes/s, per-message latency in s)
 MACHINES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def driver(rounds, steps):
     steps_args = ["--part", "step", "--steps", str(steps)]
     configurations = {"1 rank x 2 threads": (steps_args, 1, {"TINYCNN_NUMBA_THREADS": "2"}),
@@ -140,15 +133,10 @@ def driver(rounds, steps):
                          "efficiency": project(t1, nbytes, m, bw, lat)[1],
                          "weak_efficiency": t1 / (t1 + ring_allreduce_seconds(nbytes, m, bw, lat)),
                          "allreduce_ms": ring_allreduce_seconds(nbytes, m, bw, lat) * 1e3} for m in MACHINES}
-    result = {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    result = {"cpu": C.machine_info()["cpu_model"], "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "step_ms_runs": runs, "step_ms_median": step_ms, "allreduce": ar, "projection": projection,
               "bytes_per_step": {"week2": WEEK2_WEIGHTS * 4, "100x": WEEK2_WEIGHTS * 400}}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "distributed.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(HERE, "results", "distributed.md"), "w") as f:
-        f.write(report(result))
-    print(report(result))
+    print(C.write_report("distributed", result, report(result)))
 
 
 def report(r):
@@ -208,8 +196,7 @@ def main():
     elif args.report_only:
         with open(os.path.join(HERE, "results", "distributed.json")) as f:
             result = json.load(f)
-        with open(os.path.join(HERE, "results", "distributed.md"), "w") as f:
-            f.write(report(result))
+        C.write_report("distributed", result, report(result))
     else:
         driver(args.rounds, args.steps)
 

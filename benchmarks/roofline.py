@@ -15,7 +15,6 @@ activations are 0.1-5.5 MB per tensor against 2 MiB of L2 per core, so most do n
 Writes benchmarks/results/roofline.md and roofline.json.
 """
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -175,13 +174,7 @@ def main():
               "triad_gbs": triad, "kernels": rows, "step_ms": step, "step_floor_ms": step_floor_ms(peak, bandwidth),
               "step_gflop": sum(f for k, (f, _) in kernel_work().items()
                                 if k.startswith("conv") and k not in NOT_IN_STEP) / 1e9}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "roofline.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = report(result)
-    with open(os.path.join(HERE, "results", "roofline.md"), "w") as f:
-        f.write(text)
-    print(text)
+    print(C.write_report("roofline", result, report(result)))
 
 
 def report(r):

@@ -21,6 +21,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common as C  # noqa: E402  (beside this script)
 ROOT = os.path.dirname(HERE)
 GRID = [(16, 64), (32, 64), (64, 64), (16, 16), (16, 256), (64, 16), (64, 256)]
 CLASSES = 10
@@ -114,14 +116,6 @@ def run_cell(python, framework, width, batch, threads):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
 def driver(peer_python, threads):
     cells = []
     for width, batch in GRID:
@@ -130,15 +124,9 @@ def driver(peer_python, threads):
         cells.append({"width": width, "batch": batch, "tinycnn": t, "pytorch": p})
         print(f"W={width} batch={batch}: tinycnn {t.get('ms', t.get('error'))} ms, "
               f"pytorch {p.get('ms', p.get('error'))} ms", file=sys.stderr)
-    result = {"cpu": cpu_name(), "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    result = {"cpu": C.machine_info()["cpu_model"], "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "cells": cells}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "vgg_scaling.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    text = report(result)
-    with open(os.path.join(HERE, "results", "vgg_scaling.md"), "w") as f:
-        f.write(text)
-    print(text)
+    print(C.write_report("vgg_scaling", result, report(result)))
 
 
 def report(r):
