@@ -154,9 +154,9 @@ def main():
     args = p.parse_args()
     threads = args.threads
     C.log("roofs")
-    gemm = {t: gemm_gflops(t) for t in sorted({1, threads})}
+    gemm = {str(t): gemm_gflops(t) for t in sorted({1, threads})}  # str keys: as JSON keeps them
     triad = triad_gbs(threads)
-    peak, bandwidth = gemm[threads], triad
+    peak, bandwidth = gemm[str(threads)], triad
     C.log(f"GEMM {gemm} GFLOP/s, triad {triad:.1f} GB/s")
     times = kernel_times(threads)
     step = step_ms(threads)
@@ -193,7 +193,7 @@ def report(r):
         lines.append(f"| `{k['kernel']}`{note} | {k['ms']:.3f} | {k['gflops']:.0f} | {k['gbs']:.1f} | "
                      f"{k['intensity']:.1f} | {k['bound']} | {k['floor_ms']:.3f} | {k['of_floor']:.1f} |")
     lines += ["", f"**The step.** Its convolutions do {r['step_gflop']:.2f} GFLOP: "
-              f"{r['step_gflop'] / r['gemm_gflops'][t] * 1e3:.1f} ms at the GEMM rate. With the BatchNorm(+Dropout) "
+              f"{r['step_gflop'] / r['gemm_gflops'][str(t)] * 1e3:.1f} ms at the GEMM rate. With the BatchNorm(+Dropout) "
               f"layers at all seven shapes and the max-pool at their minimum traffic, the step's floor is "
               f"{r['step_floor_ms']:.1f} ms. The step measured {r['step_ms']:.1f} ms, "
               f"{r['step_ms'] / r['step_floor_ms']:.1f}x that floor (the issue's target: 1.5x).", ""]
