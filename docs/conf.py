@@ -1,11 +1,6 @@
 """Sphinx configuration: the API reference comes from the docstrings (autodoc), the guide pages are
 Markdown (MyST). Built in CI with warnings as errors: `sphinx-build -W -b html docs docs/_build/html`."""
-import os
-import sys
-
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples")))
-
-import tinycnn  # noqa: E402  (the installed package when the docs are built in CI)
+import tinycnn  # the installed package when the docs are built in CI
 
 project = "tinycnn"
 author = "the tinycnn developers"

@@ -153,12 +153,9 @@ def run(args, model, checkpoint, resuming, dp=None):
         met = max(accs) >= TARGET_BEST and accs[-1] >= TARGET_FINAL
         print(f"target (best >= {TARGET_BEST:.2%}, final >= {TARGET_FINAL:.2%}): {'met' if met else 'not met'}; "
               f"this run's training took {wall:.0f} s")
-        history = {"epochs": records}
-        if os.path.exists(os.path.join(args.out, "history.json")):
-            with open(os.path.join(args.out, "history.json")) as f:
-                history = json.load(f)
-        history["wall_seconds_this_invocation"] = wall
-        write_json_atomic(os.path.join(args.out, "history.json"), history)
+        # what EpochRecorder wrote after the last epoch, and this invocation's wall time
+        write_json_atomic(os.path.join(args.out, "history.json"),
+                          {**run_info, "epochs": records, "wall_seconds_this_invocation": wall})
         plot(args.out, records, seed_log, x_test, test_labels, predicted)
     return 0
 

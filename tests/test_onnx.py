@@ -63,12 +63,16 @@ def residual_network(seed=0):
     return tc.Model(inputs, outputs, seed=seed)
 
 
+def trained(model, mnist_images, learning_rate, epochs):
+    """The model after `epochs` on the MNIST images (moving statistics away from their start)."""
+    x_train, y_train, _ = mnist_images
+    model.compile(tc.optimizers.Adam(learning_rate), "sparse_categorical_crossentropy")
+    model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
+    return model
+
+
 def test_functional_residual_network_trained_on_mnist(tmp_path, mnist_images):
-    x_train, y_train, x_test = mnist_images
-    model = residual_network()
-    model.compile(tc.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
-    model.fit(x_train, y_train, batch_size=64, epochs=2, verbose=0)
-    check(model, tmp_path / "residual.onnx", x_test)
+    check(trained(residual_network(), mnist_images, 0.01, 2), tmp_path / "residual.onnx", mnist_images[2])
 
 
 def every_layer(seed=1):
@@ -101,10 +105,7 @@ def every_layer(seed=1):
 
 
 def test_a_model_with_every_exportable_layer(tmp_path, mnist_images):
-    x_train, y_train, x_test = mnist_images
-    model = every_layer()
-    model.compile(tc.optimizers.Adam(0.005), "sparse_categorical_crossentropy")
-    model.fit(x_train, y_train, batch_size=64, epochs=1, verbose=0)  # moving statistics away from their start
+    model, x_test = trained(every_layer(), mnist_images, 0.005, 1), mnist_images[2]
     check(model, tmp_path / "every.onnx", x_test)
     check(model, tmp_path / "every_nchw.onnx", x_test, channels_first=True)
 

@@ -404,8 +404,7 @@ class Trainer:
             if not dist.synchronized(self):
                 dist.synchronize(self)
             n = tb.shape[0]
-            first, stop = dist.shard(n)
-            *xs, tb, weights = [None if a is None else a[first:stop] for a in (*xs, tb, weights)]
+            first, (*xs, tb, weights) = self._shard([*xs, tb, weights])
             with dist.training(self):
                 dist.place_batch(self, first)
                 predictions, batch_sum = self.train_step(xs, tb, weights, n)
@@ -574,16 +573,14 @@ class Trainer:
                 global_batch = None
                 if dist is not None:  # this rank's share of the global batch
                     global_batch = idx.shape[0]
-                    first, stop = dist.shard(global_batch)
+                    first, (idx,) = self._shard([idx])
                     dist.place_batch(self, first)
-                    idx = idx[first:stop]
                 tb = t[idx]
                 wb = None if weights is None else weights[idx]
                 predictions, batch_sum = self.train_step([a[idx] for a in xs], tb, wb, global_batch)
                 metrics.add(batch_sum, predictions, tb, wb)
                 cbs.on_train_batch_end(batch, metrics.running)
-                if dist is not None:  # a callback on one rank stops every rank
-                    self.stop_training = dist.any(self.stop_training)
+                self._agree_on_stopping()
                 if self.stop_training:
                     break
             if dist is not None:
@@ -608,8 +605,7 @@ class Trainer:
                 cbs.call("on_test_end", {k[4:]: v for k, v in val_logs.items()})
                 logs.update(val_logs)
             cbs.call("on_epoch_end", epoch, logs)
-            if dist is not None:  # a callback on one rank (rank 0's checkpoint writer, say) stops every rank
-                self.stop_training = dist.any(self.stop_training)
+            self._agree_on_stopping()
             if self.stop_training:
                 break
         cbs.call("on_train_end", {})
@@ -651,16 +647,28 @@ class Trainer:
         return range(0, n, batch_size), batch_size
 
     def _shard(self, arrays):
-        """Under data parallelism, this rank's contiguous share of the rows of each array (None stays None)."""
+        """Under data parallelism: (where this rank's share starts, its contiguous share of the rows of
+        each array; None stays None)."""
         first, stop = self.distribution.shard(next(a for a in arrays if a is not None).shape[0])
-        return [None if a is None else a[first:stop] for a in arrays]
+        return first, [None if a is None else a[first:stop] for a in arrays]
+
+    def _agree_on_stopping(self):
+        """Under data parallelism, a callback that stopped training on one rank (rank 0's checkpoint
+        writer, say) stops every rank: else the others would wait for it in the next collective."""
+        if self.distribution is not None:
+            self.stop_training = self.distribution.any(self.stop_training)
+
+    def _quiet_unless_chief(self, verbose):
+        """Keras's verbose, checked; 0 on the ranks other than rank 0 (which alone prints)."""
+        verbose = _auto(verbose)
+        return verbose if self.distribution is None or self.distribution.is_chief else 0
 
     def _evaluate_arrays(self, xs, t, weights, batch_size, exact_batch=False, callbacks=None, shared=False):
         """The loss and metrics over the arrays, batch by batch in inference mode. `shared`: under
         data parallelism each rank evaluates its share and the sums are summed over the ranks."""
         shared = shared and self.distribution is not None
         if shared:
-            *xs, t, weights = self._shard([*xs, t, weights])
+            _, (*xs, t, weights) = self._shard([*xs, t, weights])
         plan = self._loss_plan()
         logits = plan.emits_logits or self.loss.from_logits
         metrics = self.epoch_metrics()
@@ -696,9 +704,7 @@ class Trainer:
     def _evaluate(self, x, y, batch_size, verbose, sample_weight, return_dict, callbacks):
         self._require_compiled("evaluate")
         batch_size = _batch_size(batch_size)
-        verbose = _auto(verbose)
-        if self.distribution is not None and not self.distribution.is_chief:
-            verbose = 0  # rank 0 alone prints
+        verbose = self._quiet_unless_chief(verbose)
         xs = self.check_inputs(x)
         t = self.check_targets(y, xs[0].shape[0])
         weights = self.check_sample_weight(sample_weight, None, t)
@@ -722,13 +728,11 @@ class Trainer:
     def _predict(self, x, batch_size, verbose, callbacks):
         dist = self.distribution
         batch_size = _batch_size(batch_size)
-        verbose = _auto(verbose)
-        if dist is not None and not dist.is_chief:
-            verbose = 0  # rank 0 alone prints
+        verbose = self._quiet_unless_chief(verbose)
         xs = self.check_inputs(x)
         n = xs[0].shape[0]
         if dist is not None:
-            xs = self._shard(xs)
+            _, xs = self._shard(xs)
         cbs = callbacks_module.CallbackList(self._for_this_rank(_callbacks(callbacks)), self,
                                             {"verbose": verbose, "samples": n})
         cbs.call("on_predict_begin", {})

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import cpu_conv
-from .reference import ReferenceKernels, moments_from_sums, output_hw, pad_nhwc
+from .reference import ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc
 from .scratch import scratch_buffer
 from ..randomness import dropout_keep_threshold, dropout_key
 
@@ -603,8 +603,8 @@ class CPUKernels(ReferenceKernels):
         dtype = dy2d.dtype
         dbeta, dgamma = sums[0].astype(dtype), sums[1].astype(dtype)  # this rank's, under data parallelism
         if reduce is not None:  # dx needs the sums and the row count of the whole batch
-            totals = reduce(np.concatenate([sums.reshape(-1), [float(m)]]))
-            sums, m = totals[: sums.size].reshape(sums.shape), totals[sums.size]
+            total_beta, total_gamma, m = global_gradient_sums(sums[0], sums[1], m, reduce)
+            sums = (total_beta, total_gamma)
         dx = np.empty_like(dy2d)
         # dx = gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy after the dropout mask
         _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, (gamma * inv_std).astype(dtype),

@@ -60,13 +60,13 @@ def moments_from_sums(totals, c, dtype):
 
 
 def global_gradient_sums(dbeta, dgamma, rows, reduce):
-    """Batch normalization's two gradient sums and the row count, summed over the ranks by `reduce`
-    (float64 on the way). Returns them in the gradients' dtype (the count as a float)."""
+    """Batch normalization's two gradient sums and the row count, summed over the ranks by `reduce`.
+    Returns them in float64 (the count too: a 0-d array, which stays on the device)."""
     xp = get_array_module(dbeta)
-    c, dtype = dbeta.shape[0], dbeta.dtype
+    c = dbeta.shape[0]
     totals = reduce(xp.concatenate([dbeta.astype(xp.float64), dgamma.astype(xp.float64),
                                     xp.array([rows], xp.float64)]))
-    return totals[:c].astype(dtype), totals[c : 2 * c].astype(dtype), totals[2 * c].astype(dtype)  # on the device
+    return totals[:c], totals[c : 2 * c], totals[2 * c]
 
 
 class ReferenceKernels:
@@ -249,7 +249,8 @@ class ReferenceKernels:
         if reduce is None:
             dx = (gamma * inv_std / m) * (m * dy2d - dbeta - xhat * dgamma)
         else:
-            total_beta, total_gamma, count = global_gradient_sums(dbeta, dgamma, m, reduce)
+            sums = global_gradient_sums(dbeta, dgamma, m, reduce)
+            total_beta, total_gamma, count = (total.astype(dy2d.dtype) for total in sums)
             dx = (gamma * inv_std / count) * (count * dy2d - total_beta - xhat * total_gamma)
         return dx, dgamma, dbeta
 
