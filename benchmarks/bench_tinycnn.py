@@ -156,7 +156,7 @@ def kernels(np, be, counts, notes, sync):
                  "im2col and no BLAS; bwd_filter = conv2d_backward without dx (register-blocked over 8 kernel "
                  "elements x 16 filters, in L1-sized strips of rows); bwd_data = conv2d_backward with dx minus "
                  "bwd_filter (dx as a gather: the padded output gradient convolved with the flipped kernel); "
-                 "im2col.conv2 is timed for reference (only layers over 64 channels use it); batchnorm = fused "
+                 "im2col.conv2 is timed for reference (only TINYCNN_CONV=gemm uses it); batchnorm = fused "
                  "numba passes; maxpool keeps an int32 argmax")
     return out
 

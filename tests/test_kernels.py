@@ -37,6 +37,35 @@ CONVS = [  # (input shape, kh, kw, stride, pads): the Week2 shapes and the awkwa
 ]
 
 
+@pytest.mark.parametrize("c, filters", [(72, 80), (20, 130)])
+def test_direct_convolution_of_wide_layers_matches_the_reference(c, filters, monkeypatch):
+    """Layers over 64 channels take the direct loops too (several 16-filter blocks, long
+    reductions). With the partials' budget cut to nothing, the filter gradient sums more images
+    per partial (8 partials of 5 images here instead of 10 of 4)."""
+    from tinycnn.kernels import cpu_conv
+
+    k = fast_kernels("cpu")
+    rng = np.random.default_rng(0)
+    shape, pads = (40, 6, 7, c), (1, 1, 1, 1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel2d = rng.standard_normal((9 * c, filters)).astype(np.float32)
+    z_ref, saved_ref = R.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
+    z, saved = k.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
+    assert saved[0] == "direct"
+    _same(z, z_ref, np.float32)
+    dz = rng.standard_normal(z_ref.shape).astype(np.float32)
+    dk_ref = np.empty_like(kernel2d)
+    dx_ref = R.conv2d_backward(dz, saved_ref, shape, kernel2d, 3, 3, (1, 1), pads, dk_ref, True)
+    for budget in (cpu_conv.PARTIALS_BYTES, 1):
+        monkeypatch.setattr(cpu_conv, "PARTIALS_BYTES", budget)
+        dk = np.empty_like(kernel2d)
+        _same(k.conv2d_backward(dz, saved, shape, kernel2d, 3, 3, (1, 1), pads, dk, True), dx_ref, np.float32)
+        _same(dk, dk_ref, np.float32)
+    assert cpu_conv.images_per_partial(40, 10) == 5  # the budget is 1 byte here
+    monkeypatch.undo()
+    assert cpu_conv.images_per_partial(40, 10) == 4 and cpu_conv.images_per_partial(400, 2 << 20) == 50
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
 def test_im2col_col2im(device, dtype, shape, kh, kw, stride, pads):

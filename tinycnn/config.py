@@ -4,7 +4,7 @@
     |-----------------|-------------------------|--------------------------|----------------------------------|
     | `device`        | `TINYCNN_DEVICE`        | auto, cpu, gpu           | auto (the GPU if one works)      |
     | `kernels`       | `TINYCNN_KERNELS`       | fast, reference          | fast (numba / CUDA kernels)      |
-    | `conv`          | `TINYCNN_CONV`          | direct, gemm             | direct (CPU, up to 64 channels)  |
+    | `conv`          | `TINYCNN_CONV`          | direct, gemm             | direct (CPU, every float layer) |
     | `numba_threads` | `TINYCNN_NUMBA_THREADS` | a positive integer       | numba's default: every core      |
     | `malloc_tuning` | `TINYCNN_MALLOC_TUNING` | 1, 0                     | 1                                |
     | `spin`          | `GOMP_SPINCOUNT`, `OMP_WAIT_POLICY` | OpenMP's own | GOMP_SPINCOUNT=1000 if neither is set |

@@ -28,7 +28,7 @@ SMALL = 1 << 15
 # -- process tuning --------------------------------------------------------------------------------
 # How long numba's idle OpenMP threads spin before they sleep. A Week2 step runs ~60 short numba
 # kernels back to back and no BLAS, so waking sleeping threads for each one costs; but where a
-# model still calls OpenBLAS (Dense layers, convolutions over 64 channels), spinning threads take
+# model still calls OpenBLAS (Dense layers, or convolutions with TINYCNN_CONV=gemm), spinning threads take
 # the cores from OpenBLAS's own. Week2 step on a 2-core Zen 5 machine, direct / im2col + GEMM
 # convolutions: GOMP_SPINCOUNT=1000 14.4 / 36.8-38.5 ms; sleeping at once (OMP_WAIT_POLICY=PASSIVE)
 # 16.3-18.1 / 30.5-30.7; 10,000 13.3-13.9 / 105-124; 100,000 13.7-17.9 / 705-736; spinning forever
@@ -142,12 +142,14 @@ def _conv_sizes(x_shape, kh, kw, stride, pads):
 # (2 x 1 MiB L2): 1 MiB chunks 30.7-31.1 ms, 2 MiB 30.9-31.3, 4 MiB 31.6-35.2, 8 MiB 39-40, unchunked 45.
 CHUNK_BYTES = 2 << 20
 
-# Direct convolution (cpu_conv) applies to float32/float64 layers with at most this many input and
-# output channels: there the GEMM has as few columns as the layer has filters and runs at a
-# fraction of the machine's rate, while the direct loops keep 8 pixels x 16 filters in registers.
-# Week2 conv2 (16 -> 16, 3x3, 128 images of 26x26) forward on a 2-core Zen 5: 1.1-1.4 ms direct,
-# 3.2-3.7 ms GEMM. Larger layers were not measured, so they keep the GEMM.
-DIRECT_MAX_CHANNELS = 64
+# Direct convolution (cpu_conv) applies to every float32/float64 layer. Small layers: the GEMM has
+# as few columns as the layer has filters and runs at a fraction of the machine's rate, while the
+# direct loops keep 8 pixels x 16 filters in registers (Week2 conv2, 16 -> 16, 3x3, 128 images of
+# 26x26, forward on a 2-core Zen 5: 1.1-1.4 ms direct, 3.2-3.7 ms GEMM). Wide layers: alone, some
+# passes are faster as im2col + OpenBLAS (8x8, 64 -> 128: 2.1x), but in a network OpenBLAS's threads
+# and numba's take turns on the same cores; the VGG-style network of benchmarks/vgg_scaling.py at
+# batch 64 on a 2-vCPU AVX-512 guest: W = 32 177 -> 122 ms per step, W = 64 476 -> 411 ms, when its
+# layers above 64 channels left the GEMM for the direct loops. TINYCNN_CONV=gemm still picks the GEMM.
 
 
 def _chunk(bytes_per_image, n):
@@ -454,8 +456,7 @@ class CPUKernels(ReferenceKernels):
 
     def _conv_algorithm(self, x, kernel2d):
         """'direct' or 'gemm': the convolution algorithm this set uses for x and kernel2d."""
-        direct = (self.conv == "direct" and x.dtype in (np.float32, np.float64)
-                  and x.shape[3] <= DIRECT_MAX_CHANNELS and kernel2d.shape[1] <= DIRECT_MAX_CHANNELS)
+        direct = self.conv == "direct" and x.dtype in (np.float32, np.float64)
         return "direct" if direct else "gemm"
 
     def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):

@@ -28,6 +28,7 @@ from .scratch import scratch_buffer
 LANES = generated.LANES
 PIXELS = generated.PIXELS  # the forward register block's pixels: tasks take multiples of it
 IMAGES_PER_PARTIAL = 4  # filter-gradient partial sums: one per 4 images, summed in a fixed order
+PARTIALS_BYTES = 16 << 20  # ...unless that many partials of a wide layer would pass this: then fewer
 TASKS = 64  # parallel tasks per forward call (a few per thread on any core count here)
 L1_BYTES = 16 << 10  # working set of one filter-gradient strip (a third of Zen 5's 48 KiB L1d)
 
@@ -130,13 +131,23 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
     f = dz2d.shape[1]
     nb = _blocks(f)
     k = kh * kw * c
-    groups = -(-n // IMAGES_PER_PARTIAL)
+    group = images_per_partial(n, nb * k * LANES * xpad.itemsize)
+    groups = -(-n // group)
     partial = np.zeros((groups, nb, k, LANES), dtype=xpad.dtype)
     _direct_filter_grad(xpad.reshape(-1), _offsets(kh, kw, wp, c), _padded_filters(dz2d).reshape(-1),
                         partial.reshape(-1), n, oh, ow, nb, *_strides(xpad, stride),
-                        IMAGES_PER_PARTIAL, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
+                        group, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
     total = partial.sum(axis=0)  # (nb, K, LANES): fixed order, so no dependence on the thread count
     dkernel2d[...] = total.transpose(1, 0, 2).reshape(k, nb * LANES)[:, :f]
+
+
+def images_per_partial(n, partial_bytes):
+    """Images per filter-gradient partial sum: IMAGES_PER_PARTIAL, or more where the partials of a
+    wide layer (256->256 3x3: 2.4 MB each) would pass PARTIALS_BYTES, keeping at least 8 partials
+    for the threads. A function of the shapes alone, so the sum's order is the same on any machine."""
+    groups = -(-n // IMAGES_PER_PARTIAL)
+    most = max(8, PARTIALS_BYTES // partial_bytes)
+    return IMAGES_PER_PARTIAL if groups <= most else -(-n // most)
 
 
 def input_grad(dz2d, x_shape, kernel2d, kh, kw, pads, oh, ow):
