@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import tinycnn as tc
+from tinycnn import batch_split
 from tinycnn import layers as L
 from conftest import DATA
 from week2_model import build_week2_model
@@ -73,13 +74,20 @@ def test_inference_outputs_match_keras(name, device):
 
 
 def replay_keras_relu_decisions(model, ref):
-    """Make each ReLU's backward use Keras's mask (y > 0) instead of our own."""
+    """Make each ReLU's backward use Keras's mask (y > 0) instead of our own: the rows of the mask
+    that the running share of the batch holds (tinycnn.batch_split), so the split path is the one
+    compared with Keras."""
+    def keras_mask(dy, x, y, kernels, m):
+        first = batch_split.first_sample()
+        return dy * m[first : first + dy.shape[0]]
+
     for key in (k for k in ref if k.startswith("relu_mask/")):
         layer = model.layers[int(key.split("/")[1])]
         shape = (ref["images"].shape[0],) + tuple(layer.output_shape)
         mask = model.backend.asarray(np.unpackbits(ref[key])[: int(np.prod(shape))].reshape(shape).astype(model.dtype))
         layer.activation = tc.activations.ActivationFunction(
-            "relu with Keras's decisions", tc.activations.relu.forward, lambda dy, x, y, kernels, m=mask: dy * m, ())
+            "relu with Keras's decisions", tc.activations.relu.forward,
+            lambda dy, x, y, kernels, m=mask: keras_mask(dy, x, y, kernels, m), ())
 
 
 def count_relu_disagreements(model, ref):

@@ -7,6 +7,7 @@
     | `conv`          | `TINYCNN_CONV`          | direct, gemm             | direct (CPU, every float layer) |
     | `numba_threads` | `TINYCNN_NUMBA_THREADS` | a positive integer       | numba's default: every core      |
     | `malloc_tuning` | `TINYCNN_MALLOC_TUNING` | 1, 0                     | 1                                |
+    | `batch_split`   | `TINYCNN_BATCH_SPLIT`   | 1, 0                     | 1 (CPU training: see batch_split)|
     | `spin`          | `GOMP_SPINCOUNT`, `OMP_WAIT_POLICY` | OpenMP's own | GOMP_SPINCOUNT=1000 if neither is set |
 
 `settings()` reads the environment every time it is called (a few dictionary lookups) and lays
@@ -14,7 +15,8 @@ the overrides of any enclosing `using(...)` block over it; a bad value raises `C
 naming the variable and the values it accepts. Tests and benchmarks switch paths with
 `using(conv="gemm")` instead of patching module globals.
 
-`device`, `kernels` and `conv` choose the backend a model gets when it is made. `numba_threads`,
+`device`, `kernels` and `conv` choose the backend a model gets when it is made; `batch_split` is
+read at every training step. `numba_threads`,
 `malloc_tuning` and `spin` tune the whole process, so they are applied once, when the first CPU
 backend is created (see `tinycnn.kernels.cpu.tune_process`); later changes do not take effect.
 """
@@ -37,6 +39,7 @@ class Settings:
     conv: str = "direct"
     numba_threads: int = None  # None: numba's default (every core)
     malloc_tuning: bool = True
+    batch_split: bool = True  # CPU training splits a batch between threads (tinycnn.batch_split)
 
 
 def _choice(choices, error=ConfigError):
@@ -78,6 +81,7 @@ _FIELDS = {
     "conv": ("TINYCNN_CONV", _choice(CONV_CHOICES)),
     "numba_threads": ("TINYCNN_NUMBA_THREADS", _threads),
     "malloc_tuning": ("TINYCNN_MALLOC_TUNING", _flag),
+    "batch_split": ("TINYCNN_BATCH_SPLIT", _flag),
 }
 
 _overrides = contextvars.ContextVar("tinycnn_settings_overrides", default=())

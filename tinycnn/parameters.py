@@ -11,7 +11,29 @@ current value and every model updates the copy its optimizer state describes.
 """
 
 
-class ParameterBuffer:
+class _GradientSink:
+    """Where a backward pass writes weight gradients: `grad_views[k]` for entry k of `index`."""
+
+    # -- gradients: one backward pass writes each entry once per use, summing uses -------------
+    def start_gradients(self):
+        self._written = [False] * len(self.grad_views)
+
+    def add_gradient(self, layer, name, value):
+        k = self.index[(id(layer), name)]
+        if self._written[k]:
+            self.grad_views[k] += value
+        else:
+            self.grad_views[k][...] = value
+            self._written[k] = True
+
+    def finish_gradients(self):
+        """Zero the gradients of weights no step of this backward pass reached."""
+        for written, view in zip(self._written, self.grad_views):
+            if not written:
+                view[...] = 0
+
+
+class ParameterBuffer(_GradientSink):
     def __init__(self, entries, xp, dtype):
         """`entries`: (layer, weight name) pairs in a fixed order (the model's layer order)."""
         self.entries = list(entries)
@@ -47,23 +69,13 @@ class ParameterBuffer:
     def owns_all(self):
         return all(layer.weights[name] is view for (layer, name), view in zip(self.entries, self.views))
 
-    # -- gradients: one backward pass writes each entry once per use, summing uses -------------
-    def start_gradients(self):
-        self._written = [False] * len(self.entries)
-
-    def add_gradient(self, layer, name, value):
-        k = self.index[(id(layer), name)]
-        if self._written[k]:
-            self.grad_views[k] += value
-        else:
-            self.grad_views[k][...] = value
-            self._written[k] = True
-
-    def finish_gradients(self):
-        """Zero the gradients of weights no step of this backward pass reached."""
-        for written, view in zip(self._written, self.grad_views):
-            if not written:
-                view[...] = 0
+    def gradient_share(self, k):
+        """Gradient buffer k (1, 2, ...) for the other shares of a split batch (tinycnn.batch_split):
+        this buffer's layout in an array of its own, kept for the next step. Share 0 writes here."""
+        shares = self.__dict__.setdefault("_shares", {})
+        if k not in shares:
+            shares[k] = _GradientShare(self)
+        return shares[k]
 
     # -- regularizers: their penalty joins the loss and their gradient the weights' gradients ------
     def regularization_penalty(self):
@@ -80,3 +92,14 @@ class ParameterBuffer:
         for k, regularizer in self.regularized:
             self.grad_views[k] += regularizer.gradient(self.views[k])
         return self.regularization_penalty()
+
+
+class _GradientShare(_GradientSink):
+    def __init__(self, buffer):
+        self.index = buffer.index
+        self.grads = buffer.xp.zeros_like(buffer.grads)
+        self.grad_views, offset = [], 0
+        for view in buffer.grad_views:
+            self.grad_views.append(self.grads[offset : offset + view.size].reshape(view.shape))
+            offset += view.size
+        self._written = [False] * len(self.grad_views)

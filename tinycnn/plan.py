@@ -102,7 +102,7 @@ class BatchNormDropoutStep(Step):
         gamma, beta = bn.affine()
         y2d, saved, mean, var, inv_std = bn.kernels.batchnorm_dropout_forward_train(
             x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed(), drop.mask_offset(x),
-            bn.reduce)
+            bn.batch_reduce())
         bn.update_moving_statistics(mean, var)
         return y2d.reshape(x.shape), ("fused", saved, inv_std)
 
@@ -113,7 +113,7 @@ class BatchNormDropoutStep(Step):
             dx, grads = self.bn.backward(a, dy, self.need_dx[0])
             return (dx,), grads
         dx2d, dgamma, dbeta = self.bn.kernels.batchnorm_dropout_backward_train(
-            dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b, self.bn.reduce)
+            dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b, self.bn.batch_reduce())
         return ((dx2d.reshape(dy.shape) if self.need_dx[0] else None),), self.bn.affine_grads(dgamma, dbeta)
 
     def describe(self):
@@ -161,6 +161,8 @@ class Plan:
             else:
                 steps.append(LayerStep(node, in_ids, tensor_id(node.output)))
         self.steps = steps
+        # Whether a batch may run as shares in threads (tinycnn.batch_split)
+        self.thread_safe = all(layer.thread_safe for step in steps for layer in step.layers)
         self.output_ids = [tensor_id(t) for t in outputs]
         self.size = len(ids)
 

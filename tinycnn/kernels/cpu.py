@@ -49,7 +49,10 @@ def tune_process(settings):
     - glibc keeps freed memory for reuse instead of returning it to the OS
       (`settings.malloc_tuning`, TINYCNN_MALLOC_TUNING=0 opts out). A training step allocates and
       frees the same ~100 MB of activations every time; served by fresh mmap pages, every step
-      paid page faults and zeroing (2 ms of a 32 ms Week2 step). A no-op off glibc.
+      paid page faults and zeroing (2 ms of a 32 ms Week2 step). Every thread allocates from the
+      one heap (M_ARENA_MAX=1): with an arena of its own, the thread running a split batch's
+      second share (tinycnn.batch_split) kept its own peak, +9 MB on a Week2 fit (247 -> 256 MB), for
+      no speed (24.2-25.2 ms per step either way). A no-op off glibc.
     Returns a dict describing what is in force."""
     global _tuning
     if _tuning is not None:
@@ -83,6 +86,8 @@ def _keep_freed_memory():
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 30)  # arrays up to 1 GiB come from the heap...
         libc.mallopt(m_trim_threshold, 2**31 - 1)  # ...and freed heap memory (up to 2 GiB) stays mapped
+        m_arena_max = -8
+        libc.mallopt(m_arena_max, 1)  # one heap for every thread: a split batch's shares reuse each other's memory
         return True
     except (OSError, AttributeError):
         return False

@@ -118,6 +118,11 @@ class Layer:
 
     base_name = "layer"
     multi_input = False  # merge layers take a list of inputs
+    # Whether two threads may run forward and backward at once, on two shares of one batch
+    # (tinycnn.batch_split): true of tinycnn's layers, which keep what a call needs in `saved`
+    # and coordinate the rest (Dropout's seeds, BatchNormalization's statistics). A custom layer
+    # that does the same may set it; otherwise a graph holding it trains unsplit.
+    thread_safe = False
 
     def __init__(self, name=None, input_shape=None, trainable=True, **unknown):
         if unknown:
@@ -369,6 +374,7 @@ class InputLayer(Layer):
     """The entry of a graph: `tinycnn.Input(shape)` makes one and returns its output tensor.
     In a Sequential list it declares the input shape (Keras's `InputLayer(input_shape=...)`)."""
 
+    thread_safe = True  # see Layer.thread_safe
     base_name = "input"
 
     def __init__(self, input_shape=None, name=None, shape=None):
@@ -406,6 +412,7 @@ class ActivatedLayer(Layer):
     plan run a layer without its activation (a softmax that the loss applies, fused with
     cross-entropy) without the layer knowing about it."""
 
+    thread_safe = True  # see Layer.thread_safe
     # Conv2D and Dense activate a product they just computed, so ReLU may overwrite it in place;
     # the Activation layer's input belongs to the layer before and must not change.
     owns_linear_output = True

@@ -7,6 +7,7 @@ from .base import Layer
 class Add(Layer):
     """The sum of its inputs, which must all have the same shape."""
 
+    thread_safe = True  # see Layer.thread_safe
     base_name = "add"
     multi_input = True
 
@@ -30,6 +31,7 @@ class Add(Layer):
 class Concatenate(Layer):
     """Its inputs joined along `axis` (default: the last, the channels); other axes must agree."""
 
+    thread_safe = True  # see Layer.thread_safe
     base_name = "concatenate"
     multi_input = True
 

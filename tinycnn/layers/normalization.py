@@ -1,5 +1,5 @@
 """BatchNormalization."""
-from .. import arguments, initializers, regularizers
+from .. import arguments, batch_split, initializers, regularizers
 from ..errors import ShapeError
 from .base import Layer
 
@@ -12,6 +12,7 @@ class BatchNormalization(Layer):
     under data-parallel training the batch statistics are those of the global batch, summed over
     the ranks (tinycnn.distributed); in one process it changes nothing."""
 
+    thread_safe = True  # see Layer.thread_safe
     base_name = "batch_normalization"
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
@@ -68,8 +69,16 @@ class BatchNormalization(Layer):
             grads["beta"] = dbeta
         return grads
 
+    def batch_reduce(self):
+        """The sum the kernels take the batch statistics over: the shares of a split batch
+        (tinycnn.batch_split), else the ranks (`reduce`), else None (this batch alone)."""
+        return batch_split.reduce_or(self.reduce)
+
     def update_moving_statistics(self, mean, var):
-        """moving = moving * momentum + batch * (1 - momentum), with the biased batch variance (Keras 3)."""
+        """moving = moving * momentum + batch * (1 - momentum), with the biased batch variance (Keras 3).
+        Of a split batch's shares, which all hold the whole batch's statistics, the lead's update counts."""
+        if not batch_split.is_lead():
+            return
         w = self.weights
         w["moving_mean"] *= self.momentum
         w["moving_mean"] += (1.0 - self.momentum) * mean
@@ -89,10 +98,11 @@ class BatchNormalization(Layer):
         gamma, beta = self.affine()
         x2d = x.reshape(-1, x.shape[-1])
         if self.uses_batch_statistics(training):
-            if x2d.shape[0] == 0 and self.reduce is None:  # a rank's empty share, statistics per rank: none
+            reduce = self.batch_reduce()
+            if x2d.shape[0] == 0 and reduce is None:  # a rank's empty share, statistics per rank: none
                 return x, ("empty", None, None)
             y2d, saved, mean, var, inv_std = self.kernels.batchnorm_forward_train(x2d, gamma, beta, self.epsilon,
-                                                                                  self.reduce)
+                                                                                  reduce)
             self.update_moving_statistics(mean, var)
             return y2d.reshape(x.shape), ("train", saved, inv_std)
         y2d, scale = self.kernels.batchnorm_forward_infer(x2d, gamma, beta, w["moving_mean"], w["moving_variance"],
@@ -107,7 +117,8 @@ class BatchNormalization(Layer):
             zeros = self.xp.zeros(dy.shape[-1], dtype=dy.dtype)
             return dy, self.affine_grads(zeros, zeros.copy())
         if mode == "train":
-            dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, self.affine()[0], b, self.reduce)
+            dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, self.affine()[0], b,
+                                                                 self.batch_reduce())
         else:  # inference mode is an affine map with constant statistics
             x2d, scale = a, b
             xhat = (x2d - w["moving_mean"]) / self.xp.sqrt(w["moving_variance"] + self.epsilon)

@@ -7,6 +7,8 @@ from .base import Layer, channels_last, pair, padding_mode, window_pads
 class _Pooling2D(Layer):
     """Windows of `pool_size` moving by `strides` (default: the pool size), 'valid' or 'same' padding."""
 
+    thread_safe = True  # see Layer.thread_safe
+
     def __init__(self, pool_size=2, strides=None, padding="valid", data_format=None, **kwargs):
         super().__init__(**kwargs)
         kind = type(self).__name__
@@ -57,6 +59,8 @@ class AveragePooling2D(_Pooling2D):
 
 
 class _GlobalPooling2D(Layer):
+    thread_safe = True  # see Layer.thread_safe
+
     def __init__(self, data_format=None, keepdims=False, **kwargs):
         super().__init__(**kwargs)
         channels_last(data_format, type(self).__name__)

@@ -4,6 +4,7 @@ from .base import Layer
 
 
 class Rescaling(Layer):
+    thread_safe = True  # see Layer.thread_safe
     base_name = "rescaling"
 
     def __init__(self, scale, offset=0.0, **kwargs):

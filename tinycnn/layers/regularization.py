@@ -1,7 +1,7 @@
 """Dropout."""
 import numpy as np
 
-from .. import arguments
+from .. import arguments, batch_split
 from .base import Layer
 
 
@@ -9,6 +9,7 @@ class Dropout(Layer):
     """Inverted dropout in training, the identity in inference. The mask is a counter-based hash of
     (a seed drawn per call, element index): the same on every backend (tinycnn.randomness)."""
 
+    thread_safe = True  # see Layer.thread_safe
     base_name = "dropout"
 
     def __init__(self, rate, seed=None, **kwargs):
@@ -33,8 +34,9 @@ class Dropout(Layer):
         self.first_sample = int(first_sample)
 
     def mask_offset(self, x):
-        """The element index, in the whole batch, of `x`'s first element (masks hash it)."""
-        return self.first_sample * (x.size // x.shape[0]) if x.shape[0] else 0
+        """The element index, in the whole batch, of `x`'s first element (masks hash it): the
+        rank's place in the global batch plus the share's place in a split batch."""
+        return (self.first_sample + batch_split.first_sample()) * (x.size // x.shape[0]) if x.shape[0] else 0
 
     def reseed(self, seed):
         # Host-side: each training call draws one 63-bit seed from here; the mask itself is
@@ -42,8 +44,9 @@ class Dropout(Layer):
         self._seeds = np.random.default_rng(int(seed))
 
     def next_seed(self):
-        """The seed of the next training call's mask."""
-        return int(self._seeds.integers(2**63))
+        """The seed of the next training call's mask (one per call of the whole batch: the shares
+        of a split batch read the same one)."""
+        return batch_split.shared_seed(self, lambda: int(self._seeds.integers(2**63)))
 
     def forward(self, x, training):
         if not training or self.rate == 0.0:

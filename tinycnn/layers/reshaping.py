@@ -7,6 +7,7 @@ from .base import Layer, channels_last
 
 
 class Flatten(Layer):
+    thread_safe = True  # see Layer.thread_safe
     base_name = "flatten"
 
     def __init__(self, data_format=None, **kwargs):
@@ -40,6 +41,7 @@ def _padding_pairs(padding):
 class ZeroPadding2D(Layer):
     """Rows and columns of zeros around each image."""
 
+    thread_safe = True  # see Layer.thread_safe
     base_name = "zero_padding2d"
 
     def __init__(self, padding=(1, 1), data_format=None, **kwargs):

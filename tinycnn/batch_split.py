@@ -1,0 +1,164 @@
+"""Splitting a CPU batch between threads: each of SHARES threads runs the whole network on its
+contiguous share of the batch, with single-threaded kernels: forward and backward in training,
+forward in `predict` and `evaluate`.
+
+Why: most of a Week2 step's kernels are too small to gain from two threads each (conv3 to conv8,
+BatchNormalization: 0.3-1.3x on two threads), and the NumPy glue between them runs on one core.
+Two threads that each run half the batch keep both cores busy through all of it. Week2 at batch
+128 on 2-vCPU AVX-512 KVM guests (numba 0.68, NumPy 2.4; figures in
+benchmarks/results/cpu_round2.md): a training step took 26.2-26.4 ms with every kernel on two
+threads and 21.7 split on one quiet host, and 38.2 against 35.6 ms (medians, interleaved) on a
+busier one whose hypervisor took 16 % of the time; predict over 10,000 images 0.88 -> 0.65 s.
+The numba kernels release the GIL, so the threads run in parallel.
+
+The split changes nothing a user can see but the time, and in training the float round-off:
+- BatchNormalization normalizes with the statistics of the whole batch: its kernels sum their
+  moments and gradient sums over the shares with `reduce` (the hook synchronized BatchNorm uses
+  across ranks), in share order. One share (the lead) updates the moving statistics.
+- Dropout draws each mask at the sample's position in the whole batch, with one seed per layer
+  call that every share reads: the masks of the unsplit batch.
+- Each share's weight gradients go to a buffer of its own; they are summed in share order.
+- In inference a sample's output does not depend on the rest of its batch: the same bits.
+- Whether and how a batch splits depends on its size alone (SHARES is fixed), never on the
+  thread count, so results are the same on any machine. Only the numba CPU backend splits, and
+  only graphs of tinycnn's own layers (`Layer.thread_safe`); `TINYCNN_BATCH_SPLIT=0` turns it off.
+"""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+SHARES = 2  # fixed: the split must not depend on the machine
+MIN_ROWS = 32  # smaller batches run whole (each share would be under 16 samples)
+
+
+def bounds(rows):
+    """[(start, stop)] of each share of a batch of `rows` samples (sizes differ by at most one, the
+    larger first), or None when the batch runs whole."""
+    if rows < MIN_ROWS:
+        return None
+    base, extra = divmod(rows, SHARES)
+    out, start = [], 0
+    for k in range(SHARES):
+        stop = start + base + (k < extra)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+class _ThreadState(threading.local):
+    split = None  # the _Split this thread is a share of, while it runs one
+    index = 0
+    first_sample = 0
+    reductions = 0  # how many reduces this share has made in this split (selects the slot set)
+    calls = None  # layer id -> how many seeds this share has asked of that layer in this split
+
+
+_state = _ThreadState()
+
+
+def first_sample():
+    """Where this thread's share starts in the batch (0 outside a split)."""
+    return _state.first_sample if _state.split is not None else 0
+
+
+def is_lead():
+    """True outside a split and in its first share: the one that updates shared state."""
+    return _state.split is None or _state.index == 0
+
+
+def reduce_or(own):
+    """The sum over the shares while this thread runs one, else `own` (a layer's own reduce)."""
+    return _state.split.reduce if _state.split is not None else own
+
+
+def shared_seed(layer, draw):
+    """Inside a split, the k-th seed a share asks of `layer` is the layer's k-th draw in this step,
+    whichever share asks first, so every share masks with the same seed; outside, draw()."""
+    split = _state.split
+    if split is None:
+        return draw()
+    k = _state.calls.get(id(layer), 0)
+    _state.calls[id(layer)] = k + 1
+    with split.lock:
+        key = (id(layer), k)
+        if key not in split.seeds:
+            split.seeds[key] = draw()
+        return split.seeds[key]
+
+
+class _Split:
+    """What the shares of one step have in common: a barrier and the slots of their reductions."""
+
+    def __init__(self, count):
+        self.count = count
+        self.barrier = threading.Barrier(count)
+        # Two slot sets, used alternately: a share that finished reduction k and moved on to k+1
+        # writes the other set, while a slower share may still be reading set k.
+        self.slots = [[None] * count, [None] * count]
+        self.seeds = {}
+        self.lock = threading.Lock()
+
+    def reduce(self, array):
+        """Sum `array` over the shares, in place, in share order (the same bits in every share)."""
+        slots = self.slots[_state.reductions % 2]
+        _state.reductions += 1
+        slots[_state.index] = array.copy()  # a copy: the owner overwrites `array` below
+        self.barrier.wait()
+        total = slots[0].copy()
+        for part in slots[1:]:
+            total += part
+        array[...] = total
+        return array
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _workers():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=SHARES - 1, thread_name_prefix="tinycnn-share")
+        return _pool
+
+
+def run(share_bounds, work):
+    """Run work(index, start, stop) for every share at once: the first on this thread, the others
+    on worker threads, each with its part of this thread's numba threads. Returns the results in
+    share order. If a share fails, the others are released from their barrier and the first
+    failure (in share order) is raised here."""
+    import numba
+
+    threads = max(1, numba.get_num_threads() // len(share_bounds))
+    split = _Split(len(share_bounds))
+
+    def one(index, start, stop):
+        saved = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        _state.split, _state.index, _state.first_sample = split, index, start
+        _state.reductions, _state.calls = 0, {}
+        try:
+            return work(index, start, stop)
+        except BaseException:
+            split.barrier.abort()  # a share waiting for this one's sums raises instead of hanging
+            raise
+        finally:
+            _state.split = None
+            numba.set_num_threads(saved)
+
+    futures = [_workers().submit(one, k, *b) for k, b in enumerate(share_bounds) if k > 0]
+    results, errors = [], []
+    try:
+        results.append(one(0, *share_bounds[0]))
+    except BaseException as exc:
+        errors.append(exc)
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        # A share that failed first makes the others fail with BrokenBarrierError: raise its error.
+        real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+        raise (real or errors)[0]
+    return results
