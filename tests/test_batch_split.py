@@ -158,3 +158,37 @@ def test_inference_splits_and_gives_every_sample_the_same_bits(split_calls):
     assert [b[-1][1] for b in split_calls] == [rows, 300 - rows] * 2
     np.testing.assert_array_equal(split[0], whole[0])
     assert split[1] == whole[1]
+
+
+class ThreadCounter(L.Layer):
+    """Identity that records how many numba threads its forward pass may use."""
+
+    thread_safe = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = []
+
+    def forward(self, x, training):
+        self.seen.append((x.shape[0], numba.get_num_threads()))
+        return x, None
+
+    def backward(self, saved, dy, need_input_grad=True):
+        return dy, {}
+
+
+def test_a_small_batch_runs_on_one_thread_and_the_threads_come_back():
+    if numba.get_num_threads() < 2:
+        pytest.skip("numba has one thread here")
+    counter = ThreadCounter()
+    model = small_model([counter])
+    threads = numba.get_num_threads()
+    x, y = batch(batch_split.SERIAL_ROWS)
+    small = batch_split.SERIAL_ROWS - 1
+    model.train_on_batch(x[:small], y[:small])
+    model.predict(x[:1], verbose=0)
+    model.predict_on_batch(x[:small])
+    model(x[:2])
+    model.train_on_batch(x, y)
+    assert counter.seen == [(small, 1), (1, 1), (small, 1), (2, 1), (batch_split.SERIAL_ROWS, threads)]
+    assert numba.get_num_threads() == threads

@@ -163,8 +163,10 @@ class Model(Trainer):
         True/False sets every layer's mode; None (inference) leaves the modes calls fixed."""
         if any(isinstance(t, SymbolicTensor) for t in _as_list(x)):
             raise GraphError("calling a model on symbolic tensors (a model as a layer) is not supported yet")
-        outputs, _ = self.plan().forward(self.check_inputs(x), training=None if training is None else bool(training),
-                                         keep_for_backward=False)
+        inputs = self.check_inputs(x)
+        with self.cpu_threads(inputs[0].shape[0]):
+            outputs, _ = self.plan().forward(inputs, training=None if training is None else bool(training),
+                                             keep_for_backward=False)
         return outputs[0] if self.single_output else outputs
 
     # -- weights ------------------------------------------------------------------------------------

@@ -360,7 +360,8 @@ class Trainer:
         n = rows if global_batch is None else global_batch
         shares = self._batch_shares(plan, rows)
         if shares is None:
-            predictions, batch_sum = self._share_step(plan, inputs, targets, sample_weight, n, self.params)
+            with self.cpu_threads(rows):
+                predictions, batch_sum = self._share_step(plan, inputs, targets, sample_weight, n, self.params)
         else:
             def work(k, start, stop):
                 weights = None if sample_weight is None else sample_weight[start:stop]
@@ -405,13 +406,22 @@ class Trainer:
             return None
         return batch_split.bounds(rows) if config.settings().batch_split else None
 
+    def cpu_threads(self, rows):
+        """A context for running a whole batch of `rows` samples: on the numba CPU backend, one
+        thread for a small batch (tinycnn.batch_split.serial_if_small); elsewhere nothing."""
+        if self.backend.kernels.name != "cpu":
+            return contextlib.nullcontext()
+        return batch_split.serial_if_small(rows)
+
     def _inference_forward(self, plan, inputs):
         """The plan's outputs in inference mode for these rows. On the CPU the rows may run as
         shares in threads (tinycnn.batch_split): a sample's result does not depend on the other
         rows of its batch, so the outputs are the same, bit for bit, and only the time changes."""
-        shares = self._batch_shares(plan, inputs[0].shape[0])
+        rows = inputs[0].shape[0]
+        shares = self._batch_shares(plan, rows)
         if shares is None:
-            return plan.forward(inputs, training=False, keep_for_backward=False)[0]
+            with self.cpu_threads(rows):
+                return plan.forward(inputs, training=False, keep_for_backward=False)[0]
 
         def work(k, start, stop):
             return plan.forward([x[start:stop] for x in inputs], training=False, keep_for_backward=False)[0]
@@ -477,7 +487,7 @@ class Trainer:
     def predict_on_batch(self, x):
         """The outputs for one batch, in inference mode, as NumPy arrays."""
         xs = self.check_inputs(x)
-        outputs, _ = self.plan().forward(xs, training=False, keep_for_backward=False)
+        outputs = self._inference_forward(self.plan(), xs)
         results = [to_numpy(o) for o in outputs]
         return results[0] if self.single_output else results
 
