@@ -124,6 +124,17 @@ def main():
     notes.append("inference = model.predict(x_test, batch_size=1000, verbose=0) after one "
                  "warm-up predict")
 
+    # One image: model(x, training=False) (Keras's own advice for small inputs; predict() builds a
+    # dataset and runs its loop for every call, tens of milliseconds)
+    one = x_test[:1]
+
+    def predict_one():
+        return keras.ops.convert_to_numpy(model(one, training=False))
+
+    C.log("predict one image")
+    result["predict_one_ms"] = C.stats(C.time_per_call(predict_one, C.PREDICT_ONE_CALLS, counts.repeats, warmup=10))
+    notes.append("predict_one = model(x_test[:1], training=False) to NumPy (model.predict on one image costs far more)")
+
     # ---- kernels ---------------------------------------------------------------------------
     if not args.no_kernels:
         result["kernels"] = kernels(tf, keras, counts, notes)

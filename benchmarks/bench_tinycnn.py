@@ -95,6 +95,13 @@ def main():
     result["inference_s"] = C.stats(C.time_per_call(lambda: model.predict(x_test, batch_size=C.PREDICT_BATCH, verbose=0), 1,
                                                     counts.repeats, scale=1.0, sync=sync))
 
+    C.log("predict one image")
+    one = x_test[:1]
+    result["predict_one_ms"] = C.stats(C.time_per_call(lambda: model.predict(one, verbose=0), C.PREDICT_ONE_CALLS,
+                                                       counts.repeats, warmup=10, sync=sync))
+    notes.append("predict_one = model.predict(x_test[:1], verbose=0): input checks, callbacks and the NumPy result "
+                 "included")
+
     if not args.no_kernels:
         result["kernels"] = kernels(np, be, counts, notes, sync)
     if be.name == "cpu" and not args.quick:

@@ -170,6 +170,15 @@ def main():
     predict()
     result["inference_s"] = C.stats(C.time_per_call(predict, 1, counts.repeats, scale=1.0))
 
+    def predict_one():
+        with torch.inference_mode():
+            return torch.softmax(model(X_test[:1]), dim=1).numpy()
+
+    C.log("predict one image")
+    model.eval()
+    result["predict_one_ms"] = C.stats(C.time_per_call(predict_one, C.PREDICT_ONE_CALLS, counts.repeats, warmup=10))
+    notes.append("predict_one = softmax(model(x[:1])) under inference_mode, eval mode, .numpy()")
+
     # ---- kernels ---------------------------------------------------------------------------
     if not args.no_kernels:
         result["kernels"] = kernels(torch, F, counts, notes)

@@ -28,6 +28,8 @@ Result schema (``SCHEMA_VERSION`` 1)
                                          # null when skipped (--quick / --skip-epoch)
       "inference_s": STATS,              # predict over the 10,000 test images at batch 1000 in
                                          # inference mode (softmax probabilities back as NumPy), s
+      "predict_one_ms": STATS,           # optional: serving latency, the softmax output of one
+                                         # test image in inference mode, back as NumPy, ms per call
       "kernels": {                       # single-op timings, ms per call (see KERNEL_NAMES)
           "conv1.fwd": STATS, "conv1.bwd_data": STATS, "conv1.bwd_filter": STATS, ...,
           "im2col.conv2": STATS,         # only frameworks that have such a step
@@ -76,6 +78,7 @@ BATCH = 128
 N_TRAIN = 60_000
 N_TEST = 10_000
 PREDICT_BATCH = 1000
+PREDICT_ONE_CALLS = 200  # calls averaged in one run of the one-image latency
 NUM_CLASSES = 10
 INPUT_SHAPE = (28, 28, 1)          # NHWC, without the batch axis
 LEARNING_RATE = 0.003
@@ -393,6 +396,7 @@ def validate(result):
     check_stats("step_ms", result.get("step_ms"), nullable=False)
     check_stats("epoch_s", result.get("epoch_s"), nullable=True)
     check_stats("inference_s", result.get("inference_s"), nullable=True)
+    check_stats("predict_one_ms", result.get("predict_one_ms"), nullable=True)
     kernels = result.get("kernels")
     if not isinstance(kernels, dict):
         problems.append("kernels is not an object")

@@ -175,6 +175,7 @@ SUMMARY_ROWS = [
     ("training step (ms)", lambda r: _median(r.get("step_ms"))),
     ("epoch + eval (s)", lambda r: _median(r.get("epoch_s"))),
     ("inference 10k (s)", lambda r: _median(r.get("inference_s"))),
+    ("predict, one image (ms)", lambda r: _median(r.get("predict_one_ms"))),
     ("peak RSS (MB)", lambda r: r.get("peak_rss_mb")),
     ("compile / warm-up (s)", lambda r: r.get("compile_s")),
 ]

@@ -404,7 +404,8 @@ class Trainer:
         split the batches already), and never with TINYCNN_BATCH_SPLIT=0."""
         if self.distribution is not None or self.backend.kernels.name != "cpu" or not plan.thread_safe:
             return None
-        return batch_split.bounds(rows) if config.settings().batch_split else None
+        shares = batch_split.bounds(rows)
+        return shares if shares is not None and config.settings().batch_split else None  # settings(): ~25 us
 
     def cpu_threads(self, rows):
         """A context for running a whole batch of `rows` samples: on the numba CPU backend, one
@@ -701,7 +702,7 @@ class Trainer:
     def _inference_batches(self, plan, n, batch_size):
         """(the starts of the batches, their size): on the CPU at most CPU_INFERENCE_BATCH rows
         for each thread a batch is split between (tinycnn.batch_split)."""
-        if self.backend.name == "cpu":
+        if self.backend.name == "cpu" and min(n, batch_size) > self.CPU_INFERENCE_BATCH:
             largest = self.CPU_INFERENCE_BATCH * batch_split.SHARES
             if self._batch_shares(plan, largest) is None:
                 largest = self.CPU_INFERENCE_BATCH
