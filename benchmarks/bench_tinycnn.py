@@ -53,6 +53,8 @@ def main():
     result["params"] = model.count_params()
     notes = [f"backend {be.describe()}", "float32 NHWC; numba on OpenMP threads on all cores, idle threads spin 1000 rounds then sleep (GOMP_SPINCOUNT=1000); no BLAS in the step",
              "step = forward + fused softmax-CE + backward + one fused Adam update over the flat parameter buffer",
+             "on the CPU the step's batch and inference's sub-batches run as two halves in two threads, each on one "
+             "numba thread (tinycnn.batch_split; kernel timings below use all threads on the whole batch)",
              "numba kernels load from the on-disk cache; compile_s = first step - steady step with a warm cache, "
              "compile_cold_s = the same in a fresh process with an empty cache"]
 
