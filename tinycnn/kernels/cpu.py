@@ -245,6 +245,12 @@ def _avgpool_backward(dy, ph, pw, sh, sw, top, left, dx):
 
 
 # -- depthwise convolution (MobileNet's blocks): one image per task, channels innermost ---------------
+# With one filter per channel (depth multiplier 1, MobileNet's case) the innermost loop runs over
+# the contiguous channels of x, z and the kernel at once, and vectorizes; with several, over each
+# channel's filters. Both sum every output in the same (a, d) order, so they agree bit for bit.
+# Multiplier 1, 32 images of 28x28x64, 3x3 'same', 2 threads on a Xeon KVM, four interleaved
+# rounds: forward 5.4-22.8 -> 1.8-2.8 ms, backward (dx and dw) 15.4-25.6 -> 2.6-3.8 ms, against
+# the loop over a single filter innermost (which ran scalar).
 @njit(**_JIT)
 def _depthwise_forward(xpad, kernel, sh, sw, z):
     n, oh, ow, cm = z.shape
@@ -255,10 +261,14 @@ def _depthwise_forward(xpad, kernel, sh, sw, z):
             for j in range(ow):
                 for a in range(kh):
                     for d in range(kw):
-                        for ch in range(c):
-                            v = xpad[b, i * sh + a, j * sw + d, ch]
-                            for q in range(m):
-                                z[b, i, j, ch * m + q] += v * kernel[a, d, ch, q]
+                        if m == 1:
+                            for ch in range(c):
+                                z[b, i, j, ch] += xpad[b, i * sh + a, j * sw + d, ch] * kernel[a, d, ch, 0]
+                        else:
+                            for ch in range(c):
+                                v = xpad[b, i * sh + a, j * sw + d, ch]
+                                for q in range(m):
+                                    z[b, i, j, ch * m + q] += v * kernel[a, d, ch, q]
 
 
 @njit(**_JIT)
@@ -275,6 +285,13 @@ def _depthwise_backward(xpad, dz, kernel, sh, sw, need_dx, partial, dxpad):
             for j in range(ow):
                 for a in range(kh):
                     for d in range(kw):
+                        if m == 1:
+                            for ch in range(c):
+                                partial[b, a, d, ch, 0] += xpad[b, i * sh + a, j * sw + d, ch] * dz[b, i, j, ch]
+                            if need_dx:
+                                for ch in range(c):
+                                    dxpad[b, i * sh + a, j * sw + d, ch] += dz[b, i, j, ch] * kernel[a, d, ch, 0]
+                            continue
                         for ch in range(c):
                             v = xpad[b, i * sh + a, j * sw + d, ch]
                             g = 0.0
