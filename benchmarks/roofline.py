@@ -124,6 +124,78 @@ def kernel_times(threads):
     return {name: s["median"] for name, s in times.items()}
 
 
+# The layers a realistic network adds to Week2's (issue 18): MobileNet-style shapes, batch 32, NHWC.
+DEPTHWISE = (32, 28, 28, 64)  # 3x3 depthwise, stride 1, 'same', one filter per channel
+POINTWISE = (32, 28, 28, 64, 128)  # 1x1 convolution 64 -> 128 on 28x28
+AVGPOOL = (32, 28, 28, 64)  # 2x2 average pooling, stride 2
+
+
+def other_layers_work():
+    """(FLOPs, minimum bytes) of the depthwise, 1x1 and average-pooling passes timed below."""
+    n, h, w, c = DEPTHWISE
+    px, kern = n * h * w * c, 9 * c
+    work = {"depthwise3x3.fwd": (2 * 9 * px, (2 * px + kern) * F32),
+            "depthwise3x3.bwd": (4 * 9 * px, (3 * px + 2 * kern) * F32)}  # dx and dw: read x, dy; write dx
+    n, h, w, c, f = POINTWISE
+    pix = n * h * w
+    flops, x, y, wt = 2 * pix * c * f, pix * c * F32, pix * f * F32, c * f * F32
+    work["conv1x1.fwd"] = (flops, x + wt + y)
+    work["conv1x1.bwd"] = (2 * flops, x + 2 * y + 2 * wt + x)  # dx and dw: read x, dy, w; write dx, dw
+    n, h, w, c = AVGPOOL
+    px = n * h * w * c
+    work["avgpool2x2.fwd"] = (px, px * F32 + px // 4 * F32)
+    work["avgpool2x2.bwd"] = (px, px // 4 * F32 + px * F32)
+    return work
+
+
+def other_layer_times(threads):
+    """ms per call (median of runs) of the passes of other_layers_work, in this process."""
+    os.environ.setdefault("TINYCNN_NUMBA_THREADS", str(threads))
+    import numpy as np
+
+    import tinycnn as tc
+
+    k = tc.get_backend("cpu").kernels
+    counts, same = C.Counts(), (1, 1, 1, 1)
+    rng = np.random.default_rng(0)
+
+    def rand(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def t(fn):
+        return C.kernel_stats(fn, counts)["median"]
+
+    out = {}
+    x, kern = rand(*DEPTHWISE), rand(3, 3, DEPTHWISE[3], 1)
+    z, saved = k.depthwise_conv2d_forward(x, kern, (1, 1), same)
+    dk = np.empty_like(kern)
+    out["depthwise3x3.fwd"] = t(lambda: k.depthwise_conv2d_forward(x, kern, (1, 1), same))
+    out["depthwise3x3.bwd"] = t(lambda: k.depthwise_conv2d_backward(z, saved, x.shape, kern, (1, 1), same, dk, True))
+    n, h, w, c, f = POINTWISE
+    x, w2d = rand(n, h, w, c), rand(c, f)
+    z, saved = k.conv2d_forward(x, w2d, 1, 1, (1, 1), (0, 0, 0, 0))
+    dz, dw = rand(*z.shape).reshape(-1, f), np.empty_like(w2d)
+    out["conv1x1.fwd"] = t(lambda: k.conv2d_forward(x, w2d, 1, 1, (1, 1), (0, 0, 0, 0)))
+    out["conv1x1.bwd"] = t(lambda: k.conv2d_backward(dz, saved, x.shape, w2d, 1, 1, (1, 1), (0, 0, 0, 0), dw, True))
+    x = rand(*AVGPOOL)
+    y = k.avgpool_forward(x, (2, 2), (2, 2), (0, 0, 0, 0))
+    out["avgpool2x2.fwd"] = t(lambda: k.avgpool_forward(x, (2, 2), (2, 2), (0, 0, 0, 0)))
+    out["avgpool2x2.bwd"] = t(lambda: k.avgpool_backward(y, x.shape, (2, 2), (2, 2), (0, 0, 0, 0)))
+    return out
+
+
+def roofline_rows(work, times, peak, bandwidth, in_step=lambda name: True):
+    rows = []
+    for name, (flops, nbytes) in work.items():
+        ms = times[name]
+        compute_ms, memory_ms = flops / peak / 1e6, nbytes / bandwidth / 1e6
+        floor = max(compute_ms, memory_ms)
+        rows.append({"kernel": name, "ms": ms, "gflops": flops / ms / 1e6, "gbs": nbytes / ms / 1e6,
+                     "intensity": flops / nbytes, "bound": "compute" if compute_ms >= memory_ms else "memory",
+                     "floor_ms": floor, "of_floor": ms / floor, "in_step": in_step(name)})
+    return rows
+
+
 def step_ms(threads, steps=50):
     import numpy as np
 
@@ -160,16 +232,9 @@ def main():
     C.log(f"GEMM {gemm} GFLOP/s, triad {triad:.1f} GB/s")
     times = kernel_times(threads)
     step = step_ms(threads)
-    rows = []
-    for name, (flops, nbytes) in kernel_work().items():
-        ms = times[name]
-        compute_ms, memory_ms = flops / peak / 1e6, nbytes / bandwidth / 1e6
-        bound = "compute" if compute_ms >= memory_ms else "memory"
-        floor = max(compute_ms, memory_ms)
-        rows.append({"kernel": name, "ms": ms, "gflops": flops / ms / 1e6, "gbs": nbytes / ms / 1e6,
-                     "intensity": flops / nbytes, "bound": bound, "floor_ms": floor, "of_floor": ms / floor,
-                     "in_step": name not in NOT_IN_STEP})
-    result = {"cpu": C.machine_info()["cpu_model"], "threads": threads,
+    rows = roofline_rows(kernel_work(), times, peak, bandwidth, lambda name: name not in NOT_IN_STEP)
+    others = roofline_rows(other_layers_work(), other_layer_times(threads), peak, bandwidth)
+    result = {"cpu": C.machine_info()["cpu_model"], "threads": threads, "other_layers": others,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gemm_gflops": gemm,
               "triad_gbs": triad, "kernels": rows, "step_ms": step, "step_floor_ms": step_floor_ms(peak, bandwidth),
               "step_gflop": sum(f for k, (f, _) in kernel_work().items()
@@ -191,6 +256,15 @@ def report(r):
     for k in sorted(r["kernels"], key=lambda k: -k["ms"]):
         note = "" if k["in_step"] else " (not in the step)"
         lines.append(f"| `{k['kernel']}`{note} | {k['ms']:.3f} | {k['gflops']:.0f} | {k['gbs']:.1f} | "
+                     f"{k['intensity']:.1f} | {k['bound']} | {k['floor_ms']:.3f} | {k['of_floor']:.1f} |")
+    lines += ["", "## Other layers", "",
+              f"Depthwise 3x3 on {DEPTHWISE} (NHWC, stride 1, same), a 1x1 convolution {POINTWISE[3]} -> "
+              f"{POINTWISE[4]} on {POINTWISE[:4]}, 2x2 average pooling on {AVGPOOL}; 'bwd' computes the input "
+              "gradient and, for the convolutions, the kernel gradient. The issue's target: within 2x of the floor.", "",
+              "| kernel | ms | GFLOP/s | GB/s | FLOP/byte | bound | floor ms | x floor |",
+              "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for k in r.get("other_layers", []):
+        lines.append(f"| `{k['kernel']}` | {k['ms']:.3f} | {k['gflops']:.0f} | {k['gbs']:.1f} | "
                      f"{k['intensity']:.1f} | {k['bound']} | {k['floor_ms']:.3f} | {k['of_floor']:.1f} |")
     lines += ["", f"**The step.** Its convolutions do {r['step_gflop']:.2f} GFLOP: "
               f"{r['step_gflop'] / r['gemm_gflops'][str(t)] * 1e3:.1f} ms at the GEMM rate. With the BatchNorm(+Dropout) "

@@ -211,20 +211,25 @@ def _maxpool_backward(dy, argmax, pw, sh, sw, top, left, dx):
 
 @njit(**_JIT)
 def _avgpool_forward(x, ph, pw, sh, sw, top, left, y):
+    # Channels innermost (contiguous in NHWC: the loop vectorizes), each window summed in float64
+    # in (a, d) order. 32 images of 28x28x64, 2x2, Xeon KVM, 3 interleaved rounds: 1.39-2.11 ms with
+    # the channel loop outermost, 0.36-0.40 ms so.
     n, h, w, c = x.shape
     _, oh, ow, _ = y.shape
     for b in prange(n):
+        total = np.empty(c, dtype=np.float64)
         for i in range(oh):
             hi, a0, a1 = _clip_window(i, sh, top, ph, h)
             for j in range(ow):
                 wi, d0, d1 = _clip_window(j, sw, left, pw, w)
                 count = (a1 - a0) * (d1 - d0)
+                total[:] = 0.0
+                for a in range(a0, a1):
+                    for d in range(d0, d1):
+                        for ch in range(c):
+                            total[ch] += x[b, hi + a, wi + d, ch]
                 for ch in range(c):
-                    total = 0.0
-                    for a in range(a0, a1):
-                        for d in range(d0, d1):
-                            total += x[b, hi + a, wi + d, ch]
-                    y[b, i, j, ch] = total / count
+                    y[b, i, j, ch] = total[ch] / count
 
 
 @njit(**_JIT)
