@@ -177,24 +177,32 @@ def _clip_window(o, s, pad, k, size):
 
 @njit(**_JIT)
 def _maxpool_forward(x, ph, pw, sh, sw, top, left, y, argmax):
+    # Channels innermost (contiguous in NHWC), the running maxima in a row of the task's own, and
+    # comparisons as selects: the loop vectorizes. Ties go to the first maximum, NaN never wins.
     n, h, w, c = x.shape
     _, oh, ow, _ = y.shape
     for b in prange(n):
+        best = np.empty(c, dtype=x.dtype)
+        where = np.empty(c, dtype=np.int32)
         for i in range(oh):
             hi, a0, a1 = _clip_window(i, sh, top, ph, h)
             for j in range(ow):
                 wi, d0, d1 = _clip_window(j, sw, left, pw, w)
+                k0 = a0 * pw + d0
                 for ch in range(c):
-                    best = x[b, hi + a0, wi + d0, ch]
-                    k = a0 * pw + d0
-                    for a in range(a0, a1):
-                        for d in range(d0, d1):
-                            v = x[b, hi + a, wi + d, ch]
-                            if v > best:  # strict: ties go to the first, as in the reference
-                                best = v
-                                k = a * pw + d
-                    y[b, i, j, ch] = best
-                    argmax[b, i, j, ch] = k
+                    best[ch] = x[b, hi + a0, wi + d0, ch]
+                    where[ch] = k0
+                for a in range(a0, a1):
+                    for d in range(d0, d1):
+                        k = np.int32(a * pw + d)
+                        for ch in range(c):
+                            v, m = x[b, hi + a, wi + d, ch], best[ch]
+                            take = v > m  # strict: ties go to the first, as in the reference
+                            best[ch] = v if take else m
+                            where[ch] = k if take else where[ch]
+                for ch in range(c):
+                    y[b, i, j, ch] = best[ch]
+                    argmax[b, i, j, ch] = where[ch]
 
 
 @njit(**_JIT)
