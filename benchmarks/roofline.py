@@ -45,26 +45,31 @@ print(2 * {n} ** 3 / best / 1e9)
 
 
 def triad_gbs(threads, mib=64, repeats=7):
-    """Bytes moved per second by a = b + s * c (3 arrays of `mib` MiB: 2 reads and 1 write each)."""
-    import numba
-    import numpy as np
-    from numba import njit, prange
+    """Bytes moved per second by a = b + s * c (3 arrays of `mib` MiB: 2 reads and 1 write each),
+    in a subprocess: numba's threads started here, before tinycnn tunes the process (OpenMP's
+    idle policy), would run the kernels timed below under other settings (conv1's input gradient
+    measured 19 ms instead of 2.4 so)."""
+    code = f"""
+import time, numba, numpy as np
+from numba import njit, prange
 
-    @njit(parallel=True, fastmath=True)
-    def triad(a, b, c, s):
-        for i in prange(a.size):
-            a[i] = b[i] + s * c[i]
+@njit(parallel=True, fastmath=True)
+def triad(a, b, c, s):
+    for i in prange(a.size):
+        a[i] = b[i] + s * c[i]
 
-    numba.set_num_threads(threads)
-    n = mib * 2 ** 20 // F32
-    a, b, c = np.zeros(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32)
-    triad(a, b, c, np.float32(2.0))
-    best = 1e9
-    for _ in range(repeats):
-        t = time.perf_counter()
-        triad(a, b, c, np.float32(2.0))
-        best = min(best, time.perf_counter() - t)
-    return 3 * n * F32 / best / 1e9
+numba.set_num_threads({threads})
+n = {mib} * 2 ** 20 // {F32}
+a, b, c = np.zeros(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32)
+triad(a, b, c, np.float32(2.0))
+best = 1e9
+for _ in range({repeats}):
+    t = time.perf_counter(); triad(a, b, c, np.float32(2.0)); best = min(best, time.perf_counter() - t)
+print(3 * n * {F32} / best / 1e9)
+"""
+    env = {**os.environ, "NUMBA_NUM_THREADS": str(max(threads, 1))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip())
 
 
 def kernel_work():
