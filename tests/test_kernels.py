@@ -80,6 +80,34 @@ def test_im2col_col2im(device, dtype, shape, kh, kw, stride, pads):
 
 
 @pytest.mark.parametrize("algorithm", ["direct", "gemm"])
+@pytest.mark.parametrize("filters", [5, 20])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
+def test_conv_relu_is_the_convolution_then_maximum_to_the_bit(device, dtype, filters, algorithm, shape, kh, kw,
+                                                              stride, pads):
+    """The fused ReLU (applied as the direct loops store each block) gives np.maximum(z, 0) of the
+    set's own convolution exactly: NaN stays NaN, -0.0 stays -0.0, and the same `saved`."""
+    if device == "gpu" and algorithm == "gemm":
+        pytest.skip("the GPU has one convolution algorithm")
+    with tc.config.using(conv=algorithm):
+        be = B.get_backend(device)
+    k = be.kernels
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[0, 0, 0, 0] = np.nan  # NaN reaches the outputs whose windows hold it
+    kernel2d = rng.standard_normal((kh * kw * shape[3], filters)).astype(dtype)
+    kernel2d[:, 0] = -0.0  # filter 0's outputs are (-0.0 * x) sums: -0.0 or 0.0
+    z, saved = k.conv2d_forward(be.asarray(x), be.asarray(kernel2d), kh, kw, stride, pads)
+    y, saved_relu = k.conv2d_relu_forward(be.asarray(x), be.asarray(kernel2d), kh, kw, stride, pads)
+    expected = np.maximum(B.to_numpy(z), 0)
+    got = B.to_numpy(y)
+    assert np.isnan(expected).any() and (expected == 0).any()
+    np.testing.assert_array_equal(got, expected)  # NaN where NaN
+    assert np.array_equal(np.signbit(got), np.signbit(expected))
+    assert saved_relu[0] == saved[0] if device == "cpu" else True
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "gemm"])
 @pytest.mark.parametrize("filters", [5, 16, 20])  # part of one 16-filter block, one block, two blocks
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
@@ -285,7 +313,7 @@ def test_batchnorm_inference(device, rows):
 
 # -- kernel sets -----------------------------------------------------------------------------------------
 OVERRIDES = {  # what each backend's set computes itself; everything else is the reference's
-    "cpu": {"im2col", "col2im", "conv2d_forward", "conv2d_backward", "depthwise_conv2d_forward",
+    "cpu": {"im2col", "col2im", "conv2d_forward", "conv2d_relu_forward", "conv2d_backward", "depthwise_conv2d_forward",
             "depthwise_conv2d_backward", "maxpool_forward", "maxpool_backward", "avgpool_forward", "avgpool_backward",
             "relu_backward", "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_forward_infer",
             "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "dropout_forward",

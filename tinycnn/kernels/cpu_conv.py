@@ -96,15 +96,16 @@ def _pixel_chunk(total):
     return max(PIXELS, -(-total // (TASKS * PIXELS)) * PIXELS)
 
 
-def forward(xpad, kernel2d, kh, kw, stride, oh, ow):
-    """Convolution of an already padded NHWC input: (N*OH*OW, F)."""
+def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False):
+    """Convolution of an already padded NHWC input: (N*OH*OW, F); relu: np.maximum(., 0) of it, to
+    the bit, applied as each block is stored (no second pass over the output)."""
     n, _, wp, c = xpad.shape
     f = kernel2d.shape[1]
     nb = _blocks(f)
     out = np.empty((n * oh * ow, nb * LANES), dtype=xpad.dtype)
     _direct_forward(xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1),
                     out.reshape(-1), xpad.dtype.type(0), n, oh, ow, nb, *_strides(xpad, stride),
-                    _pixel_chunk(n * oh * ow))
+                    _pixel_chunk(n * oh * ow), bool(relu))
     return out if f == nb * LANES else np.ascontiguousarray(out[:, :f])
 
 

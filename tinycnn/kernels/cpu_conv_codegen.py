@@ -91,12 +91,22 @@ def forward_source():
         out += _register_block(indent + 4, pixels, lambda p: f"xf[c{p} + xk]", "w")
         out.append(s + "o = U(pix * fp + b * LANES)")
         out += [s + f"out[o + q{p} + U({f})] = a{p}_{f}" for p in range(pixels) for f in range(LANES)]
+        # ReLU on the block just stored, still in L1: np.maximum(v, 0) to the bit (NaN stays NaN,
+        # -0.0 stays -0.0). A loop, not one line per accumulator: those cost seconds of compile.
+        out += [
+            s + "if relu:",
+            s + f"    for p in range({pixels}):",
+            s + "        for f in range(LANES):",
+            s + "            i = o + U(p * fp + f)",
+            s + "            v = out[i]",
+            s + "            out[i] = v if v >= zero or v != v else zero",
+        ]
         return out
 
     src = [
         "@njit(**OPTIONS)",
-        "def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):",
-        '    """One task of direct_forward: output pixels p0..p1-1, every filter block."""',
+        "def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu):",
+        '    """One task of direct_forward: output pixels p0..p1-1, every filter block; relu: max(., 0)."""',
         "    K = xoff.shape[0]",
         "    fp = nb * LANES",
         "    npix = oh_n * ow_n",
@@ -115,12 +125,12 @@ def forward_source():
         "",
         "",
         "@njit(parallel=True, **OPTIONS)",
-        "def direct_forward(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):",
-        '    """out = the convolution of the padded batch xf, `chunk` output pixels per parallel task."""',
+        "def direct_forward(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk, relu):",
+        '    """out = the convolution of the padded batch xf (then ReLU if relu), `chunk` output pixels per task."""',
         "    total = n_img * oh_n * ow_n",
         "    for t in prange((total + chunk - 1) // chunk):",
         "        forward_pixels(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),",
-        "                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)",
+        "                       oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu)",
     ]
     return "\n".join(src) + "\n"
 

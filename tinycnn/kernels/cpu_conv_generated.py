@@ -21,8 +21,8 @@ OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy
 
 
 @njit(**OPTIONS)
-def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):
-    """One task of direct_forward: output pixels p0..p1-1, every filter block."""
+def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu):
+    """One task of direct_forward: output pixels p0..p1-1, every filter block; relu: max(., 0)."""
     K = xoff.shape[0]
     fp = nb * LANES
     npix = oh_n * ow_n
@@ -518,6 +518,12 @@ def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, 
             out[o + q7 + U(13)] = a7_13
             out[o + q7 + U(14)] = a7_14
             out[o + q7 + U(15)] = a7_15
+            if relu:
+                for p in range(8):
+                    for f in range(LANES):
+                        i = o + U(p * fp + f)
+                        v = out[i]
+                        out[i] = v if v >= zero or v != v else zero
         for pix in range(full, p1):
             c0 = U(n * sx_n + oh * sx_h + ow * sx_w)
             ow += 1
@@ -596,15 +602,21 @@ def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, 
             out[o + q0 + U(13)] = a0_13
             out[o + q0 + U(14)] = a0_14
             out[o + q0 + U(15)] = a0_15
+            if relu:
+                for p in range(1):
+                    for f in range(LANES):
+                        i = o + U(p * fp + f)
+                        v = out[i]
+                        out[i] = v if v >= zero or v != v else zero
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_forward(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):
-    """out = the convolution of the padded batch xf, `chunk` output pixels per parallel task."""
+def direct_forward(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk, relu):
+    """out = the convolution of the padded batch xf (then ReLU if relu), `chunk` output pixels per task."""
     total = n_img * oh_n * ow_n
     for t in prange((total + chunk - 1) // chunk):
         forward_pixels(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),
-                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)
+                       oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu)
 
 
 @njit(**OPTIONS)

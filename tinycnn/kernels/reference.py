@@ -145,6 +145,12 @@ class ReferenceKernels:
         cols = self.im2col(x, kh, kw, stride, pads)
         return cols @ kernel2d, cols
 
+    def conv2d_relu_forward(self, x, kernel2d, kh, kw, stride, pads):
+        """conv2d_forward followed by ReLU (np.maximum(z, 0), in place): a set may fuse the two.
+        Returns (y, what conv2d_backward needs)."""
+        z, saved = self.conv2d_forward(x, kernel2d, kh, kw, stride, pads)
+        return get_array_module(z).maximum(z, 0, out=z), saved
+
     def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
         """Writes the kernel gradient into dkernel2d (K, F); returns the input gradient (or None)."""
         xp = get_array_module(dz)

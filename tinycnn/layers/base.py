@@ -426,12 +426,18 @@ class ActivatedLayer(Layer):
     def backward_linear(self, saved, dz, need_input_grad=True):
         raise NotImplementedError
 
-    def forward(self, x, training):
+    def forward_linear_relu(self, x, training):
+        """forward_linear then ReLU, in place: (y, saved). A layer whose kernels can fuse the two
+        overrides it."""
         z, saved = self.forward_linear(x, training)
+        return self.xp.maximum(z, 0, out=z), saved
+
+    def forward(self, x, training):
         act = self.activation
         if act is activations.relu and self.owns_linear_output:
-            y = self.xp.maximum(z, 0, out=z)
+            y, saved = self.forward_linear_relu(x, training)
             return y, (saved, None, y)
+        z, saved = self.forward_linear(x, training)
         y = act.forward(z, self.kernels)
         return y, (saved, z if act.uses_x else None, y if act.uses_y else None)
 

@@ -79,6 +79,14 @@ class Conv2D(_Conv):
             z += self.weights["bias"]
         return z.reshape((x.shape[0],) + self.output_shape), (saved, x.shape)
 
+    def forward_linear_relu(self, x, training):
+        if self.use_bias:  # the bias goes in before the ReLU: the kernels cannot fuse it here
+            return super().forward_linear_relu(x, training)
+        kh, kw = self.kernel_size
+        kernel2d = self.weights["kernel"].reshape(-1, self.filters)
+        y, saved = self.kernels.conv2d_relu_forward(x, kernel2d, kh, kw, self.strides, self.pads)
+        return y.reshape((x.shape[0],) + self.output_shape), (saved, x.shape)
+
     def backward_linear(self, saved, dz, need_input_grad=True):
         conv_saved, x_shape = saved
         kh, kw = self.kernel_size
