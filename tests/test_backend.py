@@ -125,3 +125,19 @@ def test_importing_tinycnn_changes_nothing_in_the_process():
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split()[:3] == ["None", "None", "OMP_WAIT_POLICY=PASSIVE"]
+
+
+def test_a_first_run_says_it_is_compiling_and_a_cached_run_says_nothing(tmp_path):
+    """numba compiles a kernel on a cache miss only: the notice comes then, once, and not when the
+    next process loads the kernel from the cache."""
+    from tinycnn.kernels import compile_notice
+
+    code = ("import numpy as np, tinycnn; k = tinycnn.get_backend('cpu').kernels; "
+            "y = np.ones((1 << 16,), np.float32); k.relu_backward(y, y); k.relu_backward(y, y); print('ran')")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0 and run.stdout.strip() == "ran", run.stderr
+    assert runs[0].stderr.count(compile_notice.MESSAGE) == 1
+    assert compile_notice.MESSAGE not in runs[1].stderr

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from . import cpu_conv
+from . import compile_notice, cpu_conv
 from .reference import ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc
 from .scratch import scratch_buffer
 from ..randomness import dropout_keep_threshold, dropout_key
@@ -64,6 +64,7 @@ def tune_process(settings):
     if user_spin is None:
         os.environ["GOMP_SPINCOUNT"] = DEFAULT_SPINCOUNT
     malloc = settings.malloc_tuning and _keep_freed_memory()
+    compile_notice.install()  # a first run says why it pauses
     if settings.numba_threads is not None:
         most = numba.config.NUMBA_NUM_THREADS
         if settings.numba_threads > most:
