@@ -79,6 +79,14 @@ def test_im2col_col2im(device, dtype, shape, kh, kw, stride, pads):
     _same(k.col2im(be.asarray(dcols), shape, kh, kw, stride, pads), R.col2im(dcols, shape, kh, kw, stride, pads), dtype)
 
 
+def _backend_with_conv(device, algorithm):
+    """The device's backend with that convolution algorithm (the GPU has only its own)."""
+    if device == "gpu" and algorithm == "gemm":
+        pytest.skip("the GPU has one convolution algorithm")
+    with tc.config.using(conv=algorithm):
+        return B.get_backend(device)
+
+
 @pytest.mark.parametrize("algorithm", ["direct", "gemm"])
 @pytest.mark.parametrize("filters", [5, 20])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -87,10 +95,7 @@ def test_conv_relu_is_the_convolution_then_maximum_to_the_bit(device, dtype, fil
                                                               stride, pads):
     """The fused ReLU (applied as the direct loops store each block) gives np.maximum(z, 0) of the
     set's own convolution exactly: NaN stays NaN, -0.0 stays -0.0, and the same `saved`."""
-    if device == "gpu" and algorithm == "gemm":
-        pytest.skip("the GPU has one convolution algorithm")
-    with tc.config.using(conv=algorithm):
-        be = B.get_backend(device)
+    be = _backend_with_conv(device, algorithm)
     k = be.kernels
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape).astype(dtype)
@@ -112,10 +117,7 @@ def test_conv_relu_is_the_convolution_then_maximum_to_the_bit(device, dtype, fil
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
 def test_conv(device, dtype, filters, algorithm, shape, kh, kw, stride, pads):
-    if device == "gpu" and algorithm == "gemm":
-        pytest.skip("the GPU has one convolution algorithm")
-    with tc.config.using(conv=algorithm):
-        be = B.get_backend(device)
+    be = _backend_with_conv(device, algorithm)
     k = be.kernels
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
