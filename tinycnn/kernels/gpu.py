@@ -14,7 +14,7 @@ import cupy as cp
 from .reference import ReferenceKernels, output_hw
 from ..randomness import dropout_keep_threshold, dropout_key
 
-_IM2COL = cp.ElementwiseKernel(
+IM2COL = cp.ElementwiseKernel(
     "raw T x, int32 h, int32 w, int32 c, int32 kh, int32 kw, int32 sh, int32 sw, int32 top, int32 left, "
     "int32 oh, int32 ow",
     "T col",
@@ -29,7 +29,7 @@ _IM2COL = cp.ElementwiseKernel(
     "tinycnn_im2col",
 )
 
-_COL2IM = cp.ElementwiseKernel(
+COL2IM = cp.ElementwiseKernel(
     "raw T cols, int32 h, int32 w, int32 c, int32 kh, int32 kw, int32 sh, int32 sw, int32 top, int32 left, "
     "int32 oh, int32 ow",
     "T dx",
@@ -52,7 +52,7 @@ _COL2IM = cp.ElementwiseKernel(
 )
 
 # Windows are clipped to the image, so 'same' padding never wins a maximum (as the reference's -inf).
-_MAXPOOL_FORWARD = cp.ElementwiseKernel(
+MAXPOOL_FORWARD = cp.ElementwiseKernel(
     "raw T x, int32 h, int32 w, int32 c, int32 ph, int32 pw, int32 sh, int32 sw, int32 top, int32 left, "
     "int32 oh, int32 ow",
     "T y, int32 argmax",
@@ -73,7 +73,7 @@ _MAXPOOL_FORWARD = cp.ElementwiseKernel(
     "tinycnn_maxpool_forward",
 )
 
-_MAXPOOL_BACKWARD = cp.ElementwiseKernel(
+MAXPOOL_BACKWARD = cp.ElementwiseKernel(
     "raw T dy, raw int32 argmax, int32 h, int32 w, int32 c, int32 ph, int32 pw, int32 sh, int32 sw, "
     "int32 top, int32 left, int32 oh, int32 ow",
     "T dx",
@@ -95,33 +95,43 @@ _MAXPOOL_BACKWARD = cp.ElementwiseKernel(
     "tinycnn_maxpool_backward",
 )
 
-# The same counter-based hash as tinycnn.randomness.lowbias32, in native 32-bit arithmetic.
-_DROPOUT_FORWARD = cp.ElementwiseKernel(
+# The same counter-based hash as tinycnn.randomness.lowbias32, on the 64-bit element index as the
+# CPU kernels hash it: truncating the index to 32 bits first gave other masks from element 2**32
+# on (found by running this body on the CPU, tests/test_gpu_kernels_on_cpu.py).
+DROPOUT_FORWARD = cp.ElementwiseKernel(
     "T x, uint32 key, uint32 threshold, T scale, uint64 offset",
     "T y, uint8 keep",
     """
-    unsigned int h = ((unsigned int)(i + offset)) ^ key;
-    h ^= h >> 16; h *= 0x7FEB352Du; h ^= h >> 15; h *= 0x846CA68Bu; h ^= h >> 16;
+    unsigned long long h = ((unsigned long long)i + offset) ^ key;
+    h ^= h >> 16; h = (h * 0x7FEB352Dull) & 0xFFFFFFFFull; h ^= h >> 15;
+    h = (h * 0x846CA68Bull) & 0xFFFFFFFFull; h ^= h >> 16;
     keep = (h >> 8) >= threshold;
     y = keep ? x * scale : (T)0;
     """,
     "tinycnn_dropout_forward",
 )
 
-_DROPOUT_BACKWARD = cp.ElementwiseKernel(
+DROPOUT_BACKWARD = cp.ElementwiseKernel(
     "T dy, uint8 keep, T scale", "T dx", "dx = keep ? dy * scale : (T)0", "tinycnn_dropout_backward"
 )
 
-_ADAM = cp.ElementwiseKernel(
-    "T g, T lr_t, T beta_1, T beta_2, T eps",
+# The complements 1 - beta come from the host, computed in float64 and then rounded to T, as the
+# reference's are: computed on the device from beta rounded to float32 first, 1 - 0.9 was
+# 0.100000024 against the CPU's 0.1 (and 1 - 0.999 0.0009999871), and the backends drifted apart.
+ADAM = cp.ElementwiseKernel(
+    "T g, T lr_t, T one_minus_beta_1, T one_minus_beta_2, T eps",
     "T p, T m, T v",
     """
-    m += (g - m) * (1 - beta_1);
-    v += (g * g - v) * (1 - beta_2);
+    m += (g - m) * one_minus_beta_1;
+    v += (g * g - v) * one_minus_beta_2;
     p -= lr_t * m / (sqrt(v) + eps);
     """,
     "tinycnn_adam",
 )
+
+
+# Every CUDA kernel this set launches (tests compile and run each of them, on the CPU too).
+CUDA_KERNELS = (IM2COL, COL2IM, MAXPOOL_FORWARD, MAXPOOL_BACKWARD, DROPOUT_FORWARD, DROPOUT_BACKWARD, ADAM)
 
 
 def _sizes(x_shape, kh, kw, stride, pads):
@@ -142,13 +152,13 @@ class GPUKernels(ReferenceKernels):
     def im2col(self, x, kh, kw, stride, pads):
         n, h, w, c, oh, ow = _sizes(x.shape, kh, kw, stride, pads)
         cols = cp.empty((n * oh * ow, kh * kw * c), dtype=x.dtype)
-        _IM2COL(cp.ascontiguousarray(x), h, w, c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, cols)
+        IM2COL(cp.ascontiguousarray(x), h, w, c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, cols)
         return cols
 
     def col2im(self, cols, x_shape, kh, kw, stride, pads):
         n, h, w, c, oh, ow = _sizes(x_shape, kh, kw, stride, pads)
         dx = cp.empty(x_shape, dtype=cols.dtype)
-        _COL2IM(cp.ascontiguousarray(cols), h, w, c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx)
+        COL2IM(cp.ascontiguousarray(cols), h, w, c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx)
         return dx
 
     def maxpool_forward(self, x, pool, stride, pads):
@@ -156,14 +166,14 @@ class GPUKernels(ReferenceKernels):
         oh, ow = output_hw(h, w, pool[0], pool[1], stride, pads)
         y = cp.empty((n, oh, ow, c), dtype=x.dtype)
         argmax = cp.empty((n, oh, ow, c), dtype=cp.int32)
-        _MAXPOOL_FORWARD(cp.ascontiguousarray(x), h, w, c, pool[0], pool[1], stride[0], stride[1], pads[0], pads[2],
+        MAXPOOL_FORWARD(cp.ascontiguousarray(x), h, w, c, pool[0], pool[1], stride[0], stride[1], pads[0], pads[2],
                          oh, ow, y, argmax)
         return y, argmax
 
     def maxpool_backward(self, dy, argmax, x_shape, pool, stride, pads):
         n, h, w, c = x_shape
         dx = cp.empty(x_shape, dtype=dy.dtype)
-        _MAXPOOL_BACKWARD(cp.ascontiguousarray(dy), argmax, h, w, c, pool[0], pool[1], stride[0], stride[1],
+        MAXPOOL_BACKWARD(cp.ascontiguousarray(dy), argmax, h, w, c, pool[0], pool[1], stride[0], stride[1],
                           pads[0], pads[2], dy.shape[1], dy.shape[2], dx)
         return dx
 
@@ -172,14 +182,14 @@ class GPUKernels(ReferenceKernels):
         y = cp.empty_like(x)
         keep = cp.empty(x.shape, dtype=cp.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
-        _DROPOUT_FORWARD(x, cp.uint32(dropout_key(seed)), cp.uint32(dropout_keep_threshold(rate)), scale,
+        DROPOUT_FORWARD(x, cp.uint32(dropout_key(seed)), cp.uint32(dropout_keep_threshold(rate)), scale,
                          cp.uint64(offset), y, keep)
         return y, (keep, scale)
 
     def dropout_backward(self, dy, saved):
         keep, scale = saved
-        return _DROPOUT_BACKWARD(dy, keep, scale)
+        return DROPOUT_BACKWARD(dy, keep, scale)
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         t = param.dtype.type
-        _ADAM(grad, t(lr_t), t(beta_1), t(beta_2), t(epsilon), param, m, v)
+        ADAM(grad, t(lr_t), t(1 - beta_1), t(1 - beta_2), t(epsilon), param, m, v)

@@ -1,0 +1,134 @@
+"""The GPU kernel set's CUDA kernels, run on the CPU (issue 13, part 2b): tinycnn/kernels/gpu.py
+imported under a stand-in `cupy` whose ElementwiseKernel compiles each kernel's own CUDA body as
+C++ and plays every thread (tests/cuda_shim.py), called through GPUKernels exactly as the GPU
+backend calls it, against the reference kernels. What this cannot see: the GPU's launch,
+memory and NVRTC themselves (tests marked gpu do, where a GPU exists)."""
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+import cuda_shim
+from tinycnn.kernels.reference import ReferenceKernels
+
+pytestmark = pytest.mark.skipif(cuda_shim.CXX is None, reason="needs a C++ compiler (g++) to run CUDA bodies")
+
+R = ReferenceKernels()
+DTYPES = [np.float32, np.float64]
+CONVS = [  # (input shape, kh, kw, stride, pads): a Week2 shape and awkward ones
+    ((2, 8, 8, 3), 3, 3, (1, 1), (0, 0, 0, 0)),
+    ((2, 7, 8, 3), 3, 3, (2, 2), (1, 1, 1, 1)),
+    ((2, 7, 7, 2), 4, 4, (2, 2), (1, 2, 1, 2)),
+    ((2, 9, 8, 2), 3, 2, (2, 1), (0, 0, 0, 0)),
+]
+POOLS = [  # (input shape, pool, stride, pads)
+    ((2, 24, 24, 10), (2, 2), (2, 2), (0, 0, 0, 0)),  # Week2's
+    ((2, 7, 9, 3), (3, 3), (2, 2), (1, 1, 1, 1)),  # overlapping windows, 'same'-style padding
+    ((1, 5, 6, 2), (2, 3), (1, 2), (0, 1, 1, 1)),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """tinycnn.kernels.gpu as imported under the stand-in cupy; the real modules come back after."""
+    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
+    sys.modules["cupy"] = cuda_shim.fake_cupy()
+    sys.modules.pop("tinycnn.kernels.gpu", None)
+    try:
+        module = importlib.import_module("tinycnn.kernels.gpu")
+        yield module
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+
+
+def _no_ties(shape, dtype, seed):
+    """Distinct values (max-pool gradients are defined without ties), shuffled."""
+    rng = np.random.default_rng(seed)
+    return rng.permutation(np.linspace(-3, 3, int(np.prod(shape)))).reshape(shape).astype(dtype)
+
+
+def check_im2col_col2im(k, dtype, shape, kh, kw, stride, pads):
+    x = _no_ties(shape, dtype, 0)
+    cols = k.im2col(x, kh, kw, stride, pads)
+    np.testing.assert_array_equal(cols, R.im2col(x, kh, kw, stride, pads))  # a copy: exact
+    dcols = np.random.default_rng(1).standard_normal(cols.shape).astype(dtype)
+    np.testing.assert_allclose(k.col2im(dcols, shape, kh, kw, stride, pads), R.col2im(dcols, shape, kh, kw, stride, pads),
+                               rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
+
+
+def check_maxpool(k, dtype, shape, pool, stride, pads):
+    x = _no_ties(shape, dtype, 2)
+    y, argmax = k.maxpool_forward(x, pool, stride, pads)
+    y_ref, argmax_ref = R.maxpool_forward(x, pool, stride, pads)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    dy = np.random.default_rng(3).standard_normal(y.shape).astype(dtype)
+    np.testing.assert_allclose(k.maxpool_backward(dy, argmax, shape, pool, stride, pads),
+                               R.maxpool_backward(dy, argmax_ref, shape, pool, stride, pads), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
+def test_im2col_and_col2im(gpu, dtype, shape, kh, kw, stride, pads):
+    check_im2col_col2im(gpu.GPUKernels(), dtype, shape, kh, kw, stride, pads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, pool, stride, pads", POOLS)
+def test_maxpool(gpu, dtype, shape, pool, stride, pads):
+    check_maxpool(gpu.GPUKernels(), dtype, shape, pool, stride, pads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_draws_the_reference_mask(gpu, dtype):
+    k = gpu.GPUKernels()
+    x = np.random.default_rng(4).standard_normal((3, 5, 5, 7)).astype(dtype)
+    # offsets past 2**32: the kernel once hashed a 32-bit truncated index there (other masks)
+    for rate, seed, offset in ((0.1, 12345, 0), (0.5, 2**63 - 1, 1000), (0.9, 7, 2**33), (0.5, 7, 2**32 - 100)):
+        y, saved = k.dropout_forward(x, rate, seed, offset)
+        y_ref, mask_ref = R.dropout_forward(x, rate, seed, offset)
+        np.testing.assert_array_equal(y, y_ref)
+        dy = np.random.default_rng(5).standard_normal(x.shape).astype(dtype)
+        np.testing.assert_array_equal(k.dropout_backward(dy, saved), R.dropout_backward(dy, mask_ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_is_the_reference_update_to_the_bit(gpu, dtype):
+    """With 1 - beta from the host (float64, then rounded) the GPU's update is the CPU's exactly;
+    the old kernel's 1 - beta on the device differed (float32: 0.100000024 against 0.1)."""
+    k = gpu.GPUKernels()
+    rng = np.random.default_rng(6)
+    param, grad = (rng.standard_normal(1000).astype(dtype) for _ in range(2))
+    m, v = rng.standard_normal(1000).astype(dtype) * 0.1, rng.random(1000).astype(dtype) * 0.01
+    ours, ref = [param.copy(), m.copy(), v.copy()], [param.copy(), m.copy(), v.copy()]
+    for step in range(3):
+        k.adam_update(ours[0], grad, ours[1], ours[2], 0.003 / (step + 1), 0.9, 0.999, 1e-7)
+        R.adam_update(ref[0], grad, ref[1], ref[2], 0.003 / (step + 1), 0.9, 0.999, 1e-7)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_checks_above_cover_every_cuda_kernel(gpu):
+    """A kernel added to the GPU set fails this until a check above runs it."""
+    assert {k.name for k in gpu.CUDA_KERNELS} == {"tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward",
+                                                   "tinycnn_maxpool_backward", "tinycnn_dropout_forward",
+                                                   "tinycnn_dropout_backward", "tinycnn_adam"}
+
+
+def test_an_injected_off_by_one_fails_these_checks(gpu, monkeypatch):
+    """The checks above would see a wrong index: one each in im2col, max-pool and Adam."""
+    k = gpu.GPUKernels()
+    monkeypatch.setattr(gpu, "IM2COL", gpu.IM2COL.mutated("oy * sh + a - top", "oy * sh + a - top + 1"))
+    with pytest.raises(AssertionError):
+        check_im2col_col2im(k, np.float32, *CONVS[1])
+    monkeypatch.undo()
+    monkeypatch.setattr(gpu, "MAXPOOL_FORWARD", gpu.MAXPOOL_FORWARD.mutated("k = a * pw + d;", "k = a * pw + d + 1;"))
+    with pytest.raises(AssertionError):
+        check_maxpool(k, np.float32, *POOLS[0])
+    monkeypatch.undo()
+    check_maxpool(k, np.float32, *POOLS[0])  # and the real kernel passes again
