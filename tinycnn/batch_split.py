@@ -52,19 +52,22 @@ def bounds(rows):
 
 
 @contextlib.contextmanager
-def serial_if_small(rows):
-    """One numba thread, in this thread, while a batch of fewer than SERIAL_ROWS rows runs."""
-    if rows >= SERIAL_ROWS:
-        yield
-        return
+def numba_threads(count):
+    """`count` numba threads for this thread's kernels inside the block (numba's setting is per
+    thread), the previous count after it."""
     import numba
 
     saved = numba.get_num_threads()
-    numba.set_num_threads(1)
+    numba.set_num_threads(count)
     try:
         yield
     finally:
         numba.set_num_threads(saved)
+
+
+def serial_if_small(rows):
+    """A context: one numba thread while a batch of fewer than SERIAL_ROWS rows runs."""
+    return numba_threads(1) if rows < SERIAL_ROWS else contextlib.nullcontext()
 
 
 class _ThreadState(threading.local):
@@ -112,7 +115,6 @@ class _Split:
     """What the shares of one step have in common: a barrier and the slots of their reductions."""
 
     def __init__(self, count):
-        self.count = count
         self.barrier = threading.Barrier(count)
         # Two slot sets, used alternately: a share that finished reduction k and moved on to k+1
         # writes the other set, while a slower share may still be reading set k.
@@ -156,18 +158,16 @@ def run(share_bounds, work):
     split = _Split(len(share_bounds))
 
     def one(index, start, stop):
-        saved = numba.get_num_threads()
-        numba.set_num_threads(threads)
         _state.split, _state.index, _state.first_sample = split, index, start
         _state.reductions, _state.calls = 0, {}
         try:
-            return work(index, start, stop)
+            with numba_threads(threads):
+                return work(index, start, stop)
         except BaseException:
             split.barrier.abort()  # a share waiting for this one's sums raises instead of hanging
             raise
         finally:
             _state.split = None
-            numba.set_num_threads(saved)
 
     futures = [_workers().submit(one, k, *b) for k, b in enumerate(share_bounds) if k > 0]
     results, errors = [], []

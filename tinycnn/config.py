@@ -7,7 +7,7 @@
     | `conv`          | `TINYCNN_CONV`          | direct, gemm             | direct (CPU, every float layer) |
     | `numba_threads` | `TINYCNN_NUMBA_THREADS` | a positive integer       | numba's default: every core      |
     | `malloc_tuning` | `TINYCNN_MALLOC_TUNING` | 1, 0                     | 1                                |
-    | `batch_split`   | `TINYCNN_BATCH_SPLIT`   | 1, 0                     | 1 (CPU training: see batch_split)|
+    | `batch_split`   | `TINYCNN_BATCH_SPLIT`   | 1, 0                     | 1 (CPU: see tinycnn.batch_split)|
     | `spin`          | `GOMP_SPINCOUNT`, `OMP_WAIT_POLICY` | OpenMP's own | GOMP_SPINCOUNT=1000 if neither is set |
 
 `settings()` reads the environment every time it is called (a few dictionary lookups) and lays
@@ -16,7 +16,7 @@ naming the variable and the values it accepts. Tests and benchmarks switch paths
 `using(conv="gemm")` instead of patching module globals.
 
 `device`, `kernels` and `conv` choose the backend a model gets when it is made; `batch_split` is
-read at every training step. `numba_threads`,
+read at every CPU training step and inference batch. `numba_threads`,
 `malloc_tuning` and `spin` tune the whole process, so they are applied once, when the first CPU
 backend is created (see `tinycnn.kernels.cpu.tune_process`); later changes do not take effect.
 """

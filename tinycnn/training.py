@@ -358,23 +358,18 @@ class Trainer:
         plan = self._loss_plan()
         rows = targets.shape[0]
         n = rows if global_batch is None else global_batch
-        shares = self._batch_shares(plan, rows)
-        if shares is None:
-            with self.cpu_threads(rows):
-                predictions, batch_sum = self._share_step(plan, inputs, targets, sample_weight, n, self.params)
-        else:
-            def work(k, start, stop):
-                weights = None if sample_weight is None else sample_weight[start:stop]
-                sink = self.params if k == 0 else self.params.gradient_share(k)
-                return self._share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
+        def work(k, start, stop):
+            weights = None if sample_weight is None else sample_weight[start:stop]
+            sink = self.params if k == 0 else self.params.gradient_share(k)
+            return self._share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
 
-            results = batch_split.run(shares, work)
-            for k in range(1, len(shares)):  # in share order: the same sum on every machine
-                self.params.grads += self.params.gradient_share(k).grads
-            predictions = self.xp.concatenate([p for p, _ in results])
-            batch_sum = results[0][1]
-            for _, part in results[1:]:
-                batch_sum = batch_sum + part
+        results = self._run_rows(plan, rows, work)
+        for k in range(1, len(results)):  # in share order: the same sum on every machine
+            self.params.grads += self.params.gradient_share(k).grads
+        predictions = self._joined([p for p, _ in results])
+        batch_sum = results[0][1]
+        for _, part in results[1:]:
+            batch_sum = batch_sum + part
         if global_batch is not None:
             self.distribution.sum_(self.params.grads)  # before the regularizers, which every rank adds alike
         penalty = self.params.add_regularization()
@@ -414,21 +409,28 @@ class Trainer:
             return contextlib.nullcontext()
         return batch_split.serial_if_small(rows)
 
+    def _run_rows(self, plan, rows, work):
+        """[work(k, start, stop)] for the shares of a batch of `rows` samples: several in threads
+        where the batch splits (tinycnn.batch_split), else one, the whole batch, on this thread."""
+        shares = self._batch_shares(plan, rows)
+        if shares is None:
+            with self.cpu_threads(rows):
+                return [work(0, 0, rows)]
+        return batch_split.run(shares, work)
+
+    def _joined(self, parts):
+        """The shares' arrays as one (the only one as it is: no copy)."""
+        return parts[0] if len(parts) == 1 else self.xp.concatenate(parts)
+
     def _inference_forward(self, plan, inputs):
         """The plan's outputs in inference mode for these rows. On the CPU the rows may run as
         shares in threads (tinycnn.batch_split): a sample's result does not depend on the other
         rows of its batch, so the outputs are the same, bit for bit, and only the time changes."""
-        rows = inputs[0].shape[0]
-        shares = self._batch_shares(plan, rows)
-        if shares is None:
-            with self.cpu_threads(rows):
-                return plan.forward(inputs, training=False, keep_for_backward=False)[0]
-
         def work(k, start, stop):
             return plan.forward([x[start:stop] for x in inputs], training=False, keep_for_backward=False)[0]
 
-        parts = batch_split.run(shares, work)
-        return [self.xp.concatenate(outputs) for outputs in zip(*parts)]
+        parts = self._run_rows(plan, inputs[0].shape[0], work)
+        return [self._joined(list(outputs)) for outputs in zip(*parts)]
 
     def train_step(self, inputs, targets, sample_weight=None, global_batch=None):
         """One optimizer step on checked device arrays (a list of input arrays, targets prepared by

@@ -497,12 +497,22 @@ class CPUKernels(ReferenceKernels):
 
     def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):
         """As the reference; `saved` is (algorithm, input), the algorithm that ran first."""
+        return self._conv2d_forward(x, kernel2d, kh, kw, stride, pads, relu=False)
+
+    def conv2d_relu_forward(self, x, kernel2d, kh, kw, stride, pads):
+        """The direct convolution applies ReLU to each block it has just stored (still in L1): no
+        second pass over z. Week2 predict over 10,000 images, 8 interleaved rounds on a noisy Xeon
+        KVM: medians 0.56-0.67 s unfused, 0.46-0.61 fused; the step's change was within the noise;
+        compile time unchanged (a loop: one select line per accumulator cost 4-8 s of it)."""
+        return self._conv2d_forward(x, kernel2d, kh, kw, stride, pads, relu=True)
+
+    def _conv2d_forward(self, x, kernel2d, kh, kw, stride, pads, relu):
         x = np.ascontiguousarray(x)
         n, h, w, c, oh, ow = _conv_sizes(x.shape, kh, kw, stride, pads)
         algorithm = self._conv_algorithm(x, kernel2d)
         if algorithm == "direct":
             xpad = np.ascontiguousarray(pad_nhwc(x, pads))
-            z = cpu_conv.forward(xpad, np.ascontiguousarray(kernel2d), kh, kw, stride, oh, ow)
+            z = cpu_conv.forward(xpad, np.ascontiguousarray(kernel2d), kh, kw, stride, oh, ow, relu=relu)
             return z, (algorithm, xpad)
         chunk = _chunk(oh * ow * kh * kw * c * x.itemsize, n)
         z = np.empty((n * oh * ow, kernel2d.shape[1]), dtype=x.dtype)
@@ -510,20 +520,9 @@ class CPUKernels(ReferenceKernels):
             stop = min(start + chunk, n)
             cols = _chunk_cols(x, start, stop, kh, kw, stride, pads, oh, ow)
             np.matmul(cols, kernel2d, out=z[start * oh * ow : stop * oh * ow])
+        if relu:
+            np.maximum(z, 0, out=z)
         return z, (algorithm, x)
-
-    def conv2d_relu_forward(self, x, kernel2d, kh, kw, stride, pads):
-        """The direct convolution applies ReLU to each block it has just stored (still in L1): no
-        second pass over z. Week2 predict over 10,000 images, 8 interleaved rounds on a noisy Xeon
-        KVM: medians 0.56-0.67 s unfused, 0.46-0.61 fused; the step's change was within the noise;
-        compile time unchanged (a loop: one select line per accumulator cost 4-8 s of it)."""
-        if self._conv_algorithm(x, kernel2d) != "direct":
-            return super().conv2d_relu_forward(x, kernel2d, kh, kw, stride, pads)
-        x = np.ascontiguousarray(x)
-        n, h, w, c, oh, ow = _conv_sizes(x.shape, kh, kw, stride, pads)
-        xpad = np.ascontiguousarray(pad_nhwc(x, pads))
-        y = cpu_conv.forward(xpad, np.ascontiguousarray(kernel2d), kh, kw, stride, oh, ow, relu=True)
-        return y, ("direct", xpad)
 
     def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
         algorithm, x = saved

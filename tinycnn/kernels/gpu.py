@@ -167,14 +167,14 @@ class GPUKernels(ReferenceKernels):
         y = cp.empty((n, oh, ow, c), dtype=x.dtype)
         argmax = cp.empty((n, oh, ow, c), dtype=cp.int32)
         MAXPOOL_FORWARD(cp.ascontiguousarray(x), h, w, c, pool[0], pool[1], stride[0], stride[1], pads[0], pads[2],
-                         oh, ow, y, argmax)
+                        oh, ow, y, argmax)
         return y, argmax
 
     def maxpool_backward(self, dy, argmax, x_shape, pool, stride, pads):
         n, h, w, c = x_shape
         dx = cp.empty(x_shape, dtype=dy.dtype)
         MAXPOOL_BACKWARD(cp.ascontiguousarray(dy), argmax, h, w, c, pool[0], pool[1], stride[0], stride[1],
-                          pads[0], pads[2], dy.shape[1], dy.shape[2], dx)
+                         pads[0], pads[2], dy.shape[1], dy.shape[2], dx)
         return dx
 
     def dropout_forward(self, x, rate, seed, offset=0):
@@ -183,7 +183,7 @@ class GPUKernels(ReferenceKernels):
         keep = cp.empty(x.shape, dtype=cp.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
         DROPOUT_FORWARD(x, cp.uint32(dropout_key(seed)), cp.uint32(dropout_keep_threshold(rate)), scale,
-                         cp.uint64(offset), y, keep)
+                        cp.uint64(offset), y, keep)
         return y, (keep, scale)
 
     def dropout_backward(self, dy, saved):
