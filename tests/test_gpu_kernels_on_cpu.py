@@ -1,8 +1,9 @@
 """The GPU kernel set's CUDA kernels, run on the CPU (issue 13, part 2b): tinycnn/kernels/gpu.py
-imported under a stand-in `cupy` whose ElementwiseKernel compiles each kernel's own CUDA body as
-C++ and plays every thread (tests/cuda_shim.py), called through GPUKernels exactly as the GPU
-backend calls it, against the reference kernels. What this cannot see: the GPU's launch,
-memory and NVRTC themselves (tests marked gpu do, where a GPU exists)."""
+imported under a stand-in `cupy` whose RawModule compiles the kernels' own CUDA source as C++ and
+plays every thread of a small grid (tests/cuda_shim.py), called through GPUKernels exactly as the
+GPU backend calls it, against the reference kernels. What this cannot see: the GPU's launch and
+memory themselves (tests marked gpu do, where a GPU exists); NVRTC compiles the same source in
+tests/test_cuda_compile.py."""
 import importlib
 import sys
 
@@ -29,14 +30,16 @@ POOLS = [  # (input shape, pool, stride, pads)
 ]
 
 
-@pytest.fixture(scope="module")
-def gpu():
+@pytest.fixture(scope="module", params=[False, True], ids=["int-index", "64-bit-index"])
+def gpu(request):
     """tinycnn.kernels.gpu as imported under the stand-in cupy; the real modules come back after."""
     saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
     sys.modules["cupy"] = cuda_shim.fake_cupy()
     sys.modules.pop("tinycnn.kernels.gpu", None)
     try:
         module = importlib.import_module("tinycnn.kernels.gpu")
+        if request.param:  # every launch takes the module with 64-bit indices (arrays of 2**31 elements)
+            module.WIDE = 0
         yield module
     finally:
         for name, value in saved.items():
@@ -113,22 +116,111 @@ def test_adam_is_the_reference_update_to_the_bit(gpu, dtype):
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_checks_above_cover_every_cuda_kernel(gpu):
-    """A kernel added to the GPU set fails this until a check above runs it."""
-    assert {k.name for k in gpu.CUDA_KERNELS} == {"tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward",
-                                                   "tinycnn_maxpool_backward", "tinycnn_dropout_forward",
-                                                   "tinycnn_dropout_backward", "tinycnn_adam"}
+BN_SHAPES = [(5, 3), (300, 16), (1031, 7)]  # fewer rows than BN_PARTS, Week2's width, more rows and odd
 
 
-def test_an_injected_off_by_one_fails_these_checks(gpu, monkeypatch):
-    """The checks above would see a wrong index: one each in im2col, max-pool and Adam."""
+def check_batchnorm(k, dtype, rows, c, rate, reduce=None):
+    """GPU BatchNorm (+ Dropout) forward and backward against the reference composite; the dropout
+    mask must be the reference's exactly, everything else to float round-off."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((rows, c)) * 3 + 5).astype(dtype)  # an offset mean: cancellation shows
+    gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    dy = rng.standard_normal((rows, c)).astype(dtype)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    if rate:
+        out = k.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+        ref = R.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+        np.testing.assert_array_equal(out[0] == 0, ref[0] == 0)  # the same dropped elements
+        grads = k.batchnorm_dropout_backward_train(dy, out[1], gamma, out[4], reduce)
+        grads_ref = R.batchnorm_dropout_backward_train(dy, ref[1], gamma, ref[4], reduce)
+    else:
+        out = k.batchnorm_forward_train(x, gamma, beta, 1e-3, reduce)
+        ref = R.batchnorm_forward_train(x, gamma, beta, 1e-3, reduce)
+        grads = k.batchnorm_backward_train(dy, out[1], gamma, out[4], reduce)
+        grads_ref = R.batchnorm_backward_train(dy, ref[1], gamma, ref[4], reduce)
+    for a, b in zip((out[0], *out[2:], *grads), (ref[0], *ref[2:], *grads_ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, c", BN_SHAPES)
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_batchnorm_with_and_without_dropout(gpu, dtype, rows, c, rate):
+    check_batchnorm(gpu.GPUKernels(), dtype, rows, c, rate)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_batchnorm_sums_through_the_data_parallel_reduce(gpu, rate):
+    """With `reduce` the moments come from the float64 totals [sum x, sum x^2, rows] it is given:
+    a reduce that doubles them (two ranks with the same rows) leaves the statistics unchanged and
+    must be called on that layout."""
+    seen = []
+
+    def two_ranks(totals):
+        seen.append(totals.shape)
+        totals *= 2
+        return totals
+
+    check_batchnorm(gpu.GPUKernels(), np.float64, 300, 16, rate, reduce=two_ranks)
+    assert seen and all(shape == (2 * 16 + 1,) for shape in seen)
+
+
+def test_batchnorm_matches_the_cpu_set(gpu):
+    """The GPU and CPU sets compute BatchNorm the same way (float64 shifted sums): float32 results
+    agree far below the reference's tolerance."""
+    from tinycnn.kernels.cpu import CPUKernels
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((128 * 13 * 13, 16)) + 2).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 2, 16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    ours = gpu.GPUKernels().batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, 0.1, 5)
+    cpu = CPUKernels().batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, 0.1, 5)
+    for a, b in zip((ours[0], *ours[2:]), (cpu[0], *cpu[2:])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_1x1_convolution_needs_no_im2col_copy(gpu, dtype):
     k = gpu.GPUKernels()
-    monkeypatch.setattr(gpu, "IM2COL", gpu.IM2COL.mutated("oy * sh + a - top", "oy * sh + a - top + 1"))
+    x = _no_ties((2, 5, 6, 4), dtype, 9)
+    cols = k.im2col(x, 1, 1, (1, 1), (0, 0, 0, 0))
+    assert np.shares_memory(cols, x)
+    np.testing.assert_array_equal(cols, R.im2col(x, 1, 1, (1, 1), (0, 0, 0, 0)))
+    np.testing.assert_array_equal(k.col2im(cols, x.shape, 1, 1, (1, 1), (0, 0, 0, 0)), x)
+    check_im2col_col2im(k, dtype, (2, 5, 6, 4), 1, 1, (2, 2), (0, 0, 0, 0))  # strided 1x1: the kernel
+
+
+def test_the_checks_above_cover_every_cuda_kernel(gpu):
+    """A kernel added to cuda_source fails this until a check above runs it."""
+    from tinycnn.kernels import cuda_source
+
+    assert set(cuda_source.KERNELS) == {
+        "tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward", "tinycnn_maxpool_backward",
+        "tinycnn_dropout_forward", "tinycnn_dropout_backward", "tinycnn_adam", "tinycnn_bn_forward_partials",
+        "tinycnn_bn_backward_partials", "tinycnn_column_totals", "tinycnn_bn_moments", "tinycnn_bn_normalize",
+        "tinycnn_bn_backward_dx"}
+
+
+def mutated(old, new):
+    """GPUKernels' source with `old` replaced by `new` (to show that a check catches the bug)."""
+    from tinycnn.kernels.cuda_source import module_source
+
+    def source(dtype, wide):
+        text = module_source(dtype, wide)
+        assert old in text, f"{old!r} is not in the CUDA source"
+        return text.replace(old, new)
+    return source
+
+
+def test_an_injected_off_by_one_fails_these_checks(gpu):
+    """The checks above would see a wrong index: one each in im2col, max-pool and BatchNorm's sums."""
     with pytest.raises(AssertionError):
-        check_im2col_col2im(k, np.float32, *CONVS[1])
-    monkeypatch.undo()
-    monkeypatch.setattr(gpu, "MAXPOOL_FORWARD", gpu.MAXPOOL_FORWARD.mutated("k = a * pw + d;", "k = a * pw + d + 1;"))
+        check_im2col_col2im(gpu.GPUKernels(mutated("oy * sh + a - top", "oy * sh + a - top + 1")), np.float32,
+                            *CONVS[1])
     with pytest.raises(AssertionError):
-        check_maxpool(k, np.float32, *POOLS[0])
-    monkeypatch.undo()
-    check_maxpool(k, np.float32, *POOLS[0])  # and the real kernel passes again
+        check_maxpool(gpu.GPUKernels(mutated("k = a * pw + d;", "k = a * pw + d + 1;")), np.float32, *POOLS[0])
+    with pytest.raises(AssertionError):  # a partial sum that skips the last row of its stride
+        check_batchnorm(gpu.GPUKernels(mutated("for (I r = part; r < m; r += parts)",
+                                               "for (I r = part; r + parts < m; r += parts)")), np.float32, 300, 16, 0)
+    check_maxpool(gpu.GPUKernels(), np.float32, *POOLS[0])  # and the real kernels pass

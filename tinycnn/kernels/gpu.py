@@ -1,195 +1,189 @@
 """The GPU kernel set: CUDA overrides of the reference set, through CuPy.
 
-Every CUDA kernel is built once, at import, and reused. Each thread computes one output element
-by *gathering* its inputs (col2im and max-pool backward included), so nothing uses atomics and
-results are deterministic. Entries not overridden here (BatchNorm, softmax-CE, ReLU, the
-convolutions' GEMMs, depthwise convolution, average pooling) run the reference code on CuPy
-arrays; the reference composites call this set's primitives (im2col, col2im, dropout).
+The kernels' source is tinycnn/kernels/cuda_source.py: plain CUDA C++ that CuPy's RawModule
+compiles (once per dtype and index width, at first use) and that the tests also compile with
+NVRTC and run on the CPU, so CI vouches for this file without a GPU. Every kernel gathers (no
+atomics), so results are deterministic. BatchNormalization, with or without the Dropout after it,
+is 4 launches forward and 3 backward (the reference composite took about 33); a 1x1 convolution
+with stride 1 and no padding multiplies the input itself instead of an im2col copy. The GEMMs are
+cuBLAS (through CuPy's matmul); softmax-CE, ReLU's gradient, depthwise convolution and average
+pooling run the reference code on CuPy arrays.
 
-NOTE: written and reviewed without a GPU in this project's sessions so far; the kernel tests in
-tests/test_kernels.py compare every entry with the reference wherever a GPU is present.
+NOTE: written without a GPU; what has and has not run on one is listed in CHANGELOG.md.
 """
 import cupy as cp
+import numpy as np
 
+from . import cuda_source
 from .reference import ReferenceKernels, output_hw
 from ..randomness import dropout_keep_threshold, dropout_key
 
-IM2COL = cp.ElementwiseKernel(
-    "raw T x, int32 h, int32 w, int32 c, int32 kh, int32 kw, int32 sh, int32 sw, int32 top, int32 left, "
-    "int32 oh, int32 ow",
-    "T col",
-    """
-    const int k = kh * kw * c;
-    const int row = i / k, j = i % k;
-    const int ch = j % c, d = (j / c) % kw, a = j / (c * kw);
-    const int ox = row % ow, oy = (row / ow) % oh, b = row / (ow * oh);
-    const int y = oy * sh + a - top, xx = ox * sw + d - left;
-    col = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((b * h + y) * w + xx) * c + ch] : (T)0;
-    """,
-    "tinycnn_im2col",
-)
-
-COL2IM = cp.ElementwiseKernel(
-    "raw T cols, int32 h, int32 w, int32 c, int32 kh, int32 kw, int32 sh, int32 sw, int32 top, int32 left, "
-    "int32 oh, int32 ow",
-    "T dx",
-    """
-    const int ch = i % c, xx = (i / c) % w, y = (i / (c * w)) % h, b = i / (c * w * h);
-    T total = 0;
-    for (int a = 0; a < kh; ++a) {
-        const int sy = y + top - a;
-        if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
-        for (int d = 0; d < kw; ++d) {
-            const int sx = xx + left - d;
-            if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
-            const int row = (b * oh + sy / sh) * ow + sx / sw;
-            total += cols[(long long)row * (kh * kw * c) + (a * kw + d) * c + ch];
-        }
-    }
-    dx = total;
-    """,
-    "tinycnn_col2im",
-)
-
-# Windows are clipped to the image, so 'same' padding never wins a maximum (as the reference's -inf).
-MAXPOOL_FORWARD = cp.ElementwiseKernel(
-    "raw T x, int32 h, int32 w, int32 c, int32 ph, int32 pw, int32 sh, int32 sw, int32 top, int32 left, "
-    "int32 oh, int32 ow",
-    "T y, int32 argmax",
-    """
-    const int ch = i % c, ox = (i / c) % ow, oy = (i / (c * ow)) % oh, b = i / (c * ow * oh);
-    const int y0 = oy * sh - top, x0 = ox * sw - left;
-    const int a0 = max(0, -y0), a1 = min(ph, h - y0), d0 = max(0, -x0), d1 = min(pw, w - x0);
-    T best = x[((b * h + y0 + a0) * w + x0 + d0) * c + ch];
-    int k = a0 * pw + d0;
-    for (int a = a0; a < a1; ++a)
-        for (int d = d0; d < d1; ++d) {
-            const T v = x[((b * h + y0 + a) * w + x0 + d) * c + ch];
-            if (v > best) { best = v; k = a * pw + d; }
-        }
-    y = best;
-    argmax = k;
-    """,
-    "tinycnn_maxpool_forward",
-)
-
-MAXPOOL_BACKWARD = cp.ElementwiseKernel(
-    "raw T dy, raw int32 argmax, int32 h, int32 w, int32 c, int32 ph, int32 pw, int32 sh, int32 sw, "
-    "int32 top, int32 left, int32 oh, int32 ow",
-    "T dx",
-    """
-    const int ch = i % c, xx = (i / c) % w, y = (i / (c * w)) % h, b = i / (c * w * h);
-    T total = 0;
-    for (int a = 0; a < ph; ++a) {
-        const int sy = y + top - a;
-        if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
-        for (int d = 0; d < pw; ++d) {
-            const int sx = xx + left - d;
-            if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
-            const int o = ((b * oh + sy / sh) * ow + sx / sw) * c + ch;
-            if (argmax[o] == a * pw + d) total += dy[o];
-        }
-    }
-    dx = total;
-    """,
-    "tinycnn_maxpool_backward",
-)
-
-# The same counter-based hash as tinycnn.randomness.lowbias32, on the 64-bit element index as the
-# CPU kernels hash it: truncating the index to 32 bits first gave other masks from element 2**32
-# on (found by running this body on the CPU, tests/test_gpu_kernels_on_cpu.py).
-DROPOUT_FORWARD = cp.ElementwiseKernel(
-    "T x, uint32 key, uint32 threshold, T scale, uint64 offset",
-    "T y, uint8 keep",
-    """
-    unsigned long long h = ((unsigned long long)i + offset) ^ key;
-    h ^= h >> 16; h = (h * 0x7FEB352Dull) & 0xFFFFFFFFull; h ^= h >> 15;
-    h = (h * 0x846CA68Bull) & 0xFFFFFFFFull; h ^= h >> 16;
-    keep = (h >> 8) >= threshold;
-    y = keep ? x * scale : (T)0;
-    """,
-    "tinycnn_dropout_forward",
-)
-
-DROPOUT_BACKWARD = cp.ElementwiseKernel(
-    "T dy, uint8 keep, T scale", "T dx", "dx = keep ? dy * scale : (T)0", "tinycnn_dropout_backward"
-)
-
-# The complements 1 - beta come from the host, computed in float64 and then rounded to T, as the
-# reference's are: computed on the device from beta rounded to float32 first, 1 - 0.9 was
-# 0.100000024 against the CPU's 0.1 (and 1 - 0.999 0.0009999871), and the backends drifted apart.
-ADAM = cp.ElementwiseKernel(
-    "T g, T lr_t, T one_minus_beta_1, T one_minus_beta_2, T eps",
-    "T p, T m, T v",
-    """
-    m += (g - m) * one_minus_beta_1;
-    v += (g * g - v) * one_minus_beta_2;
-    p -= lr_t * m / (sqrt(v) + eps);
-    """,
-    "tinycnn_adam",
-)
+THREADS = 256  # per block
+MAX_BLOCKS = 4096  # grid-stride loops cover the rest; 8 blocks of 256 per SM on a 132-SM H100 is ~1k
+WIDE = 2**31 - MAX_BLOCKS * THREADS  # from here on, indices are 64-bit (the loop's i + stride must fit)
+BN_PARTS = 256  # partial sums per BatchNorm column (fixed: results must not depend on the device)
 
 
-# Every CUDA kernel this set launches (tests compile and run each of them, on the CPU too).
-CUDA_KERNELS = (IM2COL, COL2IM, MAXPOOL_FORWARD, MAXPOOL_BACKWARD, DROPOUT_FORWARD, DROPOUT_BACKWARD, ADAM)
+class _Index(int):
+    """A kernel argument of the module's index type I (int, or long long when wide)."""
 
 
-def _sizes(x_shape, kh, kw, stride, pads):
-    n, h, w, c = x_shape
-    return (n, h, w, c) + output_hw(h, w, kh, kw, stride, pads)
+def _ints(*values):
+    return tuple(np.int32(v) for v in values)
+
+
+def _as(array, dtype):
+    return cp.ascontiguousarray(array.astype(dtype, copy=False))
 
 
 class GPUKernels(ReferenceKernels):
-    """CUDA overrides of the reference set."""
+    """CUDA overrides of the reference set. `source(dtype, wide)` gives a module's CUDA text (tests
+    pass a mutated one to show that they catch a wrong index)."""
 
     name = "gpu"
-    overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "dropout_forward", "dropout_backward",
-                 "adam_update")
+    overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_forward_train",
+                 "batchnorm_backward_train", "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train",
+                 "dropout_forward", "dropout_backward", "adam_update")
+
+    def __init__(self, source=cuda_source.module_source):
+        self._source = source
+        self._modules = {}
 
     def describe(self):
         return "gpu (CUDA through CuPy)"
 
+    def _launch(self, name, dtype, n, *args, biggest=0):
+        """Runs kernel `name` over n work items with `args` as its parameters (arrays, NumPy scalars,
+        and _Index for the I-typed ones). `biggest`: the size of the largest array it touches."""
+        wide = max(n, biggest) >= WIDE
+        key = (np.dtype(dtype), wide)
+        if key not in self._modules:
+            self._modules[key] = cp.RawModule(code=self._source(*key), options=cuda_source.NVRTC_OPTIONS)
+        blocks = int(max(1, min(MAX_BLOCKS, -(-n // THREADS))))
+        kernel = self._modules[key].get_function(name)
+        index = np.int64 if wide else np.int32
+        kernel((blocks,), (THREADS,), tuple(index(a) if isinstance(a, _Index) else a for a in args))
+
+    # -- convolution windows ----------------------------------------------------------------------
     def im2col(self, x, kh, kw, stride, pads):
-        n, h, w, c, oh, ow = _sizes(x.shape, kh, kw, stride, pads)
+        n, h, w, c = x.shape
+        if (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads):
+            return cp.ascontiguousarray(x).reshape(n * h * w, c)  # a 1x1 window is the pixel itself
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
         cols = cp.empty((n * oh * ow, kh * kw * c), dtype=x.dtype)
-        IM2COL(cp.ascontiguousarray(x), h, w, c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, cols)
+        self._launch("tinycnn_im2col", x.dtype, cols.size, cp.ascontiguousarray(x), cols, _Index(cols.size),
+                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow), biggest=x.size)
         return cols
 
     def col2im(self, cols, x_shape, kh, kw, stride, pads):
-        n, h, w, c, oh, ow = _sizes(x_shape, kh, kw, stride, pads)
+        n, h, w, c = x_shape
+        if (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads):
+            return cp.ascontiguousarray(cols).reshape(x_shape)
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
         dx = cp.empty(x_shape, dtype=cols.dtype)
-        COL2IM(cp.ascontiguousarray(cols), h, w, c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow, dx)
+        self._launch("tinycnn_col2im", cols.dtype, dx.size, cp.ascontiguousarray(cols), dx, _Index(dx.size),
+                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow), biggest=cols.size)
         return dx
 
+    # -- max pooling --------------------------------------------------------------------------------
     def maxpool_forward(self, x, pool, stride, pads):
         n, h, w, c = x.shape
         oh, ow = output_hw(h, w, pool[0], pool[1], stride, pads)
         y = cp.empty((n, oh, ow, c), dtype=x.dtype)
         argmax = cp.empty((n, oh, ow, c), dtype=cp.int32)
-        MAXPOOL_FORWARD(cp.ascontiguousarray(x), h, w, c, pool[0], pool[1], stride[0], stride[1], pads[0], pads[2],
-                        oh, ow, y, argmax)
+        self._launch("tinycnn_maxpool_forward", x.dtype, y.size, cp.ascontiguousarray(x), y, argmax,
+                     _Index(y.size), *_ints(h, w, c, *pool, *stride, pads[0], pads[2], oh, ow), biggest=x.size)
         return y, argmax
 
     def maxpool_backward(self, dy, argmax, x_shape, pool, stride, pads):
         n, h, w, c = x_shape
         dx = cp.empty(x_shape, dtype=dy.dtype)
-        MAXPOOL_BACKWARD(cp.ascontiguousarray(dy), argmax, h, w, c, pool[0], pool[1], stride[0], stride[1],
-                         pads[0], pads[2], dy.shape[1], dy.shape[2], dx)
+        self._launch("tinycnn_maxpool_backward", dy.dtype, dx.size, cp.ascontiguousarray(dy),
+                     cp.ascontiguousarray(argmax), dx, _Index(dx.size),
+                     *_ints(h, w, c, *pool, *stride, pads[0], pads[2], dy.shape[1], dy.shape[2]), biggest=dy.size)
         return dx
 
+    # -- batch normalization (+ the dropout after it) -------------------------------------------------
+    def _bn_totals(self, kernel, dtype, m, c, *args):
+        """The (2C + 1) float64 totals [sum1, sum2, m] of a partial-sums kernel, and the 2C sums in T."""
+        parts = int(min(m, BN_PARTS))
+        partials = cp.empty((parts, 2 * c), dtype=cp.float64)
+        self._launch(kernel, dtype, parts * c, *args, partials, _Index(m), np.int32(c), np.int32(parts),
+                     biggest=m * c)
+        totals = cp.empty(2 * c + 1, dtype=cp.float64)
+        totals_t = cp.empty(2 * c, dtype=dtype)
+        self._launch("tinycnn_column_totals", dtype, 2 * c + 1, partials, totals, totals_t, np.int32(parts),
+                     np.int32(2 * c), np.float64(m))
+        return totals, totals_t
+
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset, reduce):
+        x2d = cp.ascontiguousarray(x2d)
+        m, c = x2d.shape
+        dtype = x2d.dtype
+        shifted = np.int32(reduce is None)  # the ranks' sums must add up: no shift then
+        totals, _ = self._bn_totals("tinycnn_bn_forward_partials", dtype, m, c, x2d, shifted)
+        if reduce is not None:
+            totals = reduce(totals)
+        mean, var, inv_std = (cp.empty(c, dtype=dtype) for _ in range(3))
+        self._launch("tinycnn_bn_moments", dtype, c, x2d, totals, mean, var, inv_std, np.int32(c), shifted,
+                     np.float64(eps))
+        use_dropout = rate > 0.0
+        y = cp.empty_like(x2d)
+        keep = cp.empty(x2d.shape if use_dropout else (1,), dtype=cp.uint8)
+        scale = dtype.type(1.0 / (1.0 - rate))
+        self._launch("tinycnn_bn_normalize", dtype, x2d.size, x2d, mean, inv_std, _as(gamma, dtype), _as(beta, dtype),
+                     y, keep, _Index(y.size), np.int32(c), np.int32(use_dropout),
+                     np.uint32(dropout_key(seed) if use_dropout else 0), np.uint32(dropout_keep_threshold(rate)),
+                     scale, np.uint64(offset))
+        return y, (x2d, mean, keep if use_dropout else None, scale), mean, var, inv_std
+
+    def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce):
+        x2d, mean, keep, scale = saved
+        dy2d = cp.ascontiguousarray(dy2d)
+        m, c = dy2d.shape
+        dtype = dy2d.dtype
+        use_mask = np.int32(keep is not None)
+        keep = keep if keep is not None else cp.empty((1,), dtype=cp.uint8)
+        totals, sums_t = self._bn_totals("tinycnn_bn_backward_partials", dtype, m, c, dy2d, x2d, mean, inv_std, keep,
+                                         scale, use_mask)
+        dbeta, dgamma = sums_t[:c], sums_t[c:]  # this rank's, under data parallelism
+        if reduce is not None:  # dx needs the whole batch's sums and row count
+            totals = reduce(totals)
+        dx = cp.empty_like(dy2d)
+        self._launch("tinycnn_bn_backward_dx", dtype, dx.size, dy2d, x2d, mean, inv_std, keep, scale, use_mask,
+                     _as(gamma, dtype), totals, dx, _Index(dx.size), np.int32(c))
+        return dx, dgamma, dbeta
+
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None):
+        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce)
+
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
+
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
+        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)
+
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
+
+    # -- dropout and Adam ---------------------------------------------------------------------------------
     def dropout_forward(self, x, rate, seed, offset=0):
         x = cp.ascontiguousarray(x)
         y = cp.empty_like(x)
         keep = cp.empty(x.shape, dtype=cp.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
-        DROPOUT_FORWARD(x, cp.uint32(dropout_key(seed)), cp.uint32(dropout_keep_threshold(rate)), scale,
-                        cp.uint64(offset), y, keep)
+        self._launch("tinycnn_dropout_forward", x.dtype, x.size, x, y, keep, _Index(x.size),
+                     np.uint32(dropout_key(seed)), np.uint32(dropout_keep_threshold(rate)), scale, np.uint64(offset))
         return y, (keep, scale)
 
     def dropout_backward(self, dy, saved):
         keep, scale = saved
-        return DROPOUT_BACKWARD(dy, keep, scale)
+        dy = cp.ascontiguousarray(dy)
+        dx = cp.empty_like(dy)
+        self._launch("tinycnn_dropout_backward", dy.dtype, dy.size, dy, keep, dx, _Index(dx.size), scale)
+        return dx
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
-        t = param.dtype.type
-        ADAM(grad, t(lr_t), t(1 - beta_1), t(1 - beta_2), t(epsilon), param, m, v)
+        t = param.dtype.type  # the complements in float64, then rounded to T, as the reference's
+        self._launch("tinycnn_adam", param.dtype, param.size, param, m, v, cp.ascontiguousarray(grad),
+                     _Index(param.size), t(lr_t), t(1 - beta_1), t(1 - beta_2), t(epsilon))

@@ -1,0 +1,272 @@
+"""The CUDA source of every kernel the GPU set launches, as plain text: no CuPy needed to read it.
+
+One translation unit per (dtype, index width): `module_source(dtype, wide)` prefixes the kernels
+with `typedef float T` (or double) and `typedef int I` (or long long, for arrays of 2**31
+elements or more). The GPU set compiles it with CuPy's RawModule and NVRTC_OPTIONS; the tests
+compile the very same text with NVRTC for sm_80 and sm_90 (tests/test_cuda_compile.py) and with
+the host C++ compiler, playing every thread of a small grid on the CPU (tests/cuda_shim.py).
+
+Rules that keep all three possible:
+- every kernel is `extern "C"` (no name mangling, no templates) and includes no header;
+- every kernel is a grid-stride loop over its n work items, so its result does not depend on the
+  grid it is launched with (the shim launches a deliberately small one);
+- no shared memory, no atomics, no __syncthreads: each work item *gathers* what it needs, so the
+  results are deterministic and independent of thread order. Column reductions (BatchNorm) are
+  two launches: a fixed number of partial sums per column (set by the shapes alone), then their
+  sum in a fixed order;
+- --fmad=false: no fused multiply-adds, so the GPU rounds as the CPU kernels and the shim do,
+  except for float32 subnormals: CuPy's RawModule appends -ftz=true after our options (CuPy
+  14.2, cupy/cuda/compiler.py; its own kernels are compiled so too), which flushes them to zero.
+"""
+import numpy as np
+
+NVRTC_OPTIONS = ("--fmad=false",)
+# What CuPy's RawModule adds to NVRTC_OPTIONS, besides -arch=sm_XX (and --pch, which changes no
+# code): the NVRTC test compiles with these too, so it sees what the GPU backend compiles.
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+# Each work item i runs in a grid-stride loop; I is the index type (see module_source).
+_PRELUDE = r"""
+#define TINYCNN_FOR_EACH(i, n) \
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (I)blockDim.x * gridDim.x)
+
+__device__ __forceinline__ int tinycnn_max(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int tinycnn_min(int a, int b) { return a < b ? a : b; }
+
+// Dropout's counter-based hash, as tinycnn.randomness.lowbias32 on the 64-bit element index:
+// element `index` is kept when hash(index ^ key) >> 8 >= threshold.
+__device__ __forceinline__ bool tinycnn_keep(unsigned long long index, unsigned int key, unsigned int threshold) {
+    unsigned long long h = index ^ key;
+    h ^= h >> 16; h = (h * 0x7FEB352Dull) & 0xFFFFFFFFull; h ^= h >> 15;
+    h = (h * 0x846CA68Bull) & 0xFFFFFFFFull; h ^= h >> 16;
+    return (h >> 8) >= threshold;
+}
+"""
+
+# name -> source. Images are NHWC; pads are given as (top, left); see reference.py for the math.
+KERNELS = {
+    "tinycnn_im2col": r"""
+extern "C" __global__ void tinycnn_im2col(const T* x, T* cols, I n, int h, int w, int c, int kh, int kw,
+                                          int sh, int sw, int top, int left, int oh, int ow) {
+    const I k = (I)kh * kw * c;
+    TINYCNN_FOR_EACH(i, n) {
+        const I row = i / k;
+        const int j = (int)(i % k);
+        const int ch = j % c, d = (j / c) % kw, a = j / (c * kw);
+        const int ox = (int)(row % ow), oy = (int)((row / ow) % oh);
+        const I b = row / ((I)ow * oh);
+        const int y = oy * sh + a - top, xx = ox * sw + d - left;
+        cols[i] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((b * h + y) * w + xx) * c + ch] : (T)0;
+    }
+}
+""",
+    "tinycnn_col2im": r"""
+extern "C" __global__ void tinycnn_col2im(const T* cols, T* dx, I n, int h, int w, int c, int kh, int kw,
+                                          int sh, int sw, int top, int left, int oh, int ow) {
+    TINYCNN_FOR_EACH(i, n) {
+        const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
+        const I b = i / ((I)c * w * h);
+        T total = 0;
+        for (int a = 0; a < kh; ++a) {
+            const int sy = y + top - a;
+            if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
+            for (int d = 0; d < kw; ++d) {
+                const int sx = xx + left - d;
+                if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
+                const I row = (b * oh + sy / sh) * ow + sx / sw;
+                total += cols[row * ((I)kh * kw * c) + (a * kw + d) * c + ch];
+            }
+        }
+        dx[i] = total;
+    }
+}
+""",
+    # Windows are clipped to the image, so 'same' padding never wins a maximum (as the reference's -inf).
+    "tinycnn_maxpool_forward": r"""
+extern "C" __global__ void tinycnn_maxpool_forward(const T* x, T* y, int* argmax, I n, int h, int w, int c,
+                                                   int ph, int pw, int sh, int sw, int top, int left,
+                                                   int oh, int ow) {
+    TINYCNN_FOR_EACH(i, n) {
+        const int ch = (int)(i % c), ox = (int)((i / c) % ow), oy = (int)((i / ((I)c * ow)) % oh);
+        const I b = i / ((I)c * ow * oh);
+        const int y0 = oy * sh - top, x0 = ox * sw - left;
+        const int a0 = tinycnn_max(0, -y0), a1 = tinycnn_min(ph, h - y0);
+        const int d0 = tinycnn_max(0, -x0), d1 = tinycnn_min(pw, w - x0);
+        T best = x[((b * h + y0 + a0) * w + x0 + d0) * c + ch];
+        int k = a0 * pw + d0;
+        for (int a = a0; a < a1; ++a)
+            for (int d = d0; d < d1; ++d) {
+                const T v = x[((b * h + y0 + a) * w + x0 + d) * c + ch];
+                if (v > best) { best = v; k = a * pw + d; }
+            }
+        y[i] = best;
+        argmax[i] = k;
+    }
+}
+""",
+    "tinycnn_maxpool_backward": r"""
+extern "C" __global__ void tinycnn_maxpool_backward(const T* dy, const int* argmax, T* dx, I n, int h, int w,
+                                                    int c, int ph, int pw, int sh, int sw, int top, int left,
+                                                    int oh, int ow) {
+    TINYCNN_FOR_EACH(i, n) {
+        const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
+        const I b = i / ((I)c * w * h);
+        T total = 0;
+        for (int a = 0; a < ph; ++a) {
+            const int sy = y + top - a;
+            if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
+            for (int d = 0; d < pw; ++d) {
+                const int sx = xx + left - d;
+                if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
+                const I o = ((b * oh + sy / sh) * ow + sx / sw) * c + ch;
+                if (argmax[o] == a * pw + d) total += dy[o];
+            }
+        }
+        dx[i] = total;
+    }
+}
+""",
+    "tinycnn_dropout_forward": r"""
+extern "C" __global__ void tinycnn_dropout_forward(const T* x, T* y, unsigned char* keep, I n, unsigned int key,
+                                                   unsigned int threshold, T scale, unsigned long long offset) {
+    TINYCNN_FOR_EACH(i, n) {
+        const bool k = tinycnn_keep((unsigned long long)i + offset, key, threshold);
+        keep[i] = k;
+        y[i] = k ? x[i] * scale : (T)0;
+    }
+}
+""",
+    "tinycnn_dropout_backward": r"""
+extern "C" __global__ void tinycnn_dropout_backward(const T* dy, const unsigned char* keep, T* dx, I n, T scale) {
+    TINYCNN_FOR_EACH(i, n) dx[i] = keep[i] ? dy[i] * scale : (T)0;
+}
+""",
+    # The complements 1 - beta come from the host (float64, then rounded to T), as the reference's:
+    # computed on the device from a float32 beta, 1 - 0.9 was 0.100000024 and the backends drifted.
+    "tinycnn_adam": r"""
+extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, T lr_t, T one_minus_beta_1,
+                                        T one_minus_beta_2, T eps) {
+    TINYCNN_FOR_EACH(i, n) {
+        const T gi = g[i];
+        const T mi = m[i] + (gi - m[i]) * one_minus_beta_1;
+        const T vi = v[i] + (gi * gi - v[i]) * one_minus_beta_2;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= lr_t * mi / (sqrt(vi) + eps);
+    }
+}
+""",
+    # BatchNormalization over the rows of an (M, C) array, as the CPU set's: float64 sums of x - shift
+    # and its square (shift: the first row, or 0 when ranks add their sums up), `parts` partial sums
+    # per column (work item j = part * C + column sums rows part, part + parts, ...).
+    "tinycnn_bn_forward_partials": r"""
+extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int shifted, double* partials, I m, int c,
+                                                       int parts) {
+    TINYCNN_FOR_EACH(j, (I)parts * c) {
+        const int ch = (int)(j % c), part = (int)(j / c);
+        const double shift = shifted ? (double)x[ch] : 0.0;
+        double s1 = 0.0, s2 = 0.0;
+        for (I r = part; r < m; r += parts) {
+            const double v = (double)x[r * c + ch] - shift;
+            s1 += v;
+            s2 += v * v;
+        }
+        partials[(I)part * 2 * c + ch] = s1;
+        partials[(I)part * 2 * c + c + ch] = s2;
+    }
+}
+""",
+    # Backward's sums: g (dy after the dropout mask) and g * xhat, xhat = (x - mean) * inv_std in T.
+    "tinycnn_bn_backward_partials": r"""
+extern "C" __global__ void tinycnn_bn_backward_partials(const T* dy, const T* x, const T* mean, const T* inv_std,
+                                                        const unsigned char* keep, T scale, int use_mask,
+                                                        double* partials, I m, int c, int parts) {
+    TINYCNN_FOR_EACH(j, (I)parts * c) {
+        const int ch = (int)(j % c), part = (int)(j / c);
+        double s1 = 0.0, s2 = 0.0;
+        for (I r = part; r < m; r += parts) {
+            const I e = r * c + ch;
+            T g = dy[e];
+            if (use_mask) g = keep[e] ? g * scale : (T)0;
+            const T xhat = (x[e] - mean[ch]) * inv_std[ch];
+            s1 += (double)g;
+            s2 += (double)(g * xhat);
+        }
+        partials[(I)part * 2 * c + ch] = s1;
+        partials[(I)part * 2 * c + c + ch] = s2;
+    }
+}
+""",
+    # totals = [the 2C column sums of the partials, in part order; the row count m]: the layout that
+    # a data-parallel `reduce` sums over ranks. totals_t: the 2C sums rounded to T.
+    "tinycnn_column_totals": r"""
+extern "C" __global__ void tinycnn_column_totals(const double* partials, double* totals, T* totals_t, int parts,
+                                                 int width, double m) {
+    TINYCNN_FOR_EACH(j, (I)width + 1) {
+        if (j == width) { totals[j] = m; continue; }
+        double s = 0.0;
+        for (int part = 0; part < parts; ++part) s += partials[(I)part * width + j];
+        totals[j] = s;
+        totals_t[j] = (T)s;
+    }
+}
+""",
+    "tinycnn_bn_moments": r"""
+extern "C" __global__ void tinycnn_bn_moments(const T* x, const double* totals, T* mean, T* var, T* inv_std,
+                                              int c, int shifted, double eps) {
+    TINYCNN_FOR_EACH(ch, (I)c) {
+        const double count = totals[2 * c];
+        const double shift = shifted ? (double)x[ch] : 0.0;
+        const double d = totals[ch] / count;
+        const double v = totals[c + ch] / count - d * d;
+        const double var64 = v > 0.0 ? v : 0.0;
+        mean[ch] = (T)(shift + d);
+        var[ch] = (T)var64;
+        inv_std[ch] = (T)(1.0 / sqrt(var64 + eps));
+    }
+}
+""",
+    # y = (x - mean) * inv_std * gamma + beta, then (use_dropout) the dropout mask of element offset + i.
+    "tinycnn_bn_normalize": r"""
+extern "C" __global__ void tinycnn_bn_normalize(const T* x, const T* mean, const T* inv_std, const T* gamma,
+                                                const T* beta, T* y, unsigned char* keep, I n, int c,
+                                                int use_dropout, unsigned int key, unsigned int threshold,
+                                                T scale, unsigned long long offset) {
+    TINYCNN_FOR_EACH(i, n) {
+        const int ch = (int)(i % c);
+        T v = (x[i] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch];
+        if (use_dropout) {
+            const bool k = tinycnn_keep((unsigned long long)i + offset, key, threshold);
+            keep[i] = k;
+            v = k ? v * scale : (T)0;
+        }
+        y[i] = v;
+    }
+}
+""",
+    # dx = gamma * inv_std * (g - sum(g) / m - xhat * sum(g * xhat) / m), the sums and m from totals.
+    "tinycnn_bn_backward_dx": r"""
+extern "C" __global__ void tinycnn_bn_backward_dx(const T* dy, const T* x, const T* mean, const T* inv_std,
+                                                  const unsigned char* keep, T scale, int use_mask, const T* gamma,
+                                                  const double* totals, T* dx, I n, int c) {
+    TINYCNN_FOR_EACH(i, n) {
+        const int ch = (int)(i % c);
+        const double count = totals[2 * c];
+        T g = dy[i];
+        if (use_mask) g = keep[i] ? g * scale : (T)0;
+        const T xhat = (x[i] - mean[ch]) * inv_std[ch];
+        const T k = gamma[ch] * inv_std[ch];
+        dx[i] = k * (g - (T)(totals[ch] / count) - xhat * (T)(totals[c + ch] / count));
+    }
+}
+""",
+}
+
+_TYPE_NAMES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def module_source(dtype, wide):
+    """The translation unit of every kernel for arrays of `dtype` (float32 or float64), with 64-bit
+    indices when `wide` (some array has 2**31 elements or more)."""
+    head = f"typedef {_TYPE_NAMES[np.dtype(dtype)]} T;\ntypedef {'long long' if wide else 'int'} I;\n"
+    return head + _PRELUDE + "".join(KERNELS.values())
