@@ -91,12 +91,15 @@ class RawModule:
         return RawKernel(self._library, name)
 
 
-def fake_cupy():
-    """A stand-in `cupy` module: NumPy array functions and the RawModule above."""
+def fake_cupy(devices=1):
+    """A stand-in `cupy` module: NumPy array functions, the RawModule above, and a CUDA runtime that
+    reports `devices` GPUs."""
     module = types.ModuleType("cupy")
     module.RawModule = RawModule
     module.get_array_module = lambda *arrays: np  # for code that asks which module an array is of
-    for name in ("empty", "empty_like", "zeros", "ascontiguousarray", "uint8", "uint32", "uint64", "int32", "int64",
-                 "float32", "float64"):
+    module.asnumpy = np.asarray
+    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: devices))
+    for name in ("empty", "empty_like", "zeros", "asarray", "ascontiguousarray", "uint8", "uint32", "uint64", "int32",
+                 "int64", "float32", "float64"):
         setattr(module, name, getattr(np, name))
     return module

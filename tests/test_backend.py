@@ -76,6 +76,71 @@ def test_gpu_request_without_gpu_says_what_is_missing_and_how_to_install():
     assert ("CuPy is not installed" in message and 'pip install "tinycnn[gpu]"' in message) or "CUDA" in message
 
 
+# -- the GPU probe, against a stand-in CuPy (tests/cuda_shim.py) that works or fails as told ----------------
+@pytest.fixture
+def stand_in_cupy(monkeypatch):
+    """Installs a stand-in CuPy as the backend's and returns it; the probe's memory is reset."""
+    import cuda_shim
+
+    if cuda_shim.CXX is None:
+        pytest.skip("needs a C++ compiler (g++) to run the probe's CUDA kernel")
+    fake = cuda_shim.fake_cupy()
+    monkeypatch.setattr(B, "cupy", fake)
+    monkeypatch.setattr(B, "_probed", {})
+    monkeypatch.setattr(B, "_fallback_noticed", False)
+    monkeypatch.setattr(B, "_BACKENDS", {})
+    return fake
+
+
+def test_probe_accepts_a_gpu_that_compiles_launches_and_multiplies(stand_in_cupy):
+    assert B.gpu_problem() is None
+
+
+def _no_nvrtc(code, **_):
+    raise RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: cannot open shared object file")
+
+
+def test_probe_says_nvrtc_is_missing_and_auto_falls_back_with_one_line(stand_in_cupy, monkeypatch, capsys):
+    monkeypatch.setattr(stand_in_cupy, "RawModule", _no_nvrtc)
+    problem = B.gpu_problem()
+    assert "cannot compile CUDA kernels" in problem and "libnvrtc.so.12" in problem
+    assert 'pip install "tinycnn[gpu]"' in problem
+    with pytest.raises(tc.DeviceError, match="device='gpu' is unavailable: CuPy cannot compile"):
+        B.get_backend("gpu")
+    assert B.get_backend("auto").name == "cpu"
+    assert B.get_backend("auto").name == "cpu"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tinycnn: device='auto' runs on the CPU: {problem}"]  # once, one line
+
+
+def test_probe_catches_a_kernel_that_computes_nothing(stand_in_cupy, monkeypatch):
+    class Silent:
+        def __init__(self, code, **_):
+            pass
+
+        def get_function(self, name):
+            return lambda grid, block, args: None
+
+    monkeypatch.setattr(stand_in_cupy, "RawModule", Silent)
+    monkeypatch.setattr(stand_in_cupy, "empty", np.zeros)
+    assert B.gpu_problem() == "a test kernel ran on the GPU but computed wrong values"
+
+
+def test_probe_names_cublas_when_matmul_fails(stand_in_cupy, monkeypatch):
+    class NoBlas(np.ndarray):
+        def __matmul__(self, other):
+            raise RuntimeError("libcublas.so.12 not found")
+
+    monkeypatch.setattr(stand_in_cupy, "asarray", lambda a: np.asarray(a).view(NoBlas))
+    problem = B.gpu_problem()
+    assert "cannot multiply matrices (cuBLAS" in problem and "libcublas.so.12" in problem
+
+
+def test_probe_without_a_visible_gpu(stand_in_cupy, monkeypatch):
+    monkeypatch.setattr(stand_in_cupy.cuda.runtime, "getDeviceCount", lambda: 0)
+    assert B.gpu_problem() == "CuPy is installed but no CUDA GPU is visible"
+
+
 def test_auto_falls_back_to_cpu_without_gpu():
     expected = "gpu" if B.gpu_problem() is None else "cpu"
     assert B.get_backend("auto").name == expected

@@ -6,6 +6,8 @@ see tinycnn.kernels). Which backend a model gets is a setting (tinycnn.config): 
 kernel set and the CPU convolution algorithm. The first CPU backend also applies the process-wide
 CPU tuning (tinycnn.kernels.cpu.tune_process); `describe()` shows all of it.
 """
+import sys
+
 import numpy as np
 
 from . import config, naming, randomness
@@ -14,22 +16,71 @@ from .errors import DeviceError
 
 __all__ = ["Backend", "get_backend", "gpu_problem", "get_array_module", "to_numpy", "clear_session", "DeviceError"]
 
-GPU_INSTALL_HINT = 'pip install "tinycnn[gpu]"  (CuPy for CUDA 12; use cupy-cuda13x for CUDA 13)'
+GPU_INSTALL_HINT = ('pip install "tinycnn[gpu]" (CuPy for CUDA 12 with the CUDA libraries it needs; '
+                    '"tinycnn[gpu-cuda13]" for a CUDA 13 driver)')
 
 clear_session = naming.clear_session
 
+# The probe: one tiny kernel compiled and launched (NVRTC, the driver) and one matmul (cuBLAS).
+_PROBE_SOURCE = r"""
+extern "C" __global__ void tinycnn_probe(float* y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) y[i] = 2.0f * i + 1.0f;
+}
+"""
+_probed = {}  # CuPy module -> its problem (None: usable); per module, so a test's stand-in is probed anew
+_fallback_noticed = False
+
+
+def _probe(cp):
+    """None when CuPy can compile, launch and multiply on the current GPU; else what failed."""
+    try:
+        kernel = cp.RawModule(code=_PROBE_SOURCE).get_function("tinycnn_probe")
+    except Exception as exc:  # NVRTC missing (a CuPy without its CUDA components) or broken
+        return f"CuPy cannot compile CUDA kernels ({type(exc).__name__}: {exc}); install with: {GPU_INSTALL_HINT}"
+    try:
+        y = cp.empty(37, dtype=cp.float32)
+        kernel((2,), (8,), (y, np.int32(37)))
+        if not np.array_equal(cp.asnumpy(y), 2.0 * np.arange(37, dtype=np.float32) + 1.0):
+            return "a test kernel ran on the GPU but computed wrong values"
+    except Exception as exc:
+        return f"CuPy cannot launch a kernel on the GPU ({type(exc).__name__}: {exc})"
+    try:
+        a = cp.asarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+        if not np.array_equal(cp.asnumpy(a @ a.T), np.array([[5.0, 14.0], [14.0, 50.0]], dtype=np.float32)):
+            return "a test matrix product on the GPU computed wrong values"
+    except Exception as exc:  # cuBLAS missing or broken
+        return (f"CuPy cannot multiply matrices (cuBLAS: {type(exc).__name__}: {exc}); "
+                f"install with: {GPU_INSTALL_HINT}")
+    return None
+
 
 def gpu_problem():
-    """Why the GPU backend is unavailable, or None if it can be used."""
+    """Why the GPU backend is unavailable, or None if it can be used. The first call proves the
+    GPU works (compiles and launches a kernel, multiplies two matrices: what the first training
+    step needs) and remembers the answer for the process."""
     if cupy is None:
         return f"CuPy is not installed or failed to import ({CUPY_IMPORT_ERROR}); install it with: {GPU_INSTALL_HINT}"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # CUDA driver missing or broken
-        return f"CuPy is installed but CUDA is not usable ({exc})"
-    if count == 0:
-        return "CuPy is installed but no CUDA GPU is visible"
-    return None
+    if cupy not in _probed:
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CUDA driver missing or broken
+            _probed[cupy] = f"CuPy is installed but CUDA is not usable ({exc})"
+        else:
+            _probed[cupy] = "CuPy is installed but no CUDA GPU is visible" if count == 0 else _probe(cupy)
+    return _probed[cupy]
+
+
+def _auto_device():
+    """'gpu' when the GPU works, else 'cpu', saying why once when CuPy is installed but unusable
+    (someone meant to use the GPU; a CPU-only install stays quiet)."""
+    global _fallback_noticed
+    problem = gpu_problem()
+    if problem is None:
+        return "gpu"
+    if cupy is not None and not _fallback_noticed:
+        _fallback_noticed = True
+        print(f"tinycnn: device='auto' runs on the CPU: {problem}", file=sys.stderr)
+    return "cpu"
 
 
 class Backend:
@@ -99,7 +150,7 @@ def get_backend(device=None):
     settings = config.settings()
     device = settings.device if device is None else config.validate("device", device)
     if device == "auto":
-        device = "gpu" if gpu_problem() is None else "cpu"
+        device = _auto_device()
     if device == "gpu":
         problem = gpu_problem()
         if problem is not None:
