@@ -1,0 +1,83 @@
+"""The GPU backend as the layers use it, without a GPU: a Backend named "gpu" whose array module
+is the stand-in CuPy of tests/cuda_shim.py (NumPy's functions, the CUDA kernels of
+tinycnn/kernels/cuda_source.py compiled as C++) and whose kernel set is GPUKernels. The Week2
+model trains and predicts on it as on the CPU: this checks the GPU set's entries in context (their
+arguments, what forward saves for backward, BatchNorm's running statistics, dropout's offsets),
+which the per-kernel tests cannot. What it cannot check: CuPy's own functions, and the GPU."""
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+import cuda_shim
+import tinycnn as tc
+from tinycnn import config
+from tinycnn.backend import Backend
+
+pytestmark = pytest.mark.skipif(cuda_shim.CXX is None, reason="needs a C++ compiler (g++) to run CUDA kernels")
+
+
+@pytest.fixture(scope="module")
+def shim_gpu():
+    """A "gpu" Backend on the stand-in CuPy; the real modules come back after."""
+    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
+    fake = cuda_shim.fake_cupy()
+    sys.modules["cupy"] = fake
+    sys.modules.pop("tinycnn.kernels.gpu", None)
+    try:
+        gpu = importlib.import_module("tinycnn.kernels.gpu")
+        yield Backend("gpu", fake, gpu.GPUKernels(), config.settings())
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+
+
+def week2(device):
+    from week2_model import build_week2_model
+
+    model = build_week2_model(device=device, seed=4)
+    model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["accuracy"])
+    return model
+
+
+def data(n=192, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 28, 28, 1), dtype=np.float32), np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
+
+
+def test_week2_trains_on_the_gpu_set_as_on_the_cpu(shim_gpu):
+    x, y = data()
+    runs = {}
+    for name, device in (("gpu", shim_gpu), ("cpu", "cpu")):
+        model = week2(device)
+        assert model.backend.kernels.name == name
+        history = model.fit(x, y, batch_size=64, epochs=2, verbose=0, validation_data=data(64, 1))
+        runs[name] = (history.history, model.get_weights(), model.predict(x[:50], verbose=0))
+    (h_gpu, w_gpu, p_gpu), (h_cpu, w_cpu, p_cpu) = runs["gpu"], runs["cpu"]
+    assert h_gpu.keys() == h_cpu.keys()
+    for key in set(h_cpu) - {"seconds"}:  # loss, accuracy, val_loss, val_accuracy
+        np.testing.assert_allclose(h_gpu[key], h_cpu[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, b in zip(w_gpu, w_cpu):  # the BatchNorm moving statistics among them
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(p_gpu, p_cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gpu_set_runs_its_own_kernels_in_that_training(shim_gpu, monkeypatch):
+    """The comparison above is not the reference code twice: the fused BatchNorm + Dropout, max-pool,
+    im2col and Adam kernels of cuda_source are what ran."""
+    launched = set()
+    real = cuda_shim.RawKernel.__call__
+
+    def counting(self, grid, block, args, **kw):
+        launched.add(self.name)
+        return real(self, grid, block, args, **kw)
+
+    monkeypatch.setattr(cuda_shim.RawKernel, "__call__", counting)
+    x, y = data(64)
+    week2(shim_gpu).fit(x, y, batch_size=64, epochs=1, verbose=0)
+    assert {"tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward", "tinycnn_maxpool_backward",
+            "tinycnn_bn_forward_partials", "tinycnn_bn_normalize", "tinycnn_bn_backward_dx", "tinycnn_adam"} <= launched
