@@ -1,7 +1,11 @@
-"""Keras 3 (TensorFlow backend, CPU) side of the benchmark: the Week2 model, its training
-step, epoch, inference and single kernels. Prints one JSON object (schema in common.py).
+"""Keras 3 side of the benchmark: the Week2 model, its training step, epoch, inference and
+single kernels. Prints one JSON object (schema in common.py).
 
     python benchmarks/bench_keras.py [--repeats 3] [--steps 50] [--quick] [--skip-epoch]
+
+On TensorFlow's CPU backend by default. KERAS_BACKEND=jax runs it on JAX instead (on the GPU
+where JAX has one; the framework is then reported as "keras-jax", without the single kernels,
+which are TensorFlow ops).
 """
 import os
 import sys
@@ -42,6 +46,8 @@ def main():
     counts = C.Counts.from_args(args)
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ["KERAS_BACKEND"] == "jax":
+        return main_jax(args, counts)
     try:
         import tensorflow as tf
     except ImportError as exc:
@@ -66,6 +72,33 @@ def main():
              f"{tf.config.threading.get_intra_op_parallelism_threads()}, inter-op "
              f"{tf.config.threading.get_inter_op_parallelism_threads()}, "
              f"TF_ENABLE_ONEDNN_OPTS={onednn}"]
+    measure(keras, result, notes, counts)
+    if not args.no_kernels:
+        result["kernels"] = kernels(tf, keras, counts, notes)
+    result["notes"] = "; ".join(notes)
+    C.emit(result)
+
+
+def main_jax(args, counts):
+    """The same measurements on Keras's JAX backend (XLA-compiled steps), on JAX's default device."""
+    try:
+        import jax
+        import keras
+    except ImportError as exc:
+        C.missing("keras-jax", f"cannot import keras on jax: {exc}")
+    keras.utils.set_random_seed(C.SEED)
+    device = jax.devices()[0]
+    result = C.new_result("keras-jax", keras.__version__, args.threads,
+                          device="gpu" if device.platform == "gpu" else device.platform, counts=counts)
+    result["jax"] = jax.__version__
+    notes = [f"keras {keras.__version__} on jax {jax.__version__}, device {device.device_kind} ({device.platform})"]
+    measure(keras, result, notes, counts)
+    result["notes"] = "; ".join(notes)
+    C.emit(result)
+
+
+def measure(keras, result, notes, counts):
+    """Step, epoch, inference and one-image latency of the Week2 model, into `result`."""
 
     C.log("making data")
     x_train, y_train, x_test, y_test = C.make_data()
@@ -92,7 +125,7 @@ def main():
     result["step_ms"] = C.stats(runs)
     result["compile_s"] = C.compile_seconds(first_s, result["step_ms"])
     C.log(f"step: {result['step_ms']['median']:.2f} ms (first step {first_s * 1e3:.1f} ms)")
-    notes.append("step = model.train_on_batch (the compiled tf.function train step + Keras' "
+    notes.append("step = model.train_on_batch (the backend's compiled train step + Keras' "
                  "per-call Python overhead); compile_s = first call (tracing) minus a steady call")
 
     # ---- epoch -----------------------------------------------------------------------------
@@ -134,13 +167,6 @@ def main():
     C.log("predict one image")
     result["predict_one_ms"] = C.stats(C.time_per_call(predict_one, C.PREDICT_ONE_CALLS, counts.repeats, warmup=10))
     notes.append("predict_one = model(x_test[:1], training=False) to NumPy (model.predict on one image costs far more)")
-
-    # ---- kernels ---------------------------------------------------------------------------
-    if not args.no_kernels:
-        result["kernels"] = kernels(tf, keras, counts, notes)
-
-    result["notes"] = "; ".join(notes)
-    C.emit(result)
 
 
 def kernels(tf, keras, counts, notes):

@@ -46,7 +46,10 @@ def main():
         C.missing(FRAMEWORK, f"cannot import tinycnn: {exc}")
 
     device = os.environ.get("TINYCNN_DEVICE", "cpu")
-    model = make_model(device, seed=C.SEED)
+    try:
+        model = make_model(device, seed=C.SEED)
+    except tc.DeviceError as exc:
+        C.missing(FRAMEWORK, str(exc))
     be = model.backend
     threads = int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count()))
     result = C.new_result(FRAMEWORK, tc.__version__, threads, device=be.name, counts=counts)

@@ -64,6 +64,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -478,6 +479,17 @@ def _numpy_info():
     return info
 
 
+def _gpu_name():
+    """'NAME, driver VERSION, MEMORY' of the first NVIDIA GPU (nvidia-smi), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
 def machine_info():
     """What the results were measured on."""
     model, logical = _cpu_model()
@@ -499,6 +511,7 @@ def machine_info():
     except OSError:
         pass
     return {
+        "gpu": _gpu_name(),
         "cpu_model": model,
         "logical_cores": logical,
         "os_cpu_count": os.cpu_count(),

@@ -1,8 +1,11 @@
-"""Run the CPU benchmark of every framework and write the comparison.
+"""Run the benchmark of every framework and write the comparison.
 
     python benchmarks/run.py [--frameworks tinycnn,pytorch,keras] [--peer-python PATH]
                              [--repeats 3] [--steps 50] [--quick] [--skip-epoch]
-                             [--out benchmarks/results]
+                             [--device cpu|gpu] [--out benchmarks/results]
+
+With --device gpu the default frameworks are tinycnn (TINYCNN_DEVICE=gpu), pytorch (CUDA, eager),
+pytorch-graphs (its training step replayed from a CUDA graph) and keras-jax (Keras 3 on JAX).
 
 Each framework's ``benchmarks/bench_<name>.py`` runs in its own subprocess, one after another,
 with the thread variables of ``common.thread_env`` set (``tinycnn`` with this Python, the
@@ -29,19 +32,26 @@ import common as C  # noqa: E402
 from tinycnn.files import atomic_path, atomic_write  # noqa: E402
 
 DEFAULT_FRAMEWORKS = "tinycnn,pytorch,keras"
+GPU_FRAMEWORKS = "tinycnn,pytorch,pytorch-graphs,keras-jax"
 SCRIPT_NAMES = {"pytorch": "bench_torch.py", "torch": "bench_torch.py",
                 "keras": "bench_keras.py", "tinycnn": "bench_tinycnn.py"}
+# A variant: another framework name for a script run with extra environment variables.
+VARIANTS = {"pytorch-graphs": ("pytorch", {"BENCH_TORCH_GRAPHS": "1"}),
+            "keras-jax": ("keras", {"KERAS_BACKEND": "jax"})}
+GPU_ENV = {"TINYCNN_DEVICE": "gpu", "BENCH_DEVICE": "gpu"}  # and CUDA_VISIBLE_DEVICES as the caller has it
 STDERR_TAIL = 40
 
 
 def script_for(framework):
+    framework = VARIANTS.get(framework, (framework, {}))[0]
     return os.path.join(HERE, SCRIPT_NAMES.get(framework, f"bench_{framework}.py"))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--frameworks", default=DEFAULT_FRAMEWORKS,
-                   help=f"comma-separated (default {DEFAULT_FRAMEWORKS})")
+    p.add_argument("--frameworks", default=None,
+                   help=f"comma-separated (default {DEFAULT_FRAMEWORKS}; with --device gpu {GPU_FRAMEWORKS})")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--peer-python", default=sys.executable,
                    help="Python that has torch / tensorflow / keras (default: this one)")
     p.add_argument("--repeats", type=int, default=3)
@@ -84,7 +94,8 @@ def run_one(framework, python, args, env):
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
         try:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE,
+                                    env={**env, **VARIANTS.get(framework, (None, {}))[1]}, cwd=ROOT)
         except OSError as exc:
             return "missing", f"cannot start {python}: {exc}"
 
@@ -188,7 +199,7 @@ def render_markdown(report):
     peers = [n for n in names if n != base] if base else []
     ratio_cols = [f"{base} ÷ {p}" for p in peers] if base else []
     m = report["machine"]
-    md = ["# CPU benchmark results", ""]
+    md = [f"# {report.get('device', 'cpu').upper()} benchmark results", ""]
     md.append(f"Measured {m['date']} with `{report['command']}`.")
     md.append("")
     md.append("## Machine")
@@ -197,6 +208,7 @@ def render_markdown(report):
     blas = np_info.get("blas")
     blas_s = (f"{blas.get('name')} {blas.get('version', '')}".strip()
               if isinstance(blas, dict) else str(blas))
+    md += [f"- GPU: {m['gpu']}"] if m.get("gpu") else []
     md += [f"- CPU: {m['cpu_model']}",
            f"- logical cores: {m['logical_cores']}, os.cpu_count: {m['os_cpu_count']}, "
            f"usable: {m['usable_cpus']}, memory: {m['memory_gb']} GB",
@@ -329,8 +341,15 @@ def main(argv=None):
             report["baseline"] = args.baseline
         os.makedirs(args.out, exist_ok=True)
         return write_reports(report, args.out)
-    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    chosen = args.frameworks or (GPU_FRAMEWORKS if args.device == "gpu" else DEFAULT_FRAMEWORKS)
+    frameworks = [f.strip() for f in chosen.split(",") if f.strip()]
     env = C.thread_env(args.threads)
+    if args.device == "gpu":
+        env.update(GPU_ENV)
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            env.pop("CUDA_VISIBLE_DEVICES")
     # the repository root, so bench_tinycnn.py finds tinycnn without an install
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     for item in args.env:
@@ -347,6 +366,7 @@ def main(argv=None):
         "command": " ".join(["python", os.path.relpath(__file__, os.getcwd())]
                             + (argv if argv is not None else sys.argv[1:])),
         "machine": C.machine_info(),
+        "device": args.device,
         "threads": args.threads,
         "thread_env": thread_vars,
         "counts": {"repeats": args.repeats, "steps": args.steps,

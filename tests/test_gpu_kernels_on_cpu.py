@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 import cuda_shim
+from tinycnn.backend import gpu_problem
 from tinycnn.kernels.reference import ReferenceKernels
+
+GPU_PROBLEM = gpu_problem()
+if GPU_PROBLEM is None:  # the real GPU set, imported before the fixture below swaps CuPy out
+    import cupy
+    import tinycnn.kernels.gpu as REAL_GPU
 
 pytestmark = pytest.mark.skipif(cuda_shim.CXX is None, reason="needs a C++ compiler (g++) to run CUDA bodies")
 
@@ -224,3 +230,55 @@ def test_an_injected_off_by_one_fails_these_checks(gpu):
         check_batchnorm(gpu.GPUKernels(mutated("for (I r = part; r < m; r += parts)",
                                                "for (I r = part; r + parts < m; r += parts)")), np.float32, 300, 16, 0)
     check_maxpool(gpu.GPUKernels(), np.float32, *POOLS[0])  # and the real kernels pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_PROBLEM is not None, reason=f"no GPU backend: {GPU_PROBLEM}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_gpu_computes_what_the_cpu_played_kernels_compute_bit_for_bit(gpu, dtype):
+    """On a GPU: each kernel gives exactly the results of the same source played on the CPU (no
+    fused multiply-adds on either side, every work item's loop in the same order; the inputs hold
+    no subnormals, which the GPU flushes)."""
+    real, played = REAL_GPU.GPUKernels(), gpu.GPUKernels()
+    rng = np.random.default_rng(11)
+
+    def same(name, *args):
+        def host(value):
+            return cupy.asnumpy(value) if isinstance(value, cupy.ndarray) else value
+
+        def device(value):
+            return cupy.asarray(value) if isinstance(value, np.ndarray) else value
+
+        ours = getattr(real, name)(*map(device, args))
+        theirs = getattr(played, name)(*args)
+        pairs = zip(*(r if isinstance(r, tuple) else (r,) for r in (ours, theirs)))
+        for a, b in pairs:
+            if isinstance(a, tuple):  # saved state: compared through the backward passes below
+                continue
+            np.testing.assert_array_equal(host(a), b, err_msg=name)
+        return ours, theirs
+
+    shape, kh, kw, stride, pads = CONVS[1]
+    x = _no_ties(shape, dtype, 12)
+    cols = same("im2col", x, kh, kw, stride, pads)[1]
+    same("col2im", cols, shape, kh, kw, stride, pads)
+    shape, pool, stride, pads = POOLS[1]
+    x = _no_ties(shape, dtype, 13)
+    y, argmax = same("maxpool_forward", x, pool, stride, pads)[1]
+    same("maxpool_backward", rng.standard_normal(y.shape).astype(dtype), argmax, shape, pool, stride, pads)
+    x2d = (rng.standard_normal((1031, 16)) * 3 + 5).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 2, 16).astype(dtype), rng.standard_normal(16).astype(dtype)
+    fwd_real, fwd_played = same("batchnorm_dropout_forward_train", x2d, gamma, beta, 1e-3, 0.25, 99, 12)
+    dy = rng.standard_normal(x2d.shape).astype(dtype)
+    back_real = real.batchnorm_dropout_backward_train(cupy.asarray(dy), fwd_real[1], cupy.asarray(gamma), fwd_real[4])
+    back_played = played.batchnorm_dropout_backward_train(dy, fwd_played[1], gamma, fwd_played[4])
+    for a, b in zip(back_real, back_played):
+        np.testing.assert_array_equal(cupy.asnumpy(a), b)
+    y, saved = same("dropout_forward", x2d, 0.3, 2**40 + 5, 2**33)
+    param, grad = rng.standard_normal(1000).astype(dtype), rng.standard_normal(1000).astype(dtype)
+    m, v = np.zeros_like(param), np.zeros_like(param)
+    slots = [cupy.asarray(a) for a in (param, m, v)]
+    real.adam_update(slots[0], cupy.asarray(grad), slots[1], slots[2], 0.003, 0.9, 0.999, 1e-7)
+    played.adam_update(param, grad, m, v, 0.003, 0.9, 0.999, 1e-7)
+    for a, b in zip(slots, (param, m, v)):
+        np.testing.assert_array_equal(cupy.asnumpy(a), b)
