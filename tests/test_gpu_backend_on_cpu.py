@@ -61,8 +61,11 @@ def test_week2_trains_on_the_gpu_set_as_on_the_cpu(shim_gpu):
     assert h_gpu.keys() == h_cpu.keys()
     for key in set(h_cpu) - {"seconds"}:  # loss, accuracy, val_loss, val_accuracy
         np.testing.assert_allclose(h_gpu[key], h_cpu[key], rtol=1e-4, atol=1e-5, err_msg=key)
-    for a, b in zip(w_gpu, w_cpu):  # the BatchNorm moving statistics among them
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    # The weights, BatchNorm's moving statistics among them. Adam moves a weight by about lr = 0.003
+    # per step whatever its gradient's size, so round-off in a near-zero gradient can move one by
+    # a fraction of that: 3.7e-4 at most seen (over 6 steps), where a wrong kernel moves them by far more.
+    for a, b in zip(w_gpu, w_cpu):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(p_gpu, p_cpu, rtol=1e-4, atol=1e-5)
 
 

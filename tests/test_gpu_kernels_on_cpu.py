@@ -197,6 +197,30 @@ def test_a_1x1_convolution_needs_no_im2col_copy(gpu, dtype):
     check_im2col_col2im(k, dtype, (2, 5, 6, 4), 1, 1, (2, 2), (0, 0, 0, 0))  # strided 1x1: the kernel
 
 
+def test_dropout_keys_and_masks_from_device_keys(gpu):
+    """A static step's keys, computed from its counters on the device, are the reference's; a mask
+    drawn from such a key (read from device memory) is the mask of the seed it stands for."""
+    from tinycnn.randomness import DeviceKey
+
+    k = gpu.GPUKernels()
+    rng = np.random.default_rng(10)
+    args = (rng.integers(0, 2**63, 9, dtype=np.uint64), rng.integers(0, 4, 9).astype(np.uint64),
+            rng.integers(1, 4, 9).astype(np.uint64), np.array([2**35 + 7], np.uint64))
+    ours, ref = np.zeros(9, np.uint32), np.ones(9, np.uint32)
+    k.dropout_keys(*args, ours)
+    R.dropout_keys(*args, ref)
+    np.testing.assert_array_equal(ours, ref)
+    x = np.random.default_rng(4).standard_normal((3, 5, 5, 7)).astype(np.float32)
+    y, _ = k.dropout_forward(x, 0.3, DeviceKey(ours, 4), 17)
+    y_ref, _ = R.dropout_forward(x, 0.3, DeviceKey(ref, 4), 17)
+    np.testing.assert_array_equal(y, y_ref)
+    x2d = x.reshape(-1, 7)
+    ones, zeros = np.ones(7, np.float32), np.zeros(7, np.float32)
+    out = k.batchnorm_dropout_forward_train(x2d, ones, zeros, 1e-3, 0.3, DeviceKey(ours, 4), 17)
+    out_ref = R.batchnorm_dropout_forward_train(x2d, ones, zeros, 1e-3, 0.3, DeviceKey(ref, 4), 17)
+    np.testing.assert_array_equal(out[0] == 0, out_ref[0] == 0)
+
+
 def test_the_checks_above_cover_every_cuda_kernel(gpu):
     """A kernel added to cuda_source fails this until a check above runs it."""
     from tinycnn.kernels import cuda_source
@@ -205,7 +229,7 @@ def test_the_checks_above_cover_every_cuda_kernel(gpu):
         "tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward", "tinycnn_maxpool_backward",
         "tinycnn_dropout_forward", "tinycnn_dropout_backward", "tinycnn_adam", "tinycnn_bn_forward_partials",
         "tinycnn_bn_backward_partials", "tinycnn_column_totals", "tinycnn_bn_moments", "tinycnn_bn_normalize",
-        "tinycnn_bn_backward_dx"}
+        "tinycnn_bn_backward_dx", "tinycnn_dropout_keys"}
 
 
 def mutated(old, new):
@@ -275,6 +299,12 @@ def test_the_gpu_computes_what_the_cpu_played_kernels_compute_bit_for_bit(gpu, d
     for a, b in zip(back_real, back_played):
         np.testing.assert_array_equal(cupy.asnumpy(a), b)
     y, saved = same("dropout_forward", x2d, 0.3, 2**40 + 5, 2**33)
+    keys = (rng.integers(0, 2**63, 5, dtype=np.uint64), np.arange(5, dtype=np.uint64), np.ones(5, np.uint64),
+            np.array([12345], np.uint64))
+    keys_real, keys_played = cupy.zeros(5, cupy.uint32), np.zeros(5, np.uint32)
+    real.dropout_keys(*map(cupy.asarray, keys), keys_real)
+    played.dropout_keys(*keys, keys_played)
+    np.testing.assert_array_equal(cupy.asnumpy(keys_real), keys_played)
     param, grad = rng.standard_normal(1000).astype(dtype), rng.standard_normal(1000).astype(dtype)
     m, v = np.zeros_like(param), np.zeros_like(param)
     slots = [cupy.asarray(a) for a in (param, m, v)]

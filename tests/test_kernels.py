@@ -291,6 +291,42 @@ def test_dropout_masks_are_identical_across_implementations(device, size):
     assert not np.array_equal(B.to_numpy(y2), y_ref)  # another seed, another mask
 
 
+def test_dropout_keys_on_the_device_are_the_host_seeds_keys(device):
+    """A static step's keys (dropout_keys: computed on the device from its step counter) are the
+    keys of the seeds an eager step draws on the host, call_seed(base, offset + step * calls)."""
+    from tinycnn.randomness import DeviceKey, call_seed, dropout_key
+
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(4)
+    bases = rng.integers(0, 2**63, 6, dtype=np.uint64)
+    offsets, calls = np.array([0, 1, 0, 2, 5, 0], np.uint64), np.array([1, 2, 1, 3, 7, 1], np.uint64)
+    for step in (0, 1, 2**40 + 3):
+        out = be.xp.zeros(6, dtype=be.xp.uint32)
+        k.dropout_keys(*map(be.asarray, (bases, offsets, calls, np.array([step], np.uint64))), out)
+        expected = [dropout_key(call_seed(int(b), int(o) + step * int(c))) for b, o, c in zip(bases, offsets, calls)]
+        assert B.to_numpy(out).tolist() == expected
+    # and a mask drawn from a DeviceKey is the mask of the seed whose key it holds
+    x = be.asarray(np.random.default_rng(5).standard_normal((4, 7)).astype(np.float32))
+    seed = call_seed(int(bases[1]), 1 + 2)
+    y_host, _ = k.dropout_forward(x, 0.5, seed)
+    out = be.xp.asarray(np.array([0, dropout_key(seed)], np.uint32))
+    y_device, _ = k.dropout_forward(x, 0.5, DeviceKey(out, 1))
+    assert np.array_equal(B.to_numpy(y_host), B.to_numpy(y_device))
+
+
+def test_a_dropout_layer_seeds_call_k_with_call_seed_of_its_epoch_seed():
+    """Call k of an epoch masks with call_seed(the layer's seed for the epoch, k): counters, which a
+    static step can compute on the device."""
+    from tinycnn.randomness import call_seed
+
+    layer = tc.layers.Dropout(0.5)
+    layer.reseed(1234)
+    assert [layer.next_seed() for _ in range(3)] == [call_seed(1234, k) for k in range(3)]
+    assert layer.random_state() == {"base": 1234, "calls": 3}
+    layer.reseed(99)
+    assert layer.next_seed() == call_seed(99, 0)
+
+
 @pytest.mark.parametrize("shape", [(3, 4, 5), (128, 24, 24, 16)])
 def test_relu_backward(device, shape):
     k, be = fast_kernels(device), B.get_backend(device)
@@ -322,7 +358,7 @@ OVERRIDES = {  # what each backend's set computes itself; everything else is the
             "dropout_backward"},
     "gpu": {"im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_forward_train",
             "batchnorm_backward_train", "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train",
-            "dropout_forward", "dropout_backward", "adam_update"},
+            "dropout_forward", "dropout_backward", "dropout_keys", "adam_update"},
 }
 
 

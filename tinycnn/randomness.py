@@ -30,10 +30,57 @@ def dropout_key(seed):
     return low ^ ((seed >> 32) & HASH_MASK)
 
 
+MASK64 = (1 << 64) - 1
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
+MIX_1, MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # and its finalizer's multipliers
+
+
+def call_seed(base, call):
+    """The 63-bit seed of a layer's call number `call` (0, 1, ...) since its stream was (re)seeded
+    with `base`: splitmix64 of base + (call + 1) * gamma. A function of two counters, not a
+    generator's state, so a static step computes it on the device from its step counter (the
+    `dropout_keys` kernel), bit for bit as here."""
+    z = (base + (call + 1) * GOLDEN_GAMMA) & MASK64
+    z = ((z ^ (z >> 30)) * MIX_1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX_2) & MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+class DeviceKey:
+    """A dropout mask's 32-bit key held in device memory: element `index` of the uint32 array
+    `keys`, which a static step recomputes on the device every step (tinycnn.static_step), where a
+    key passed from the host would be frozen into a captured graph."""
+
+    def __init__(self, keys, index):
+        self.keys, self.index = keys, index
+
+    def view(self):
+        """The key as a 1-element device array (for kernels that read it from memory)."""
+        return self.keys[self.index : self.index + 1]
+
+    def host(self):
+        """The key as an int (a device-to-host read: for the reference and CPU kernels)."""
+        return int(self.keys[self.index])
+
+
+_static = []  # the static step running now, if any (tinycnn.static_step sets it)
+
+
+def static_key_table():
+    """The dropout key table of the static step running now (tinycnn.static_step), or None."""
+    return _static[-1] if _static else None
+
+
+def mask_key(seed):
+    """The 32-bit key of a mask: of an int seed (dropout_key), or the value of a DeviceKey."""
+    return seed.host() if isinstance(seed, DeviceKey) else dropout_key(seed)
+
+
 def index_hashes(xp, n, seed, offset=0):
-    """The 32-bit hash of each index offset..offset+n-1 mixed with `seed`'s key, as a uint64 array of
-    array module `xp`: what a dropout mask and a shuffle are drawn from."""
-    return lowbias32(xp.arange(offset, offset + n, dtype=xp.uint64) ^ xp.uint64(dropout_key(seed)))
+    """The 32-bit hash of each index offset..offset+n-1 mixed with `seed`'s key (`seed`: an int or a
+    DeviceKey), as a uint64 array of array module `xp`: what a dropout mask and a shuffle are drawn
+    from."""
+    return lowbias32(xp.arange(offset, offset + n, dtype=xp.uint64) ^ xp.uint64(mask_key(seed)))
 
 
 def permutation(xp, n, seed):

@@ -17,7 +17,7 @@ from numba import njit, prange
 from . import compile_notice, cpu_conv
 from .reference import ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc
 from .scratch import scratch_buffer
-from ..randomness import dropout_keep_threshold, dropout_key
+from ..randomness import dropout_keep_threshold, mask_key
 
 _JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
 
@@ -636,7 +636,7 @@ class CPUKernels(ReferenceKernels):
         use_dropout = rate > 0.0
         keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
         scale = dtype.type(1.0 / (1.0 - rate))
-        key = np.uint64(dropout_key(seed) if use_dropout else 0)
+        key = np.uint64(mask_key(seed) if use_dropout else 0)
         _bn_normalize(x2d, mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
                       use_dropout, np.int64(offset), y, keep)
         saved = (x2d, mean, keep if use_dropout else None, scale)
@@ -698,7 +698,7 @@ class CPUKernels(ReferenceKernels):
         scale = x.dtype.type(1.0 / (1.0 - rate))
         y = np.empty_like(x)
         keep = np.empty(x.shape, dtype=np.uint8)
-        _dropout_forward(x, np.uint64(dropout_key(seed)), np.uint64(dropout_keep_threshold(rate)), scale,
+        _dropout_forward(x, np.uint64(mask_key(seed)), np.uint64(dropout_keep_threshold(rate)), scale,
                          np.int64(offset), y, keep)
         return y, (keep, scale)
 

@@ -127,10 +127,12 @@ extern "C" __global__ void tinycnn_maxpool_backward(const T* dy, const int* argm
 }
 """,
     "tinycnn_dropout_forward": r"""
-extern "C" __global__ void tinycnn_dropout_forward(const T* x, T* y, unsigned char* keep, I n, unsigned int key,
-                                                   unsigned int threshold, T scale, unsigned long long offset) {
+extern "C" __global__ void tinycnn_dropout_forward(const T* x, T* y, unsigned char* keep, I n,
+                                                   const unsigned int* key, unsigned int threshold, T scale,
+                                                   unsigned long long offset) {
+    const unsigned int mask_key = *key;  // in device memory: a static step computes it there
     TINYCNN_FOR_EACH(i, n) {
-        const bool k = tinycnn_keep((unsigned long long)i + offset, key, threshold);
+        const bool k = tinycnn_keep((unsigned long long)i + offset, mask_key, threshold);
         keep[i] = k;
         y[i] = k ? x[i] * scale : (T)0;
     }
@@ -139,6 +141,24 @@ extern "C" __global__ void tinycnn_dropout_forward(const T* x, T* y, unsigned ch
     "tinycnn_dropout_backward": r"""
 extern "C" __global__ void tinycnn_dropout_backward(const T* dy, const unsigned char* keep, T* dx, I n, T scale) {
     TINYCNN_FOR_EACH(i, n) dx[i] = keep[i] ? dy[i] * scale : (T)0;
+}
+""",
+    # A static step's mask keys: key[k] = dropout_key(call_seed(bases[k], offsets[k] + step * calls[k]))
+    # (tinycnn.randomness: splitmix64, then lowbias32 of the low half xor the high half).
+    "tinycnn_dropout_keys": r"""
+extern "C" __global__ void tinycnn_dropout_keys(const unsigned long long* bases, const unsigned long long* offsets,
+                                                const unsigned long long* calls, const unsigned long long* step,
+                                                unsigned int* keys, I n) {
+    TINYCNN_FOR_EACH(k, n) {
+        unsigned long long z = bases[k] + (offsets[k] + step[0] * calls[k] + 1ull) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        const unsigned long long seed = (z ^ (z >> 31)) >> 1;
+        unsigned long long h = seed & 0xFFFFFFFFull;
+        h ^= h >> 16; h = (h * 0x7FEB352Dull) & 0xFFFFFFFFull; h ^= h >> 15;
+        h = (h * 0x846CA68Bull) & 0xFFFFFFFFull; h ^= h >> 16;
+        keys[k] = (unsigned int)(h ^ (seed >> 32));
+    }
 }
 """,
     # The complements 1 - beta come from the host (float64, then rounded to T), as the reference's:
@@ -230,13 +250,14 @@ extern "C" __global__ void tinycnn_bn_moments(const T* x, const double* totals, 
     "tinycnn_bn_normalize": r"""
 extern "C" __global__ void tinycnn_bn_normalize(const T* x, const T* mean, const T* inv_std, const T* gamma,
                                                 const T* beta, T* y, unsigned char* keep, I n, int c,
-                                                int use_dropout, unsigned int key, unsigned int threshold,
+                                                int use_dropout, const unsigned int* key, unsigned int threshold,
                                                 T scale, unsigned long long offset) {
+    const unsigned int mask_key = use_dropout ? *key : 0u;
     TINYCNN_FOR_EACH(i, n) {
         const int ch = (int)(i % c);
         T v = (x[i] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch];
         if (use_dropout) {
-            const bool k = tinycnn_keep((unsigned long long)i + offset, key, threshold);
+            const bool k = tinycnn_keep((unsigned long long)i + offset, mask_key, threshold);
             keep[i] = k;
             v = k ? v * scale : (T)0;
         }

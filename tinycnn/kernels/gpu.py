@@ -16,7 +16,7 @@ import numpy as np
 
 from . import cuda_source
 from .reference import ReferenceKernels, output_hw
-from ..randomness import dropout_keep_threshold, dropout_key
+from ..randomness import DeviceKey, dropout_keep_threshold, dropout_key
 
 THREADS = 256  # per block
 MAX_BLOCKS = 4096  # grid-stride loops cover the rest; 8 blocks of 256 per SM on a 132-SM H100 is ~1k
@@ -43,7 +43,7 @@ class GPUKernels(ReferenceKernels):
     name = "gpu"
     overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_forward_train",
                  "batchnorm_backward_train", "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train",
-                 "dropout_forward", "dropout_backward", "adam_update")
+                 "dropout_forward", "dropout_backward", "dropout_keys", "adam_update")
 
     def __init__(self, source=cuda_source.module_source):
         self._source = source
@@ -63,6 +63,13 @@ class GPUKernels(ReferenceKernels):
         kernel = self._modules[key].get_function(name)
         index = np.int64 if wide else np.int32
         kernel((blocks,), (THREADS,), tuple(index(a) if isinstance(a, _Index) else a for a in args))
+
+    def _key(self, seed):
+        """A mask's key in device memory, where the kernels read it: a static step's DeviceKey as
+        it is, an int seed's key written there."""
+        if isinstance(seed, DeviceKey):
+            return seed.view()
+        return cp.full((1,), dropout_key(seed), dtype=cp.uint32)
 
     # -- convolution windows ----------------------------------------------------------------------
     def im2col(self, x, kh, kw, stride, pads):
@@ -133,8 +140,9 @@ class GPUKernels(ReferenceKernels):
         scale = dtype.type(1.0 / (1.0 - rate))
         self._launch("tinycnn_bn_normalize", dtype, x2d.size, x2d, mean, inv_std, _as(gamma, dtype), _as(beta, dtype),
                      y, keep, _Index(y.size), np.int32(c), np.int32(use_dropout),
-                     np.uint32(dropout_key(seed) if use_dropout else 0), np.uint32(dropout_keep_threshold(rate)),
-                     scale, np.uint64(offset))
+                     self._key(seed) if use_dropout else keep,  # without dropout the kernel reads no key
+                     np.uint32(dropout_keep_threshold(rate)), scale,
+                     np.uint64(offset))
         return y, (x2d, mean, keep if use_dropout else None, scale), mean, var, inv_std
 
     def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce):
@@ -172,8 +180,8 @@ class GPUKernels(ReferenceKernels):
         y = cp.empty_like(x)
         keep = cp.empty(x.shape, dtype=cp.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
-        self._launch("tinycnn_dropout_forward", x.dtype, x.size, x, y, keep, _Index(x.size),
-                     np.uint32(dropout_key(seed)), np.uint32(dropout_keep_threshold(rate)), scale, np.uint64(offset))
+        self._launch("tinycnn_dropout_forward", x.dtype, x.size, x, y, keep, _Index(x.size), self._key(seed),
+                     np.uint32(dropout_keep_threshold(rate)), scale, np.uint64(offset))
         return y, (keep, scale)
 
     def dropout_backward(self, dy, saved):
@@ -182,6 +190,10 @@ class GPUKernels(ReferenceKernels):
         dx = cp.empty_like(dy)
         self._launch("tinycnn_dropout_backward", dy.dtype, dy.size, dy, keep, dx, _Index(dx.size), scale)
         return dx
+
+    def dropout_keys(self, bases, offsets, calls, step, out):
+        self._launch("tinycnn_dropout_keys", np.float32, out.size, bases, offsets, calls, step, out,
+                     _Index(out.size))
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         t = param.dtype.type  # the complements in float64, then rounded to T, as the reference's

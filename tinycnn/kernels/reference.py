@@ -13,10 +13,12 @@ Conventions shared by every implementation (all images NHWC):
 - im2col rows are output pixels in (n, oh, ow) order and columns are (kh, kw, c), so a Keras
   kernel of shape (kh, kw, c_in, c_out) reshaped to (kh*kw*c_in, c_out) multiplies it directly.
 - Max-pool argmax is the int32 offset i*pw + j of the first maximum in its window.
+- A dropout `seed` is an int, or a tinycnn.randomness.DeviceKey (a key in device memory, from a
+  static step's `dropout_keys`).
 - Kernels return new arrays and never modify their inputs unless a name says so (`*_update`).
 """
 from ..arrays import get_array_module
-from ..randomness import dropout_keep_threshold, index_hashes
+from ..randomness import GOLDEN_GAMMA, HASH_MASK, MIX_1, MIX_2, dropout_keep_threshold, index_hashes, lowbias32
 
 
 def output_hw(h, w, kh, kw, stride, pads=(0, 0, 0, 0)):
@@ -290,6 +292,18 @@ class ReferenceKernels:
 
     def dropout_backward(self, dy, saved):
         return dy * saved
+
+    def dropout_keys(self, bases, offsets, calls, step, out):
+        """The mask keys of a static step, on the device: out[k] (uint32) = dropout_key(call_seed(
+        bases[k], offsets[k] + step * calls[k])) for uint64 arrays bases, offsets, calls and the
+        1-element uint64 step counter `step` (tinycnn.randomness; uint64 arithmetic wraps)."""
+        xp = get_array_module(bases)
+        u = xp.uint64
+        z = bases + (offsets + step * calls + u(1)) * u(GOLDEN_GAMMA)
+        z = (z ^ (z >> u(30))) * u(MIX_1)
+        z = (z ^ (z >> u(27))) * u(MIX_2)
+        seed = (z ^ (z >> u(31))) >> u(1)
+        out[...] = (lowbias32(seed & u(HASH_MASK)) ^ (seed >> u(32))).astype(xp.uint32)
 
     # -- loss and optimizer ----------------------------------------------------------------------
     def softmax_cross_entropy(self, logits, targets, eps=None):

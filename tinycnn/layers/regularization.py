@@ -1,13 +1,12 @@
 """Dropout."""
-import numpy as np
-
-from .. import arguments, batch_split
+from .. import arguments, batch_split, randomness
 from .base import Layer
 
 
 class Dropout(Layer):
     """Inverted dropout in training, the identity in inference. The mask is a counter-based hash of
-    (a seed drawn per call, element index): the same on every backend (tinycnn.randomness)."""
+    (the call's seed, element index), and the call's seed a hash of (the layer's seed for the epoch,
+    the call's number): the same on every backend (tinycnn.randomness)."""
 
     thread_safe = True  # see Layer.thread_safe
     base_name = "dropout"
@@ -25,10 +24,10 @@ class Dropout(Layer):
         self.reseed(self.seed if self.seed is not None else int(rng.integers(2**31)))
 
     def random_state(self):
-        return self._seeds.bit_generator.state
+        return {"base": self._base, "calls": self._calls}
 
     def set_random_state(self, state):
-        self._seeds.bit_generator.state = state
+        self._base, self._calls = int(state["base"]), int(state["calls"])
 
     def place_in_batch(self, first_sample):
         self.first_sample = int(first_sample)
@@ -39,14 +38,21 @@ class Dropout(Layer):
         return (self.first_sample + batch_split.first_sample()) * (x.size // x.shape[0]) if x.shape[0] else 0
 
     def reseed(self, seed):
-        # Host-side: each training call draws one 63-bit seed from here; the mask itself is
-        # computed on the device in parallel.
-        self._seeds = np.random.default_rng(int(seed))
+        # Call k's mask seed is call_seed(seed, k): a hash of two counters, so a static step can
+        # compute it on the device (tinycnn.static_step) exactly as here.
+        self._base, self._calls = int(seed), 0
 
     def next_seed(self):
         """The seed of the next training call's mask (one per call of the whole batch: the shares
-        of a split batch read the same one)."""
-        return batch_split.shared_seed(self, lambda: int(self._seeds.integers(2**63)))
+        of a split batch read the same one); inside a static step, a key on the device."""
+        table = randomness.static_key_table()
+        if table is not None:
+            return table.key_for(self)
+        return batch_split.shared_seed(self, self._draw)
+
+    def _draw(self):
+        self._calls += 1
+        return randomness.call_seed(self._base, self._calls - 1)
 
     def forward(self, x, training):
         if not training or self.rate == 0.0:
