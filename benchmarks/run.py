@@ -4,8 +4,10 @@
                              [--repeats 3] [--steps 50] [--quick] [--skip-epoch]
                              [--device cpu|gpu] [--out benchmarks/results]
 
-With --device gpu the default frameworks are tinycnn (TINYCNN_DEVICE=gpu), pytorch (CUDA, eager),
-pytorch-graphs (its training step replayed from a CUDA graph) and keras-jax (Keras 3 on JAX).
+With --device gpu the default frameworks are tinycnn (TINYCNN_DEVICE=gpu, eager steps),
+tinycnn-graphs (its static steps captured as CUDA graphs, TINYCNN_STEP=graphs), pytorch (CUDA,
+eager), pytorch-graphs (its training step replayed from a CUDA graph) and keras-jax (Keras 3 on
+JAX). tinycnn-static (TINYCNN_STEP=static) runs anywhere.
 
 Each framework's ``benchmarks/bench_<name>.py`` runs in its own subprocess, one after another,
 with the thread variables of ``common.thread_env`` set (``tinycnn`` with this Python, the
@@ -32,11 +34,13 @@ import common as C  # noqa: E402
 from tinycnn.files import atomic_path, atomic_write  # noqa: E402
 
 DEFAULT_FRAMEWORKS = "tinycnn,pytorch,keras"
-GPU_FRAMEWORKS = "tinycnn,pytorch,pytorch-graphs,keras-jax"
+GPU_FRAMEWORKS = "tinycnn,tinycnn-graphs,pytorch,pytorch-graphs,keras-jax"
 SCRIPT_NAMES = {"pytorch": "bench_torch.py", "torch": "bench_torch.py",
                 "keras": "bench_keras.py", "tinycnn": "bench_tinycnn.py"}
 # A variant: another framework name for a script run with extra environment variables.
-VARIANTS = {"pytorch-graphs": ("pytorch", {"BENCH_TORCH_GRAPHS": "1"}),
+VARIANTS = {"tinycnn-graphs": ("tinycnn", {"TINYCNN_STEP": "graphs"}),
+            "tinycnn-static": ("tinycnn", {"TINYCNN_STEP": "static"}),
+            "pytorch-graphs": ("pytorch", {"BENCH_TORCH_GRAPHS": "1"}),
             "keras-jax": ("keras", {"KERAS_BACKEND": "jax"})}
 GPU_ENV = {"TINYCNN_DEVICE": "gpu", "BENCH_DEVICE": "gpu"}  # and CUDA_VISIBLE_DEVICES as the caller has it
 STDERR_TAIL = 40
@@ -379,7 +383,7 @@ def main(argv=None):
         "crashed": {},
     }
     for fw in frameworks:
-        python = sys.executable if fw == "tinycnn" else args.peer_python
+        python = sys.executable if fw.startswith("tinycnn") else args.peer_python
         report["pythons"][fw] = python
         status, payload = run_one(fw, python, args, env)
         if status == "ok":

@@ -8,6 +8,7 @@
     | `numba_threads` | `TINYCNN_NUMBA_THREADS` | a positive integer       | numba's default: every core      |
     | `malloc_tuning` | `TINYCNN_MALLOC_TUNING` | 1, 0                     | 1                                |
     | `batch_split`   | `TINYCNN_BATCH_SPLIT`   | 1, 0                     | 1 (CPU: see tinycnn.batch_split)|
+    | `step`          | `TINYCNN_STEP`          | eager, static, graphs    | eager (see tinycnn.static_step)  |
     | `spin`          | `GOMP_SPINCOUNT`, `OMP_WAIT_POLICY` | OpenMP's own | GOMP_SPINCOUNT=1000 if neither is set |
 
 `settings()` reads the environment every time it is called (a few dictionary lookups) and lays
@@ -16,7 +17,7 @@ naming the variable and the values it accepts. Tests and benchmarks switch paths
 `using(conv="gemm")` instead of patching module globals.
 
 `device`, `kernels` and `conv` choose the backend a model gets when it is made; `batch_split` is
-read at every CPU training step and inference batch. `numba_threads`,
+read at every CPU training step and inference batch, `step` when `fit` starts. `numba_threads`,
 `malloc_tuning` and `spin` tune the whole process, so they are applied once, when the first CPU
 backend is created (see `tinycnn.kernels.cpu.tune_process`); later changes do not take effect.
 """
@@ -30,6 +31,7 @@ from .errors import ConfigError, DeviceError
 DEVICES = ("auto", "cpu", "gpu")
 KERNEL_CHOICES = ("fast", "reference")
 CONV_CHOICES = ("direct", "gemm")
+STEP_CHOICES = ("eager", "static", "graphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Settings:
     numba_threads: int = None  # None: numba's default (every core)
     malloc_tuning: bool = True
     batch_split: bool = True  # CPU training splits a batch between threads (tinycnn.batch_split)
+    step: str = "eager"  # fit's training step: eager, static, or static captured as CUDA graphs
 
 
 def _choice(choices, error=ConfigError):
@@ -82,6 +85,7 @@ _FIELDS = {
     "numba_threads": ("TINYCNN_NUMBA_THREADS", _threads),
     "malloc_tuning": ("TINYCNN_MALLOC_TUNING", _flag),
     "batch_split": ("TINYCNN_BATCH_SPLIT", _flag),
+    "step": ("TINYCNN_STEP", _choice(STEP_CHOICES)),
 }
 
 _overrides = contextvars.ContextVar("tinycnn_settings_overrides", default=())

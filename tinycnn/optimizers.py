@@ -144,12 +144,31 @@ class Adam(Optimizer):
         super().__init__(learning_rate, **kwargs)
         self.beta_1, self.beta_2 = _fraction(beta_1, "Adam beta_1"), _fraction(beta_2, "Adam beta_2")
         self.epsilon = arguments.real(epsilon, "Adam epsilon", low=0.0, low_open=True)
+        self._powers = (0, 1.0, 1.0)  # (t, beta_1**t, beta_2**t) last computed
 
     def update(self, params, grads, lr):
-        t = self.iterations + 1
-        lr_t = lr * math.sqrt(1 - self.beta_2**t) / (1 - self.beta_1**t)  # a Python float: no float64 upcast
+        power_1, power_2 = self.bias_powers(self.iterations + 1)
+        lr_t = lr * math.sqrt(1 - power_2) / (1 - power_1)  # a Python float: no float64 upcast
         self.backend.kernels.adam_update(
             params, grads, self._slots["m"], self._slots["v"], lr_t, self.beta_1, self.beta_2, self.epsilon
+        )
+
+    def bias_powers(self, t):
+        """(beta_1**t, beta_2**t) as t float64 products, the way a static step computes them on the
+        device, one product per step (tinycnn.static_step): the same bits on every backend, where
+        pow() may differ in the last place between libraries."""
+        start, p1, p2 = self._powers if self._powers[0] <= t else (0, 1.0, 1.0)
+        for _ in range(t - start):
+            p1, p2 = p1 * self.beta_1, p2 * self.beta_2
+        self._powers = (t, p1, p2)
+        return p1, p2
+
+    def static_update(self, params, grads, state):
+        """The update of a static step: the learning rate and the bias powers come from device
+        buffers (`state`, a tinycnn.static_step.AdamState), advanced on the device."""
+        state.advance()
+        self.backend.kernels.adam_update(
+            params, grads, self._slots["m"], self._slots["v"], state.lr_t, self.beta_1, self.beta_2, self.epsilon
         )
 
     def get_config(self):

@@ -4,6 +4,8 @@ A dropout mask or a shuffle is a hash of (key, element index): no generator stat
 between devices or threads, so NumPy, numba and CUDA draw the same mask for the same seed, in
 parallel, and a resumed run replays its epochs exactly.
 """
+import contextlib
+
 import numpy as np
 
 HASH_MASK = 0xFFFFFFFF
@@ -69,6 +71,16 @@ _static = []  # the static step running now, if any (tinycnn.static_step sets it
 def static_key_table():
     """The dropout key table of the static step running now (tinycnn.static_step), or None."""
     return _static[-1] if _static else None
+
+
+@contextlib.contextmanager
+def static_keys(table):
+    """Inside the block, Dropout layers take their mask keys from `table` (a static step's)."""
+    _static.append(table)
+    try:
+        yield
+    finally:
+        _static.pop()
 
 
 def mask_key(seed):

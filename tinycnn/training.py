@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import arguments, batch_split, config
+from . import arguments, batch_split, config, static_step
 from . import callbacks as callbacks_module
 from . import losses as losses_module
 from . import metrics as metrics_module
@@ -80,6 +80,16 @@ class EpochMetrics:
         for metric, total, weight in zip(self.metrics, self.sums, self.weights):
             values[prefix + metric.name] = float(total) / float(weight)
         return values
+
+    def bind_device_sums(self, loss_sum, sums):
+        """A static step adds each batch's loss and metric sums into these device scalars itself
+        (tinycnn.static_step); `count` counts its samples."""
+        self.loss_sum, self.sums = loss_sum, list(sums)
+
+    def count(self, n):
+        """n more samples, whose sums a static step added (unweighted)."""
+        self.seen += n
+        self.weights = [w + n for w in self.weights]
 
     def running(self):
         """The same means as device scalars (no sync): Keras's batch logs."""
@@ -619,6 +629,7 @@ class Trainer:
         if verbose and chief and val is not None:
             sys.stdout.write("Train on %d samples, validate on %d samples\n" % (n, val[1].shape[0]))
         self.stop_training = False
+        static = self._static_training(xs, t, weights, n, batch_size)
         start_scale, self._growth_warned = self._largest_weight(), False
         cbs.call("on_train_begin", {})
         for epoch in range(int(initial_epoch), epochs):
@@ -626,9 +637,17 @@ class Trainer:
             order = self.backend.permutation(n, shuffle_seed) if shuffle else self.xp.arange(n)
             cbs.call("on_epoch_begin", epoch, {})
             metrics = self.epoch_metrics()
+            if static is not None:
+                static.begin_epoch(order, metrics)
             started = time.perf_counter()
             for batch, start in enumerate(range(0, n, batch_size)):
                 cbs.on_train_batch_begin(batch)
+                if static is not None:  # the batch's rows are picked on the device (tinycnn.static_step)
+                    static.step(start, min(batch_size, n - start))
+                    cbs.on_train_batch_end(batch, metrics.running)
+                    if self.stop_training:
+                        break
+                    continue
                 idx = order[start : start + batch_size]
                 global_batch = None
                 if dist is not None:  # this rank's share of the global batch
@@ -671,6 +690,18 @@ class Trainer:
         cbs.call("on_train_end", {})
         self.history = history
         return history
+
+    def _static_training(self, xs, t, weights, n, batch_size):
+        """The static steps of this fit (tinycnn.static_step) when the `step` setting asks for them
+        and the model and inputs allow them; None for eager steps (with a notice when asked)."""
+        mode = config.settings().step
+        if mode == "eager":
+            return None
+        problem = static_step.static_problem(self, weights)
+        if problem is not None:
+            static_step.notice(problem)
+            return None
+        return static_step.StaticTraining(self, xs, t, n, batch_size, capture=mode == "graphs")
 
     # How far the largest trainable weight may grow during one fit before it is reported: no
     # sound training multiplies its largest weight by a million; an exploding learning rate does.

@@ -164,8 +164,9 @@ extern "C" __global__ void tinycnn_dropout_keys(const unsigned long long* bases,
     # The complements 1 - beta come from the host (float64, then rounded to T), as the reference's:
     # computed on the device from a float32 beta, 1 - 0.9 was 0.100000024 and the backends drifted.
     "tinycnn_adam": r"""
-extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, T lr_t, T one_minus_beta_1,
+extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, const double* lr, T one_minus_beta_1,
                                         T one_minus_beta_2, T eps) {
+    const T lr_t = (T)*lr;  // in device memory: a static step computes it there
     TINYCNN_FOR_EACH(i, n) {
         const T gi = g[i];
         const T mi = m[i] + (gi - m[i]) * one_minus_beta_1;

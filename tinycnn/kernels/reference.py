@@ -17,6 +17,8 @@ Conventions shared by every implementation (all images NHWC):
   static step's `dropout_keys`).
 - Kernels return new arrays and never modify their inputs unless a name says so (`*_update`).
 """
+import numpy as np
+
 from ..arrays import get_array_module
 from ..randomness import GOLDEN_GAMMA, HASH_MASK, MIX_1, MIX_2, dropout_keep_threshold, index_hashes, lowbias32
 
@@ -320,14 +322,19 @@ class ReferenceKernels:
         probs = exp / total
         log_probs = shifted - xp.log(total)
         if eps is not None:
-            log_probs = xp.clip(log_probs, xp.log(logits.dtype.type(eps)), xp.log1p(logits.dtype.type(-eps)))
+            # the bounds computed on the host, in logits' dtype: scalars for the device (no transfer)
+            t = logits.dtype.type
+            log_probs = xp.clip(log_probs, np.log(t(eps)), np.log1p(t(-eps)))
         loss = -(targets * log_probs).sum(axis=1)
         return probs, loss, probs - targets
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         """In-place Keras Adam step with the bias correction folded into lr_t (epsilon-hat form):
-        m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); p -= lr_t * m / (sqrt(v) + eps)."""
+        m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); p -= lr_t * m / (sqrt(v) + eps). `lr_t`: a float,
+        or a 1-element float64 device array (a static step computes it on the device)."""
         xp = get_array_module(param)
+        if hasattr(lr_t, "dtype"):  # a static step's (1,) float64 device buffer: rounded as a float would be
+            lr_t = lr_t.astype(param.dtype)
         m += (grad - m) * (1 - beta_1)
         v += (grad * grad - v) * (1 - beta_2)
         param -= lr_t * m / (xp.sqrt(v) + epsilon)

@@ -46,9 +46,11 @@ class Dropout(Layer):
         """The seed of the next training call's mask (one per call of the whole batch: the shares
         of a split batch read the same one); inside a static step, a key on the device."""
         table = randomness.static_key_table()
-        if table is not None:
-            return table.key_for(self)
-        return batch_split.shared_seed(self, self._draw)
+        return batch_split.shared_seed(self, self._draw if table is None else lambda: table.key_for(self))
+
+    def count_calls(self, calls):
+        """Count `calls` calls whose seeds a static step computed on the device (tinycnn.static_step)."""
+        self._calls += int(calls)
 
     def _draw(self):
         self._calls += 1
