@@ -197,6 +197,25 @@ def test_a_1x1_convolution_needs_no_im2col_copy(gpu, dtype):
     check_im2col_col2im(k, dtype, (2, 5, 6, 4), 1, 1, (2, 2), (0, 0, 0, 0))  # strided 1x1: the kernel
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_backward_and_the_moving_statistics(gpu, dtype):
+    """Both to the bit: ReLU's gradient (NaN and -0.0 in y pass nothing, as on the CPU) and
+    BatchNorm's moving averages (the complement 1 - momentum from the host, as NumPy takes it)."""
+    k = gpu.GPUKernels()
+    rng = np.random.default_rng(12)
+    y = rng.standard_normal((3, 7, 5)).astype(dtype)
+    y[0, 0, :3] = [np.nan, -0.0, 0.0]
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_array_equal(k.relu_backward(dy, y), np.where(y > 0, dy, 0).astype(dtype))
+    moving = [rng.standard_normal(16).astype(dtype), rng.random(16).astype(dtype)]
+    reference = [m.copy() for m in moving]
+    mean, var = rng.standard_normal(16).astype(dtype), rng.random(16).astype(dtype)
+    k.batchnorm_moving_update(*moving, mean, var, 0.99)
+    R.batchnorm_moving_update(*reference, mean, var, 0.99)
+    for a, b in zip(moving, reference):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_dropout_keys_and_masks_from_device_keys(gpu):
     """A static step's keys, computed from its counters on the device, are the reference's; a mask
     drawn from such a key (read from device memory) is the mask of the seed it stands for."""
@@ -229,7 +248,7 @@ def test_the_checks_above_cover_every_cuda_kernel(gpu):
         "tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward", "tinycnn_maxpool_backward",
         "tinycnn_dropout_forward", "tinycnn_dropout_backward", "tinycnn_adam", "tinycnn_bn_forward_partials",
         "tinycnn_bn_backward_partials", "tinycnn_column_totals", "tinycnn_bn_moments", "tinycnn_bn_normalize",
-        "tinycnn_bn_backward_dx", "tinycnn_dropout_keys"}
+        "tinycnn_bn_backward_dx", "tinycnn_dropout_keys", "tinycnn_bn_moving_update", "tinycnn_relu_backward"}
 
 
 def mutated(old, new):
@@ -305,6 +324,14 @@ def test_the_gpu_computes_what_the_cpu_played_kernels_compute_bit_for_bit(gpu, d
     real.dropout_keys(*map(cupy.asarray, keys), keys_real)
     played.dropout_keys(*keys, keys_played)
     np.testing.assert_array_equal(cupy.asnumpy(keys_real), keys_played)
+    same("relu_backward", rng.standard_normal((5, 9)).astype(dtype), rng.standard_normal((5, 9)).astype(dtype))
+    moving = [rng.random(16).astype(dtype) for _ in range(2)]
+    stats = [rng.random(16).astype(dtype) for _ in range(2)]
+    moving_real = [cupy.asarray(a) for a in moving]
+    real.batchnorm_moving_update(*moving_real, *map(cupy.asarray, stats), 0.99)
+    played.batchnorm_moving_update(*moving, *stats, 0.99)
+    for a, b in zip(moving_real, moving):
+        np.testing.assert_array_equal(cupy.asnumpy(a), b)
     param, grad = rng.standard_normal(1000).astype(dtype), rng.standard_normal(1000).astype(dtype)
     m, v = np.zeros_like(param), np.zeros_like(param)
     slots = [cupy.asarray(a) for a in (param, m, v)]

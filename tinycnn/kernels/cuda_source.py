@@ -143,6 +143,23 @@ extern "C" __global__ void tinycnn_dropout_backward(const T* dy, const unsigned 
     TINYCNN_FOR_EACH(i, n) dx[i] = keep[i] ? dy[i] * scale : (T)0;
 }
 """,
+    # moving = moving * momentum + batch * (1 - momentum), in the reference's order (the complement
+    # comes from the host in float64, then rounded to T, as NumPy rounds a Python float).
+    "tinycnn_bn_moving_update": r"""
+extern "C" __global__ void tinycnn_bn_moving_update(T* moving_mean, T* moving_var, const T* mean, const T* var, I n,
+                                                    T momentum, T complement) {
+    TINYCNN_FOR_EACH(ch, n) {
+        moving_mean[ch] = moving_mean[ch] * momentum + complement * mean[ch];
+        moving_var[ch] = moving_var[ch] * momentum + complement * var[ch];
+    }
+}
+""",
+    # ReLU's gradient given its output: dy where y > 0, else 0 (NaN in y passes nothing, as y > 0 is false).
+    "tinycnn_relu_backward": r"""
+extern "C" __global__ void tinycnn_relu_backward(const T* dy, const T* y, T* dx, I n) {
+    TINYCNN_FOR_EACH(i, n) dx[i] = y[i] > (T)0 ? dy[i] : (T)0;
+}
+""",
     # A static step's mask keys: key[k] = dropout_key(call_seed(bases[k], offsets[k] + step * calls[k]))
     # (tinycnn.randomness: splitmix64, then lowbias32 of the low half xor the high half).
     "tinycnn_dropout_keys": r"""

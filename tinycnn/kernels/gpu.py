@@ -41,9 +41,10 @@ class GPUKernels(ReferenceKernels):
     pass a mutated one to show that they catch a wrong index)."""
 
     name = "gpu"
-    overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_forward_train",
-                 "batchnorm_backward_train", "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train",
-                 "dropout_forward", "dropout_backward", "dropout_keys", "adam_update")
+    overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "relu_backward",
+                 "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
+                 "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "dropout_forward",
+                 "dropout_backward", "dropout_keys", "adam_update")
 
     def __init__(self, source=cuda_source.module_source):
         self._source = source
@@ -110,6 +111,13 @@ class GPUKernels(ReferenceKernels):
                      *_ints(h, w, c, *pool, *stride, pads[0], pads[2], dy.shape[1], dy.shape[2]), biggest=dy.size)
         return dx
 
+    # -- ReLU ---------------------------------------------------------------------------------------------
+    def relu_backward(self, dy, y):
+        dy, y = cp.ascontiguousarray(dy), cp.ascontiguousarray(y)
+        dx = cp.empty_like(dy)
+        self._launch("tinycnn_relu_backward", dy.dtype, dy.size, dy, y, dx, _Index(dy.size))
+        return dx
+
     # -- batch normalization (+ the dropout after it) -------------------------------------------------
     def _bn_totals(self, kernel, dtype, m, c, *args):
         """The (2C + 1) float64 totals [sum1, sum2, m] of a partial-sums kernel, and the 2C sums in T."""
@@ -167,6 +175,12 @@ class GPUKernels(ReferenceKernels):
 
     def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
+
+    def batchnorm_moving_update(self, moving_mean, moving_var, mean, var, momentum):
+        t = moving_mean.dtype.type
+        self._launch("tinycnn_bn_moving_update", moving_mean.dtype, moving_mean.size, moving_mean, moving_var,
+                     _as(mean, moving_mean.dtype), _as(var, moving_mean.dtype), _Index(moving_mean.size), t(momentum),
+                     t(1.0 - momentum))
 
     def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
         return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)

@@ -264,6 +264,14 @@ class ReferenceKernels:
             dx = (gamma * inv_std / count) * (count * dy2d - total_beta - xhat * total_gamma)
         return dx, dgamma, dbeta
 
+    def batchnorm_moving_update(self, moving_mean, moving_var, mean, var, momentum):
+        """In place: moving = moving * momentum + batch * (1 - momentum), mean and variance alike
+        (Keras 3; `momentum` a float, the complement taken in float64 as Python does)."""
+        moving_mean *= momentum
+        moving_mean += (1.0 - momentum) * mean
+        moving_var *= momentum
+        moving_var += (1.0 - momentum) * var
+
     def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
         """Inference: an affine map per channel. Returns y and the per-channel scale."""
         scale = gamma / get_array_module(x2d).sqrt(moving_var + eps)

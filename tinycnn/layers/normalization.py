@@ -80,10 +80,7 @@ class BatchNormalization(Layer):
         if not batch_split.is_lead():
             return
         w = self.weights
-        w["moving_mean"] *= self.momentum
-        w["moving_mean"] += (1.0 - self.momentum) * mean
-        w["moving_variance"] *= self.momentum
-        w["moving_variance"] += (1.0 - self.momentum) * var
+        self.kernels.batchnorm_moving_update(w["moving_mean"], w["moving_variance"], mean, var, self.momentum)
 
     def uses_batch_statistics(self, training):
         return training and self.trainable
