@@ -91,6 +91,82 @@ class RawModule:
         return RawKernel(self._library, name)
 
 
+class LaunchCounter:
+    """Counts what a GPU would launch while the stand-in CuPy runs: each CUDA kernel of the GPU set,
+    each array operation (a CuPy kernel, or a cuBLAS call for matmul), each fill of host values,
+    each dtype-changing copy. `install(module)` makes the module's arrays count (an ndarray
+    subclass that reports its ufuncs, array functions, item assignments and copies)."""
+
+    FREE = {"empty_like", "shares_memory", "may_share_memory", "ndim", "shape", "result_type"}
+
+    def __init__(self):
+        self.counts = {}
+        counter = self
+
+        class Counted(np.ndarray):
+            def __array_ufunc__(self, ufunc, method, *inputs, **kw):
+                counter.add(ufunc.__name__ + ("" if method == "__call__" else "." + method))
+                inputs = tuple(_plain(i) for i in inputs)
+                if "out" in kw:
+                    kw["out"] = tuple(_plain(o) for o in kw["out"])
+                return _counted(getattr(ufunc, method)(*inputs, **kw))
+
+            def __array_function__(self, func, types, args, kw):
+                if func.__name__ not in LaunchCounter.FREE:
+                    counter.add(func.__name__)
+                return _counted(func(*_plain(args), **{k: _plain(v) for k, v in kw.items()}))
+
+            def __setitem__(self, key, value):
+                counter.add("copy into")
+                super().__setitem__(key, value)
+
+            def astype(self, dtype, *args, **kw):
+                if np.dtype(dtype) != self.dtype or kw.get("copy", True):
+                    counter.add("astype")
+                return super().astype(dtype, *args, **kw)
+
+        def _plain(a):
+            if isinstance(a, Counted):
+                return a.view(np.ndarray)
+            if isinstance(a, (list, tuple)):
+                return type(a)(_plain(x) for x in a)
+            return a
+
+        def _counted(r):
+            return r.view(Counted) if type(r) is np.ndarray else r
+
+        self.array_type, self._counted = Counted, _counted
+
+    def add(self, name):
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def total(self):
+        return sum(self.counts.values())
+
+    def install(self, module):
+        for name in ("empty", "zeros", "ones", "asarray", "array", "zeros_like", "arange", "ascontiguousarray"):
+            setattr(module, name, lambda *a, _f=getattr(np, name), **k: self._counted(_f(*a, **k)))
+
+        def full(*a, **k):
+            self.add("fill")
+            return self._counted(np.full(*a, **k))
+
+        module.full = full
+        real = RawKernel.__call__
+        counter = self
+
+        class CountingModule(RawModule):
+            def get_function(self, name):
+                kernel = RawKernel(self._library, name)
+
+                def launch(grid, block, args, **kw):
+                    counter.add(name)
+                    return real(kernel, grid, block, args, **kw)
+                return launch
+
+        module.RawModule = CountingModule
+
+
 def fake_cupy(devices=1):
     """A stand-in `cupy` module: NumPy array functions, the RawModule above, and a CUDA runtime that
     reports `devices` GPUs."""

@@ -84,3 +84,39 @@ def test_the_gpu_set_runs_its_own_kernels_in_that_training(shim_gpu, monkeypatch
     week2(shim_gpu).fit(x, y, batch_size=64, epochs=1, verbose=0)
     assert {"tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward", "tinycnn_maxpool_backward",
             "tinycnn_bn_forward_partials", "tinycnn_bn_normalize", "tinycnn_bn_backward_dx", "tinycnn_adam"} <= launched
+
+
+def test_a_week2_training_step_launches_at_most_160_kernels_on_a_gpu():
+    """What a GPU launches per eager Week2 step, counted on a stand-in CuPy that counts (each CUDA
+    kernel of the GPU set, each CuPy operation and cuBLAS call, each copy): 160 at this writing (the
+    issue's review estimated about 390 before BatchNorm, Dropout and ReLU had GPU kernels). A change
+    that adds launches to the step fails here; a GPU tells what each costs."""
+    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
+    fake, counter = cuda_shim.fake_cupy(), cuda_shim.LaunchCounter()
+    counter.install(fake)
+    sys.modules["cupy"] = fake
+    sys.modules.pop("tinycnn.kernels.gpu", None)
+    try:
+        gpu = importlib.import_module("tinycnn.kernels.gpu")
+        model = week2(Backend("gpu", fake, gpu.GPUKernels(), config.settings()))
+        x, y = data(256)
+        per_step = []
+
+        class Count(tc.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                counter.counts.clear()
+
+            def on_train_batch_end(self, batch, logs=None):
+                per_step.append(dict(counter.counts))
+
+        model.fit(x, y, batch_size=128, epochs=1, verbose=0, callbacks=[Count()])
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+    step = per_step[-1]
+    own = sum(v for k, v in step.items() if k.startswith("tinycnn_"))
+    assert own >= 70 and step.get("matmul", 0) == 23, step  # the counter sees the kernels and the GEMMs
+    assert sum(step.values()) <= 160, sorted(step.items(), key=lambda kv: -kv[1])
