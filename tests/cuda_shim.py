@@ -26,7 +26,7 @@ PLAYED_GRID, PLAYED_BLOCK = 3, 5  # small and odd: a stride loop that assumed on
 
 _PRELUDE = r"""
 #include <cmath>
-using std::sqrt;
+using std::exp; using std::log; using std::sqrt;
 #define __global__
 #define __device__
 #define __forceinline__ inline

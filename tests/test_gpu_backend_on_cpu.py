@@ -86,11 +86,11 @@ def test_the_gpu_set_runs_its_own_kernels_in_that_training(shim_gpu, monkeypatch
             "tinycnn_bn_forward_partials", "tinycnn_bn_normalize", "tinycnn_bn_backward_dx", "tinycnn_adam"} <= launched
 
 
-def test_a_week2_training_step_launches_at_most_160_kernels_on_a_gpu():
+def test_a_week2_training_step_launches_at_most_149_kernels_on_a_gpu():
     """What a GPU launches per eager Week2 step, counted on a stand-in CuPy that counts (each CUDA
-    kernel of the GPU set, each CuPy operation and cuBLAS call, each copy): 160 at this writing (the
-    issue's review estimated about 390 before BatchNorm, Dropout and ReLU had GPU kernels). A change
-    that adds launches to the step fails here; a GPU tells what each costs."""
+    kernel of the GPU set, each CuPy operation and cuBLAS call, each copy): 149 at this writing (the
+    issue's review estimated about 390 before BatchNorm, Dropout, ReLU and softmax-CE had GPU
+    kernels). A change that adds launches to the step fails here; a GPU tells what each costs."""
     saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
     fake, counter = cuda_shim.fake_cupy(), cuda_shim.LaunchCounter()
     counter.install(fake)
@@ -119,4 +119,4 @@ def test_a_week2_training_step_launches_at_most_160_kernels_on_a_gpu():
     step = per_step[-1]
     own = sum(v for k, v in step.items() if k.startswith("tinycnn_"))
     assert own >= 70 and step.get("matmul", 0) == 23, step  # the counter sees the kernels and the GEMMs
-    assert sum(step.values()) <= 160, sorted(step.items(), key=lambda kv: -kv[1])
+    assert sum(step.values()) <= 149, sorted(step.items(), key=lambda kv: -kv[1])

@@ -216,6 +216,24 @@ def test_relu_backward_and_the_moving_statistics(gpu, dtype):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [None, 1e-7])
+def test_softmax_cross_entropy(gpu, dtype, eps):
+    """Against the reference to round-off (exp and log are the platform's), with and without the
+    clip; extreme logits (probabilities under eps) make the clip matter."""
+    rng = np.random.default_rng(13)
+    logits = (rng.standard_normal((37, 10)) * 4).astype(dtype)
+    logits[0, 3], logits[1, 0] = 60, -60
+    targets = np.eye(10, dtype=dtype)[rng.integers(0, 10, 37)]
+    targets[1] = np.eye(10, dtype=dtype)[0]  # a target class with p far under eps
+    ours = gpu.GPUKernels().softmax_cross_entropy(logits, targets, eps)
+    ref = R.softmax_cross_entropy(logits, targets, eps)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, **tol)
+
+
 def test_dropout_keys_and_masks_from_device_keys(gpu):
     """A static step's keys, computed from its counters on the device, are the reference's; a mask
     drawn from such a key (read from device memory) is the mask of the seed it stands for."""
@@ -248,7 +266,8 @@ def test_the_checks_above_cover_every_cuda_kernel(gpu):
         "tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward", "tinycnn_maxpool_backward",
         "tinycnn_dropout_forward", "tinycnn_dropout_backward", "tinycnn_adam", "tinycnn_bn_forward_partials",
         "tinycnn_bn_backward_partials", "tinycnn_column_totals", "tinycnn_bn_moments", "tinycnn_bn_normalize",
-        "tinycnn_bn_backward_dx", "tinycnn_dropout_keys", "tinycnn_bn_moving_update", "tinycnn_relu_backward"}
+        "tinycnn_bn_backward_dx", "tinycnn_dropout_keys", "tinycnn_bn_moving_update", "tinycnn_relu_backward",
+        "tinycnn_softmax_ce"}
 
 
 def mutated(old, new):

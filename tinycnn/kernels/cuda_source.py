@@ -160,6 +160,34 @@ extern "C" __global__ void tinycnn_relu_backward(const T* dy, const T* y, T* dx,
     TINYCNN_FOR_EACH(i, n) dx[i] = y[i] > (T)0 ? dy[i] : (T)0;
 }
 """,
+    # Softmax and cross-entropy from logits, one row per work item (the reference's operations in
+    # its order, except that its sums over a row are pairwise): probs, the per-row loss (log-
+    # probabilities clipped to [lo, hi] when `clip`), and its gradient probs - targets.
+    "tinycnn_softmax_ce": r"""
+extern "C" __global__ void tinycnn_softmax_ce(const T* logits, const T* targets, T* probs, T* loss, T* grad, I rows,
+                                              int classes, int clip, T lo, T hi) {
+    TINYCNN_FOR_EACH(r, rows) {
+        const T* z = logits + r * classes;
+        const T* t = targets + r * classes;
+        T top = z[0];
+        for (int j = 1; j < classes; ++j) top = z[j] > top ? z[j] : top;
+        T total = 0;
+        for (int j = 0; j < classes; ++j) total += exp(z[j] - top);
+        const T log_total = log(total);
+        T sum = 0;
+        for (int j = 0; j < classes; ++j) {
+            const T shifted = z[j] - top;
+            const T p = exp(shifted) / total;
+            T log_p = shifted - log_total;
+            if (clip) log_p = log_p < lo ? lo : (log_p > hi ? hi : log_p);
+            sum += t[j] * log_p;
+            probs[r * classes + j] = p;
+            grad[r * classes + j] = p - t[j];
+        }
+        loss[r] = -sum;
+    }
+}
+""",
     # A static step's mask keys: key[k] = dropout_key(call_seed(bases[k], offsets[k] + step * calls[k]))
     # (tinycnn.randomness: splitmix64, then lowbias32 of the low half xor the high half).
     "tinycnn_dropout_keys": r"""

@@ -44,7 +44,7 @@ class GPUKernels(ReferenceKernels):
     overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "relu_backward",
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
                  "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "dropout_forward",
-                 "dropout_backward", "dropout_keys", "adam_update")
+                 "dropout_backward", "dropout_keys", "softmax_cross_entropy", "adam_update")
 
     def __init__(self, source=cuda_source.module_source):
         self._source = source
@@ -208,6 +208,17 @@ class GPUKernels(ReferenceKernels):
     def dropout_keys(self, bases, offsets, calls, step, out):
         self._launch("tinycnn_dropout_keys", np.float32, out.size, bases, offsets, calls, step, out,
                      _Index(out.size))
+
+    def softmax_cross_entropy(self, logits, targets, eps=None):
+        logits = cp.ascontiguousarray(logits)
+        rows, classes = logits.shape
+        probs, grad = cp.empty_like(logits), cp.empty_like(logits)
+        loss = cp.empty(rows, dtype=logits.dtype)
+        t = logits.dtype.type
+        lo, hi = (np.log(t(eps)), np.log1p(t(-eps))) if eps is not None else (t(0), t(0))
+        self._launch("tinycnn_softmax_ce", logits.dtype, rows, logits, _as(targets, logits.dtype), probs, loss, grad,
+                     _Index(rows), np.int32(classes), np.int32(eps is not None), t(lo), t(hi), biggest=logits.size)
+        return probs, loss, grad
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         t = param.dtype.type  # the complements in float64, then rounded to T, as the reference's
