@@ -148,3 +148,24 @@ def test_captured_graphs_replay_the_eager_step_bit_for_bit_on_the_gpu():
     """On a GPU: the steps captured as CUDA graphs (the full batch's and the last one's) and
     replayed give the eager steps' results to the bit."""
     assert_same_training(train("gpu", "eager", epochs=3), train("gpu", "graphs", epochs=3))
+
+
+def test_a_custom_layer_keeps_fit_eager_unless_it_declares_itself_static_safe(capsys):
+    class Noise(tc.layers.Layer):  # a custom layer that could draw host randomness every step
+        def forward(self, x, training):
+            return x, None
+
+        def backward(self, saved, dy, need_input_grad=True):
+            return dy, {}
+
+    x, y = data(64)
+    for safe, expected in ((False, "custom layer(s) noise"), (True, "")):
+        Noise.static_safe = safe
+        model = tc.Sequential([tc.layers.Conv2D(4, 3, input_shape=(28, 28, 1)), Noise(name="noise"),
+                               tc.layers.GlobalAveragePooling2D(), tc.layers.Dense(10, activation="softmax")],
+                              device="cpu", seed=0)
+        model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy")
+        with config.using(step="static"):
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+        err = capsys.readouterr().err
+        assert (expected in err) if expected else err == ""

@@ -25,7 +25,9 @@ The `step` setting (`TINYCNN_STEP`, tinycnn.config) chooses how `fit` runs its t
 
 A static step gives the eager step's results bit for bit (tested on NumPy with the reference, the
 CPU and the GPU kernel sets). It needs Adam without clipping or weight decay, no sample or class
-weights and no data parallelism; `fit` falls back to the eager step otherwise and says why.
+weights, no data parallelism, and tinycnn's own layers (or custom ones that declare
+`static_safe = True`: nothing they compute in a training step comes from the host and changes from
+step to step); `fit` falls back to the eager step otherwise and says why.
 
 NOTE: the capture and replay have not run on a GPU yet (no GPU was available while this was written).
 """
@@ -47,6 +49,11 @@ def static_problem(trainer, weights):
         return "sample or class weights need the eager step"
     if not isinstance(opt, Adam) or opt.weight_decay or opt.clipnorm or opt.clipvalue or opt.global_clipnorm:
         return "the static step supports Adam without clipping or weight decay"
+    custom = [layer.name for layer in trainer.compute_layers
+              if not type(layer).__module__.startswith("tinycnn.layers.") and not getattr(layer, "static_safe", False)]
+    if custom:  # it might take host values (random numbers, say) that a captured graph would freeze
+        return (f"custom layer(s) {', '.join(custom)} may take values from the host each step (set the class "
+                "attribute static_safe = True on a layer that does not)")
     return None
 
 
