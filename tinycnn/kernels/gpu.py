@@ -4,10 +4,10 @@ The kernels' source is tinycnn/kernels/cuda_source.py: plain CUDA C++ that CuPy'
 compiles (once per dtype and index width, at first use) and that the tests also compile with
 NVRTC and run on the CPU, so CI vouches for this file without a GPU. Every kernel gathers (no
 atomics), so results are deterministic. BatchNormalization, with or without the Dropout after it,
-is 4 launches forward and 3 backward (the reference composite took about 33); a 1x1 convolution
-with stride 1 and no padding multiplies the input itself instead of an im2col copy. The GEMMs are
-cuBLAS (through CuPy's matmul); softmax-CE, ReLU's gradient, depthwise convolution and average
-pooling run the reference code on CuPy arrays.
+is 4 launches forward, 3 backward and 1 for its moving averages (the reference composite took
+about 40); softmax-CE and ReLU's gradient are one each; a 1x1 convolution with stride 1 and no
+padding multiplies the input itself instead of an im2col copy. The GEMMs are cuBLAS (through
+CuPy's matmul); depthwise convolution and average pooling run the reference code on CuPy arrays.
 
 NOTE: written without a GPU; what has and has not run on one is listed in CHANGELOG.md.
 """
@@ -48,7 +48,8 @@ class GPUKernels(ReferenceKernels):
 
     def __init__(self, source=cuda_source.module_source):
         self._source = source
-        self._modules = {}
+        self._modules = {}  # (dtype, wide) -> the compiled module
+        self._functions = {}  # (dtype, wide, name) -> its kernel
 
     def describe(self):
         return "gpu (CUDA through CuPy)"
@@ -58,10 +59,12 @@ class GPUKernels(ReferenceKernels):
         and _Index for the I-typed ones). `biggest`: the size of the largest array it touches."""
         wide = max(n, biggest) >= WIDE
         key = (np.dtype(dtype), wide)
-        if key not in self._modules:
-            self._modules[key] = cp.RawModule(code=self._source(*key), options=cuda_source.NVRTC_OPTIONS)
+        kernel = self._functions.get(key + (name,))
+        if kernel is None:
+            if key not in self._modules:
+                self._modules[key] = cp.RawModule(code=self._source(*key), options=cuda_source.NVRTC_OPTIONS)
+            kernel = self._functions[key + (name,)] = self._modules[key].get_function(name)
         blocks = int(max(1, min(MAX_BLOCKS, -(-n // THREADS))))
-        kernel = self._modules[key].get_function(name)
         index = np.int64 if wide else np.int32
         kernel((blocks,), (THREADS,), tuple(index(a) if isinstance(a, _Index) else a for a in args))
 
