@@ -114,13 +114,14 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=C.ADAM["learning_rate"],
                            betas=(C.ADAM["beta_1"], C.ADAM["beta_2"]), eps=C.ADAM["epsilon"], capturable=GRAPHS)
 
-    def train_step(x=xb, y=yb):
+    def eager_step(x=xb, y=yb):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         return loss
 
+    train_step = eager_step
     if GRAPHS:  # the whole step captured once (after warm-up on a side stream, as PyTorch's docs do)
         train_step = captured_step(torch, model, opt, F, xb, yb)
         notes.append("step: torch.cuda.graph capture of zero_grad + forward + cross_entropy + backward + "

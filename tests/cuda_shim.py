@@ -11,11 +11,14 @@ stand-in `cupy` module (NumPy for the array functions, this RawModule) under whi
 called the way the backend calls it. Compiled with -ffp-contract=off, as NVRTC is given
 --fmad=false: no fused multiply-adds anywhere, so a GPU must round as this does.
 """
+import contextlib
 import ctypes
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import types
 
@@ -177,3 +180,31 @@ def fake_cupy(devices=1):
     module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: devices))
     module.__getattr__ = lambda name: getattr(np, name)  # every other array function: NumPy's (PEP 562)
     return module
+
+
+@contextlib.contextmanager
+def gpu_module(fake=None):
+    """tinycnn.kernels.gpu imported under the stand-in CuPy `fake` (a new fake_cupy() by default);
+    the real modules come back after the block."""
+    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
+    sys.modules["cupy"] = fake if fake is not None else fake_cupy()
+    sys.modules.pop("tinycnn.kernels.gpu", None)
+    try:
+        yield importlib.import_module("tinycnn.kernels.gpu")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+
+
+@contextlib.contextmanager
+def gpu_backend(fake=None):
+    """A Backend named "gpu" on the stand-in CuPy, with the GPU kernel set (see gpu_module)."""
+    from tinycnn import config
+    from tinycnn.backend import Backend
+
+    fake = fake if fake is not None else fake_cupy()
+    with gpu_module(fake) as gpu:
+        yield Backend("gpu", fake, gpu.GPUKernels(), config.settings())

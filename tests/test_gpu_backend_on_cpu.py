@@ -4,50 +4,29 @@ tinycnn/kernels/cuda_source.py compiled as C++) and whose kernel set is GPUKerne
 model trains and predicts on it as on the CPU: this checks the GPU set's entries in context (their
 arguments, what forward saves for backward, BatchNorm's running statistics, dropout's offsets),
 which the per-kernel tests cannot. What it cannot check: CuPy's own functions, and the GPU."""
-import importlib
-import sys
 
 import numpy as np
 import pytest
-
 import cuda_shim
 import tinycnn as tc
-from tinycnn import config
-from tinycnn.backend import Backend
 
 pytestmark = pytest.mark.skipif(cuda_shim.CXX is None, reason="needs a C++ compiler (g++) to run CUDA kernels")
-
 
 @pytest.fixture(scope="module")
 def shim_gpu():
     """A "gpu" Backend on the stand-in CuPy; the real modules come back after."""
-    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
-    fake = cuda_shim.fake_cupy()
-    sys.modules["cupy"] = fake
-    sys.modules.pop("tinycnn.kernels.gpu", None)
-    try:
-        gpu = importlib.import_module("tinycnn.kernels.gpu")
-        yield Backend("gpu", fake, gpu.GPUKernels(), config.settings())
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
-
+    with cuda_shim.gpu_backend() as backend:
+        yield backend
 
 def week2(device):
     from week2_model import build_week2_model
-
     model = build_week2_model(device=device, seed=4)
     model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["accuracy"])
     return model
 
-
 def data(n=192, seed=0):
     rng = np.random.default_rng(seed)
     return rng.random((n, 28, 28, 1), dtype=np.float32), np.eye(10, dtype=np.float32)[rng.integers(0, 10, n)]
-
 
 def test_week2_trains_on_the_gpu_set_as_on_the_cpu(shim_gpu):
     x, y = data()
@@ -68,54 +47,37 @@ def test_week2_trains_on_the_gpu_set_as_on_the_cpu(shim_gpu):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(p_gpu, p_cpu, rtol=1e-4, atol=1e-5)
 
-
 def test_the_gpu_set_runs_its_own_kernels_in_that_training(shim_gpu, monkeypatch):
     """The comparison above is not the reference code twice: the fused BatchNorm + Dropout, max-pool,
     im2col and Adam kernels of cuda_source are what ran."""
     launched = set()
     real = cuda_shim.RawKernel.__call__
-
     def counting(self, grid, block, args, **kw):
         launched.add(self.name)
         return real(self, grid, block, args, **kw)
-
     monkeypatch.setattr(cuda_shim.RawKernel, "__call__", counting)
     x, y = data(64)
     week2(shim_gpu).fit(x, y, batch_size=64, epochs=1, verbose=0)
     assert {"tinycnn_im2col", "tinycnn_col2im", "tinycnn_maxpool_forward", "tinycnn_maxpool_backward",
             "tinycnn_bn_forward_partials", "tinycnn_bn_normalize", "tinycnn_bn_backward_dx", "tinycnn_adam"} <= launched
 
-
 def test_a_week2_training_step_launches_at_most_149_kernels_on_a_gpu():
     """What a GPU launches per eager Week2 step, counted on a stand-in CuPy that counts (each CUDA
     kernel of the GPU set, each CuPy operation and cuBLAS call, each copy): 149 at this writing (the
     issue's review estimated about 390 before BatchNorm, Dropout, ReLU and softmax-CE had GPU
     kernels). A change that adds launches to the step fails here; a GPU tells what each costs."""
-    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
     fake, counter = cuda_shim.fake_cupy(), cuda_shim.LaunchCounter()
     counter.install(fake)
-    sys.modules["cupy"] = fake
-    sys.modules.pop("tinycnn.kernels.gpu", None)
-    try:
-        gpu = importlib.import_module("tinycnn.kernels.gpu")
-        model = week2(Backend("gpu", fake, gpu.GPUKernels(), config.settings()))
+    per_step = []
+    class Count(tc.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            counter.counts.clear()
+        def on_train_batch_end(self, batch, logs=None):
+            per_step.append(dict(counter.counts))
+
+    with cuda_shim.gpu_backend(fake) as backend:
         x, y = data(256)
-        per_step = []
-
-        class Count(tc.callbacks.Callback):
-            def on_train_batch_begin(self, batch, logs=None):
-                counter.counts.clear()
-
-            def on_train_batch_end(self, batch, logs=None):
-                per_step.append(dict(counter.counts))
-
-        model.fit(x, y, batch_size=128, epochs=1, verbose=0, callbacks=[Count()])
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
+        week2(backend).fit(x, y, batch_size=128, epochs=1, verbose=0, callbacks=[Count()])
     step = per_step[-1]
     own = sum(v for k, v in step.items() if k.startswith("tinycnn_"))
     assert own >= 70 and step.get("matmul", 0) == 23, step  # the counter sees the kernels and the GEMMs

@@ -4,8 +4,6 @@ plays every thread of a small grid (tests/cuda_shim.py), called through GPUKerne
 GPU backend calls it, against the reference kernels. What this cannot see: the GPU's launch and
 memory themselves (tests marked gpu do, where a GPU exists); NVRTC compiles the same source in
 tests/test_cuda_compile.py."""
-import importlib
-import sys
 
 import numpy as np
 import pytest
@@ -39,20 +37,10 @@ POOLS = [  # (input shape, pool, stride, pads)
 @pytest.fixture(scope="module", params=[False, True], ids=["int-index", "64-bit-index"])
 def gpu(request):
     """tinycnn.kernels.gpu as imported under the stand-in cupy; the real modules come back after."""
-    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
-    sys.modules["cupy"] = cuda_shim.fake_cupy()
-    sys.modules.pop("tinycnn.kernels.gpu", None)
-    try:
-        module = importlib.import_module("tinycnn.kernels.gpu")
+    with cuda_shim.gpu_module() as module:
         if request.param:  # every launch takes the module with 64-bit indices (arrays of 2**31 elements)
             module.WIDE = 0
         yield module
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
 
 
 def _no_ties(shape, dtype, seed):

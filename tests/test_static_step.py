@@ -4,8 +4,6 @@ history, the optimizer's and the Dropout layers' counters), with the reference a
 sets and with the GPU kernel set on the stand-in CuPy; and the kernels it launches take the same
 scalar arguments at every step after its first, which is what a CUDA graph captured once needs.
 What only a GPU can show (capture, replay, a graph's speed) runs in tests marked gpu."""
-import importlib
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import pytest
 import cuda_shim
 import tinycnn as tc
 from tinycnn import config
-from tinycnn.backend import Backend, gpu_problem
+from tinycnn.backend import gpu_problem
 
 
 def week2(device, seed=3):
@@ -72,19 +70,8 @@ def shim_gpu():
     """A "gpu" Backend on the stand-in CuPy of tests/cuda_shim.py (see test_gpu_backend_on_cpu.py)."""
     if cuda_shim.CXX is None:
         pytest.skip("needs a C++ compiler (g++) to run CUDA kernels")
-    saved = {name: sys.modules.get(name) for name in ("cupy", "tinycnn.kernels.gpu")}
-    fake = cuda_shim.fake_cupy()
-    sys.modules["cupy"] = fake
-    sys.modules.pop("tinycnn.kernels.gpu", None)
-    try:
-        gpu = importlib.import_module("tinycnn.kernels.gpu")
-        yield Backend("gpu", fake, gpu.GPUKernels(), config.settings())
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
+    with cuda_shim.gpu_backend() as backend:
+        yield backend
 
 
 def test_static_steps_on_the_gpu_kernel_set_train_as_its_eager_steps(shim_gpu):
