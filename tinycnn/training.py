@@ -33,6 +33,7 @@ from .arrays import get_array_module, to_numpy
 from .concurrency import exclusive
 from .distributed.data_parallel import as_distribution
 from .errors import DistributedError, ShapeError
+from .kernels import precompile
 from .randomness import derive_seed
 
 
@@ -373,7 +374,8 @@ class Trainer:
             sink = self.params if k == 0 else self.params.gradient_share(k)
             return self._share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
 
-        results = self._run_rows(plan, rows, work)
+        with precompile.training():  # a first run's compile may start a helper (tinycnn.kernels.precompile)
+            results = self._run_rows(plan, rows, work)
         for k in range(1, len(results)):  # in share order: the same sum on every machine
             self.params.grads += self.params.gradient_share(k).grads
         predictions = self._joined([p for p, _ in results])

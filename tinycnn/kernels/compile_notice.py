@@ -1,5 +1,6 @@
 """One line on stderr when numba starts compiling tinycnn's CPU kernels, so that a first run's
-long pause (about 20-30 s on 2 cores: the generated convolution loops are large) is explained
+long pause (about 10 s for a Week2 training step on 2 cores, with tinycnn.kernels.precompile's
+helper; the generated convolution loops are large) is explained
 while it happens instead of looking like a hang.
 
 numba announces a compilation through its event API ("numba:compile", raised on a cache miss
@@ -11,7 +12,9 @@ import threading
 
 from numba.core import event
 
-MESSAGE = ("tinycnn: compiling the CPU kernels for this machine (the first run only: about 20-30 s on 2 cores; "
+from . import precompile
+
+MESSAGE = ("tinycnn: compiling the CPU kernels for this machine (the first run only: 10-20 s on 2 cores; "
            "numba caches them, and later runs load them in under a second)")
 
 _lock = threading.Lock()
@@ -24,7 +27,10 @@ class _Notice(event.Listener):
         global _shown
         dispatcher = (ev.data or {}).get("dispatcher")
         module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
-        if _shown or not module.startswith("tinycnn."):
+        if not module.startswith("tinycnn."):
+            return
+        precompile.start_helper()  # a training step's compile: the biggest kernel on the other core
+        if _shown:
             return
         with _lock:
             if _shown:

@@ -23,6 +23,7 @@ import numpy as np
 from numba.core import config as numba_config
 
 from . import cpu_conv_generated as generated
+from . import precompile
 from .scratch import scratch_buffer
 
 LANES = generated.LANES
@@ -128,6 +129,7 @@ def _strip_rows(ow, nb, wp, c, kh, itemsize):
 
 def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
     """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input."""
+    precompile.wait_for_helper()  # a first run's helper may be compiling this kernel (tinycnn.kernels.precompile)
     n, _, wp, c = xpad.shape
     f = dz2d.shape[1]
     nb = _blocks(f)
@@ -140,6 +142,13 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
                         group, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
     total = partial.sum(axis=0)  # (nb, K, LANES): fixed order, so no dependence on the thread count
     dkernel2d[...] = total.transpose(1, 0, 2).reshape(k, nb * LANES)[:, :f]
+
+
+def compile_filter_grad():
+    """One small float32 filter gradient: compiles its kernels into numba's disk cache (what the
+    first training run's helper process does, tinycnn.kernels.precompile)."""
+    x = np.zeros((1, 6, 6, 2), dtype=np.float32)
+    filter_grad(x, np.zeros((16, 16), dtype=np.float32), 3, 3, (1, 1), 4, 4, np.zeros((18, 16), dtype=np.float32))
 
 
 def images_per_partial(n, partial_bytes):

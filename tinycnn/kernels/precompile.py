@@ -1,0 +1,69 @@
+"""A first training run compiles the biggest CPU kernel in a second process, beside the rest.
+
+numba compiles one kernel at a time (under a process-wide lock), on one core. A first Week2
+training step on a machine compiles for about 20 s, and half of it is the direct convolution's
+filter gradient (its generated register-blocked loops). So when a training step starts compiling
+(compile_notice sees numba's compile event while `training()` is in force), `start_helper()`
+launches a Python process running `cpu_conv.compile_filter_grad()`: it compiles that kernel for float32
+into numba's disk cache on the other core. The training step compiles everything else meanwhile,
+and its first filter gradient waits for the helper (`wait_for_helper`) and then loads the kernel
+from the cache instead of compiling it again. Nothing of this happens once the cache is warm (no
+compile event), in inference alone, on one core, or with numba's cache switched off.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+
+HELPER_ENV = "TINYCNN_PRECOMPILE_HELPER"  # set in the helper: it starts no helper itself
+WAIT_SECONDS = 120  # the longest a first filter gradient waits before compiling it here anyway
+
+_lock = threading.Lock()
+_state = {"training": 0, "helper": None, "started": False}
+
+
+@contextlib.contextmanager
+def training():
+    """Inside the block a compile event starts the helper (a training step is compiling)."""
+    with _lock:
+        _state["training"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["training"] -= 1
+
+
+def _wanted():
+    return (_state["training"] > 0 and not _state["started"] and not os.environ.get(HELPER_ENV)
+            and not os.environ.get("NUMBA_DISABLE_JIT") and (os.cpu_count() or 1) >= 2)
+
+
+def start_helper():
+    """Launch the helper if a training step is compiling and none was launched in this process."""
+    with _lock:
+        if not _wanted():
+            return
+        _state["started"] = True
+        try:
+            _state["helper"] = subprocess.Popen([sys.executable, "-c", "from tinycnn.kernels import cpu_conv; "
+                                                 "cpu_conv.compile_filter_grad()"],
+                                                env={**os.environ, HELPER_ENV: "1"}, stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:  # no helper: this process compiles everything, as without one
+            _state["helper"] = None
+
+
+def wait_for_helper():
+    """Before a filter gradient: let a running helper finish writing numba's cache. Every caller
+    waits (the two shares of a split batch call at once), until the helper is done."""
+    helper = _state["helper"]
+    if helper is None:
+        return
+    try:
+        helper.wait(WAIT_SECONDS)  # Popen.wait may be called from several threads
+    except subprocess.TimeoutExpired:
+        pass  # compiled here, then; the helper's cache entry, when it comes, is the same code
+    _state["helper"] = None
+
