@@ -395,9 +395,9 @@ def main(argv=None):
             report[status][fw] = payload
             first = payload.splitlines()[0] if payload else ""
             print(f"== {fw}: {status}: {first}", file=sys.stderr, flush=True)
-
-    os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "results.json"), json.dumps(report, indent=1) + "\n")
+        # after every framework: a run cut short (a borrowed GPU's time limit) keeps what it measured
+        os.makedirs(args.out, exist_ok=True)
+        write_atomic(os.path.join(args.out, "results.json"), json.dumps(report, indent=1) + "\n")
     return write_reports(report, args.out)
 
 
