@@ -170,6 +170,78 @@ class LaunchCounter:
         module.RawModule = CountingModule
 
 
+class Graph:
+    """A captured graph, as far as NumPy can play one: NumPy ran the captured work while it was
+    captured, so the launch that follows a capture does nothing, and each later launch runs the
+    captured work again (which a static step makes the same every time: see test_static_step)."""
+
+    def __init__(self, work):
+        self.work, self.launches = work, 0
+
+    def launch(self, stream=None):
+        assert stream is None or isinstance(stream, Stream)
+        if self.launches:
+            self.work()
+        self.launches += 1
+
+
+class Event:
+    pass
+
+
+class Stream:
+    """A CUDA stream for NumPy: a context that makes itself current, records events and captures.
+    NumPy cannot record operations, so a test names the work a capture captures (`capture_body`:
+    the step body that runs while it is open)."""
+
+    current = []  # the stream stack; the legacy default stream at the bottom
+    capture_body = None
+
+    def __init__(self, null=False, non_blocking=False):
+        self.null, self.capturing, self.waited = null, False, 0
+
+    def __enter__(self):
+        Stream.current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        Stream.current.pop()
+        return False
+
+    def record(self, event=None):
+        return event or Event()
+
+    def wait_event(self, event):
+        assert isinstance(event, Event)
+        self.waited += 1
+
+    def begin_capture(self, mode=None):
+        assert not self.null, "cannot capture on the default (legacy) stream"
+        assert not self.capturing
+        self.capturing = True
+
+    def end_capture(self):
+        assert self.capturing
+        self.capturing = False
+        return Graph(Stream.capture_body)
+
+
+Stream.current.append(Stream(null=True))
+
+
+class MemoryPool:
+    def __init__(self):
+        self.allocations = 0
+
+    def malloc(self, size):
+        self.allocations += 1
+
+
+@contextlib.contextmanager
+def using_allocator(allocator=None):
+    yield
+
+
 def fake_cupy(devices=1):
     """A stand-in `cupy` module: NumPy array functions, the RawModule above, and a CUDA runtime that
     reports `devices` GPUs."""
@@ -177,7 +249,9 @@ def fake_cupy(devices=1):
     module.RawModule = RawModule
     module.get_array_module = lambda *arrays: np  # for code that asks which module an array is of
     module.asnumpy = np.asarray
-    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: devices))
+    module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: devices),
+                                        Stream=Stream, MemoryPool=MemoryPool, using_allocator=using_allocator,
+                                        get_current_stream=lambda: Stream.current[-1])
     module.__getattr__ = lambda name: getattr(np, name)  # every other array function: NumPy's (PEP 562)
     return module
 

@@ -113,6 +113,28 @@ def test_every_step_after_the_first_launches_the_same_kernels_with_the_same_scal
     assert any(s != eager[1] for s in eager[2:])
 
 
+def test_graphs_warm_up_capture_once_and_replay_as_eager_steps(shim_gpu, monkeypatch):
+    """TINYCNN_STEP=graphs on the stand-in CuPy, whose streams capture what NumPy can: each batch
+    size's step runs once as a warm-up, is captured on a stream of its own at its second run
+    (whose launch then does nothing more: NumPy ran it while capturing) and replayed from then on;
+    the training is the eager one to the bit. What a real capture records, only a GPU shows."""
+    from tinycnn import static_step
+
+    graphs, real_run = [], static_step.CudaGraph.run
+
+    def run(self, body):
+        cuda_shim.Stream.capture_body = body  # what a capture opened in this run would capture
+        if self not in graphs:
+            graphs.append(self)
+        return real_run(self, body)
+
+    monkeypatch.setattr(static_step.CudaGraph, "run", run)
+    assert_same_training(train(shim_gpu, "eager"), train(shim_gpu, "graphs"))
+    full, last = graphs  # 200 samples in batches of 64: 3 full batches and one of 8, two epochs
+    assert (full.runs, full.graph.launches, last.runs, last.graph.launches) == (6, 5, 2, 1)
+    assert not full.stream.null and full.stream is not last.stream and full.pool is not last.pool
+
+
 def test_fit_says_why_it_runs_eager_steps(capsys):
     model = week2("cpu")
     model.compile(tc.optimizers.SGD(0.01), "categorical_crossentropy")
