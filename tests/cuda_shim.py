@@ -186,7 +186,8 @@ class Graph:
 
 
 class Event:
-    pass
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.recorded = 0
 
 
 class Stream:
@@ -209,7 +210,9 @@ class Stream:
         return False
 
     def record(self, event=None):
-        return event or Event()
+        event = event or Event()
+        event.recorded += 1
+        return event
 
     def wait_event(self, event):
         assert isinstance(event, Event)
@@ -250,7 +253,8 @@ def fake_cupy(devices=1):
     module.get_array_module = lambda *arrays: np  # for code that asks which module an array is of
     module.asnumpy = np.asarray
     module.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: devices),
-                                        Stream=Stream, MemoryPool=MemoryPool, using_allocator=using_allocator,
+                                        Stream=Stream, Event=Event, MemoryPool=MemoryPool,
+                                        using_allocator=using_allocator,
                                         get_current_stream=lambda: Stream.current[-1])
     module.__getattr__ = lambda name: getattr(np, name)  # every other array function: NumPy's (PEP 562)
     return module

@@ -11,7 +11,7 @@ import pytest
 import cuda_shim
 import tinycnn as tc
 from tinycnn import config
-from tinycnn.backend import gpu_problem
+from tinycnn.backend import Backend, gpu_problem
 
 
 def week2(device, seed=3):
@@ -168,7 +168,7 @@ def test_a_custom_layer_keeps_fit_eager_unless_it_declares_itself_static_safe(ca
             return dy, {}
 
     x, y = data(64)
-    for safe, expected in ((False, "custom layer(s) noise"), (True, "")):
+    for safe, expected in ((False, "custom noise may take values from the host"), (True, "")):
         Noise.static_safe = safe
         model = tc.Sequential([tc.layers.Conv2D(4, 3, input_shape=(28, 28, 1)), Noise(name="noise"),
                                tc.layers.GlobalAveragePooling2D(), tc.layers.Dense(10, activation="softmax")],
@@ -178,3 +178,57 @@ def test_a_custom_layer_keeps_fit_eager_unless_it_declares_itself_static_safe(ca
             model.fit(x, y, batch_size=32, epochs=1, verbose=0)
         err = capsys.readouterr().err
         assert (expected in err) if expected else err == ""
+
+
+class FreezeFirstWeightedLayer(tc.callbacks.Callback):
+    """Freezes a layer mid-fit: the eager step then builds a new parameter buffer and a fresh
+    optimizer state for it, and the static steps must follow (warm up, and capture, anew)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1 and not getattr(self, "done", False):
+            self.done = True
+            next(layer for layer in self.model.compute_layers if layer.trainable_names).trainable = False
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fast"])
+def test_a_layer_frozen_during_fit_trains_static_steps_as_eager_ones(kernels):
+    with config.using(kernels=kernels):
+        eager = train("cpu", "eager", callbacks=[FreezeFirstWeightedLayer()])
+        static = train("cpu", "static", callbacks=[FreezeFirstWeightedLayer()])
+    assert_same_training(eager, static)
+
+
+def test_a_layer_frozen_during_fit_makes_the_graphs_capture_anew(shim_gpu, monkeypatch):
+    from tinycnn import static_step
+
+    real_run = static_step.CudaGraph.run
+
+    def run(self, body):
+        cuda_shim.Stream.capture_body = body
+        return real_run(self, body)
+
+    monkeypatch.setattr(static_step.CudaGraph, "run", run)
+    assert_same_training(train(shim_gpu, "eager", callbacks=[FreezeFirstWeightedLayer()]),
+                         train(shim_gpu, "graphs", callbacks=[FreezeFirstWeightedLayer()]))
+
+
+def test_the_reference_set_on_a_gpu_reads_no_key_back_from_the_device(monkeypatch):
+    """The reference kernels on a GPU draw a static step's masks from the key on the device: no
+    device-to-host read, which a capture refuses (and which would freeze the key into a graph)."""
+    from tinycnn.kernels.reference import ReferenceKernels
+    from tinycnn.randomness import DeviceKey
+
+    fake = cuda_shim.fake_cupy()
+    backend = Backend("gpu", fake, ReferenceKernels(), config.settings())
+    eager = train(backend, "eager")
+    monkeypatch.setattr(DeviceKey, "host", lambda self: pytest.fail("a DeviceKey was read on the host"))
+    assert_same_training(eager, train(backend, "static"))
+
+
+def test_a_static_step_leaves_another_models_dropout_to_its_own_seeds():
+    from tinycnn import randomness, static_step
+
+    mine, other = tc.layers.Dropout(0.5), tc.layers.Dropout(0.5)
+    other.reseed(7)
+    with randomness.static_keys(static_step.DropoutKeyTable([mine])):
+        assert other.next_seed() == randomness.call_seed(7, 0)

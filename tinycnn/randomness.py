@@ -92,7 +92,9 @@ def index_hashes(xp, n, seed, offset=0):
     """The 32-bit hash of each index offset..offset+n-1 mixed with `seed`'s key (`seed`: an int or a
     DeviceKey), as a uint64 array of array module `xp`: what a dropout mask and a shuffle are drawn
     from."""
-    return lowbias32(xp.arange(offset, offset + n, dtype=xp.uint64) ^ xp.uint64(mask_key(seed)))
+    # a DeviceKey's key stays on the device (a static step may be being captured: no host reads)
+    key = seed.view().astype(xp.uint64) if isinstance(seed, DeviceKey) else xp.uint64(dropout_key(seed))
+    return lowbias32(xp.arange(offset, offset + n, dtype=xp.uint64) ^ key)
 
 
 def permutation(xp, n, seed):

@@ -25,12 +25,15 @@ The `step` setting (`TINYCNN_STEP`, tinycnn.config) chooses how `fit` runs its t
 
 A static step gives the eager step's results bit for bit (tested on NumPy with the reference, the
 CPU and the GPU kernel sets). It needs Adam without clipping or weight decay, no sample or class
-weights, no data parallelism, and tinycnn's own layers (or custom ones that declare
-`static_safe = True`: nothing they compute in a training step comes from the host and changes from
-step to step); `fit` falls back to the eager step otherwise and says why.
+weights, no data parallelism, and tinycnn's own layers, loss and metrics (or custom ones that
+declare `static_safe = True`: nothing they compute in a training step comes from the host and
+changes from step to step); `fit` falls back to the eager step otherwise and says why. A layer
+frozen or unfrozen during fit makes the steps warm up (and capture) anew, as it makes the eager
+step start a fresh optimizer state.
 
 NOTE: the capture and replay have not run on a GPU yet (no GPU was available while this was written).
 """
+import contextlib
 import sys
 
 from . import randomness
@@ -49,11 +52,14 @@ def static_problem(trainer, weights):
         return "sample or class weights need the eager step"
     if not isinstance(opt, Adam) or opt.weight_decay or opt.clipnorm or opt.clipvalue or opt.global_clipnorm:
         return "the static step supports Adam without clipping or weight decay"
-    custom = [layer.name for layer in trainer.compute_layers
-              if not type(layer).__module__.startswith("tinycnn.layers.") and not getattr(layer, "static_safe", False)]
-    if custom:  # it might take host values (random numbers, say) that a captured graph would freeze
-        return (f"custom layer(s) {', '.join(custom)} may take values from the host each step (set the class "
-                "attribute static_safe = True on a layer that does not)")
+    parts = [(layer.name, layer) for layer in trainer.compute_layers]
+    parts += [(f"loss {type(trainer.loss).__name__}", trainer.loss)]
+    parts += [(f"metric {metric.name}", metric) for metric in trainer.metrics]
+    custom = [name for name, part in parts
+              if not type(part).__module__.startswith("tinycnn.") and not getattr(part, "static_safe", False)]
+    if custom:  # they might take host values (random numbers, say) that a captured graph would freeze
+        return (f"custom {', '.join(custom)} may take values from the host each step (set the class attribute "
+                "static_safe = True on one that does not)")
     return None
 
 
@@ -93,7 +99,8 @@ class DropoutKeyTable:
     the keys are computed on the device each step, slot k from
     call_seed(bases[k], offsets[k] + step * calls[k]) (kernel entry dropout_keys)."""
 
-    def __init__(self):
+    def __init__(self, layers):
+        self._layers = {id(layer) for layer in layers}  # the model's: another model's Dropout draws as always
         self.slots = []  # (layer, j): the j-th call of `layer` in a step, in call order
         self.keys = None  # device uint32 keys, one per slot, once the slots are known
         self._index = {}
@@ -101,6 +108,9 @@ class DropoutKeyTable:
 
     def start_step(self):
         self._calls = {}
+
+    def serves(self, layer):
+        return id(layer) in self._layers
 
     def key_for(self, layer):
         j = self._calls.get(id(layer), 0)
@@ -160,11 +170,12 @@ class CudaGraph:
         self.pool = cp.cuda.MemoryPool()  # only this step allocates from it: nothing else reuses its blocks
         self.graph = None
         self.runs = 0
+        self._before, self._after = (cp.cuda.Event(disable_timing=True) for _ in range(2))
 
     def run(self, body):
         cp = self.cp
         caller = cp.cuda.get_current_stream()
-        self.stream.wait_event(caller.record())
+        self.stream.wait_event(caller.record(self._before))
         with self.stream, cp.cuda.using_allocator(self.pool.malloc):
             if self.runs == 0:
                 body()
@@ -172,13 +183,15 @@ class CudaGraph:
                 self.stream.begin_capture()
                 try:
                     body()
-                finally:
-                    graph = self.stream.end_capture()
-                self.graph = graph
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the body's error is the one to see
+                        self.stream.end_capture()
+                    raise
+                self.graph = self.stream.end_capture()
                 self.graph.launch(self.stream)
             else:
                 self.graph.launch(self.stream)
-        caller.wait_event(self.stream.record())
+        caller.wait_event(self.stream.record(self._after))
         self.runs += 1
 
 
@@ -192,7 +205,7 @@ class StaticStep:
         self.inputs = [xp.empty((rows,) + a.shape[1:], dtype=a.dtype) for a in training.xs]
         self.targets = xp.empty((rows,) + training.targets.shape[1:], dtype=training.targets.dtype)
         self.row_index = xp.empty((1, rows), dtype=xp.int64)
-        self.keys = DropoutKeyTable()
+        self.keys = DropoutKeyTable(training.trainer.compute_layers)
         self.graph = CudaGraph(xp) if training.capture else None
 
     def body(self):
@@ -207,9 +220,8 @@ class StaticStep:
         for source, static in zip(tr.xs, self.inputs):
             xp.take(source, index, axis=0, out=static)
         xp.take(tr.targets, index, axis=0, out=self.targets)
-        if self.keys.keys is not None and self.keys.slots:
-            trainer.backend.kernels.dropout_keys(self.keys.bases, self.keys.offsets, self.keys.calls,
-                                                 tr.step_counter.view(xp.uint64), self.keys.keys)
+        if self.keys.keys is not None:
+            self._compute_keys()
         self.keys.start_step()
         with randomness.static_keys(self.keys):
             predictions, batch_sum = trainer.forward_backward(self.inputs, self.targets)
@@ -217,6 +229,12 @@ class StaticStep:
         trainer.optimizer.static_update(trainer.params.params, trainer.params.grads, tr.adam)
         tr.accumulate(batch_sum, predictions, self.targets)
         xp.add(tr.step_counter, 1, out=tr.step_counter)
+
+    def _compute_keys(self):
+        if self.keys.slots:
+            tr = self.training
+            tr.trainer.backend.kernels.dropout_keys(self.keys.bases, self.keys.offsets, self.keys.calls,
+                                                    tr.step_counter.view(tr.xp.uint64), self.keys.keys)
 
     def run(self):
         tr = self.training
@@ -228,6 +246,7 @@ class StaticStep:
             self.graph.run(self.body)
         if first:
             self.keys.freeze(tr.xp, tr.step_host)
+            self._compute_keys()  # once outside any capture: its kernel compiles before the capture
         for layer, calls in self.keys.calls_per_step().items():  # the host's counts, kept in step
             layer.count_calls(calls)
         tr.trainer.optimizer.iterations += 1
@@ -251,6 +270,7 @@ class StaticTraining:
         self.steps = {}
         self.metrics = None
         self.sums = None  # device accumulators: [loss sum, each metric's sum], made by the first step
+        self._seen = None  # (parameter buffer, optimizer iterations) after the last step
 
     def begin_epoch(self, order, metrics):
         self.order[...] = order
@@ -265,10 +285,25 @@ class StaticTraining:
             metrics.bind_device_sums(self.sums[0], self.sums[1:])
 
     def step(self, start, rows):
+        self._follow_the_model()
         key = rows if start + rows <= self.full_batches * self.batch_size else ("tail", rows)
         if key not in self.steps:
             self.steps[key] = StaticStep(self, rows, None if key == rows else start)
         self.steps[key].run()
+        self._seen = (self.trainer.params.params, self.trainer.optimizer.iterations)
+
+    def _follow_the_model(self):
+        """A layer frozen or unfrozen since the last step (a new parameter buffer, and a fresh
+        optimizer state for it, as the eager step makes them), or the optimizer's state set: the
+        steps built on the old buffers go, captured graphs included, and Adam's device state is
+        read again, so the next steps warm up and capture anew."""
+        trainer = self.trainer
+        trainer.refresh_parameters()
+        trainer.build_optimizer()
+        if self._seen is not None and (trainer.params.params is not self._seen[0]
+                                       or trainer.optimizer.iterations != self._seen[1]):
+            self.steps = {}
+            self.adam = AdamState(self.xp, trainer.optimizer)
 
     def accumulate(self, batch_sum, predictions, targets):
         """Adds the step's loss sum and metric sums into the device accumulators, in the order and

@@ -34,6 +34,7 @@ from .concurrency import exclusive
 from .distributed.data_parallel import as_distribution
 from .errors import DistributedError, ShapeError
 from .kernels import precompile
+from .layers.convolutional import Conv2D, SeparableConv2D
 from .randomness import derive_seed
 
 
@@ -374,7 +375,7 @@ class Trainer:
             sink = self.params if k == 0 else self.params.gradient_share(k)
             return self._share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
 
-        with precompile.training():  # a first run's compile may start a helper (tinycnn.kernels.precompile)
+        with precompile.training(self._compile_helper_helps()):  # tinycnn.kernels.precompile
             results = self._run_rows(plan, rows, work)
         for k in range(1, len(results)):  # in share order: the same sum on every machine
             self.params.grads += self.params.gradient_share(k).grads
@@ -388,6 +389,13 @@ class Trainer:
         if penalty is not None:
             batch_sum = batch_sum + penalty * rows
         return predictions, batch_sum
+
+    def _compile_helper_helps(self):
+        """Whether a first run's compile helper would compile kernels this model's training uses:
+        float32 direct convolutions on the numba CPU set (tinycnn.kernels.precompile)."""
+        return (self.backend.kernels.name == "cpu" and np.dtype(self.dtype) == np.float32
+                and self.backend.settings.conv == "direct"
+                and any(isinstance(layer, (Conv2D, SeparableConv2D)) for layer in self.compute_layers))
 
     def _share_step(self, plan, inputs, targets, sample_weight, n, gradients):
         """Forward, loss and backward of `inputs` (the batch, or one share of it) into `gradients`,

@@ -129,7 +129,7 @@ def _strip_rows(ow, nb, wp, c, kh, itemsize):
 
 def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
     """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input."""
-    precompile.wait_for_helper()  # a first run's helper may be compiling this kernel (tinycnn.kernels.precompile)
+    precompile.wait_for_helper(xpad.dtype.name)  # a first run's helper may be compiling it (kernels.precompile)
     n, _, wp, c = xpad.shape
     f = dz2d.shape[1]
     nb = _blocks(f)

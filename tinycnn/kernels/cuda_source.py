@@ -1,8 +1,8 @@
 """The CUDA source of every kernel the GPU set launches, as plain text: no CuPy needed to read it.
 
 One translation unit per (dtype, index width): `module_source(dtype, wide)` prefixes the kernels
-with `typedef float T` (or double) and `typedef int I` (or long long, for arrays of 2**31
-elements or more). The GPU set compiles it with CuPy's RawModule and NVRTC_OPTIONS; the tests
+with `typedef float T` (or double) and `typedef int I` (or long long, from gpu.WIDE elements on:
+2**31 less the largest grid, so that a grid-stride index never overflows). The GPU set compiles it with CuPy's RawModule and NVRTC_OPTIONS; the tests
 compile the very same text with NVRTC for sm_80 and sm_90 (tests/test_cuda_compile.py) and with
 the host C++ compiler, playing every thread of a small grid on the CPU (tests/cuda_shim.py).
 
@@ -14,9 +14,12 @@ Rules that keep all three possible:
   results are deterministic and independent of thread order. Column reductions (BatchNorm) are
   two launches: a fixed number of partial sums per column (set by the shapes alone), then their
   sum in a fixed order;
-- --fmad=false: no fused multiply-adds, so the GPU rounds as the CPU kernels and the shim do,
-  except for float32 subnormals: CuPy's RawModule appends -ftz=true after our options (CuPy
-  14.2, cupy/cuda/compiler.py; its own kernels are compiled so too), which flushes them to zero.
+- --fmad=false: no fused multiply-adds, so a kernel rounds on the GPU exactly as the same source
+  played on the CPU (tests/cuda_shim.py), except for float32 subnormals: CuPy's RawModule
+  appends -ftz=true after our options (CuPy 14.2, cupy/cuda/compiler.py; its own kernels are
+  compiled so too), which flushes them to zero. Against the numba CPU kernels the results agree
+  to round-off, not to the bit: sums run in another order, and the CPU's BatchNorm backward keeps
+  the masked gradient in float64.
 """
 import numpy as np
 
@@ -334,6 +337,6 @@ _TYPE_NAMES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 def module_source(dtype, wide):
     """The translation unit of every kernel for arrays of `dtype` (float32 or float64), with 64-bit
-    indices when `wide` (some array has 2**31 elements or more)."""
+    indices when `wide` (some array is near 2**31 elements or more: gpu.WIDE)."""
     head = f"typedef {_TYPE_NAMES[np.dtype(dtype)]} T;\ntypedef {'long long' if wide else 'int'} I;\n"
     return head + _PRELUDE + "".join(KERNELS.values())

@@ -225,6 +225,7 @@ class GPUKernels(ReferenceKernels):
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         t = param.dtype.type  # the complements in float64, then rounded to T, as the reference's
-        lr = lr_t if hasattr(lr_t, "dtype") else cp.full((1,), lr_t, dtype=cp.float64)  # read from device memory
+        # read from device memory: a static step's buffer as it is, a host value written there
+        lr = lr_t if isinstance(lr_t, cp.ndarray) else cp.full((1,), float(lr_t), dtype=cp.float64)
         self._launch("tinycnn_adam", param.dtype, param.size, param, m, v, cp.ascontiguousarray(grad),
                      _Index(param.size), lr, t(1 - beta_1), t(1 - beta_2), t(epsilon))

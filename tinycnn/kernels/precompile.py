@@ -2,13 +2,15 @@
 
 numba compiles one kernel at a time (under a process-wide lock), on one core. A first Week2
 training step on a machine compiles for about 20 s, and half of it is the direct convolution's
-filter gradient (its generated register-blocked loops). So when a training step starts compiling
-(compile_notice sees numba's compile event while `training()` is in force), `start_helper()`
+filter gradient (its generated register-blocked loops). So when a float32 training step with direct
+convolutions starts compiling (compile_notice sees numba's compile event while `training(True)` is
+in force), `start_helper()`
 launches a Python process running `cpu_conv.compile_filter_grad()`: it compiles that kernel for float32
 into numba's disk cache on the other core. The training step compiles everything else meanwhile,
 and its first filter gradient waits for the helper (`wait_for_helper`) and then loads the kernel
 from the cache instead of compiling it again. Nothing of this happens once the cache is warm (no
-compile event), in inference alone, on one core, or with numba's cache switched off.
+compile event), in inference alone, for float64 models or GEMM convolutions, or with one usable
+core; a thread reaps the helper when it ends, whether or not anything waited for it.
 """
 import contextlib
 import os
@@ -24,8 +26,12 @@ _state = {"training": 0, "helper": None, "started": False}
 
 
 @contextlib.contextmanager
-def training():
-    """Inside the block a compile event starts the helper (a training step is compiling)."""
+def training(helps):
+    """Inside the block a compile event starts the helper, when `helps` (a CPU training step whose
+    convolutions run the float32 direct kernels: the helper compiles those)."""
+    if not helps:
+        yield
+        return
     with _lock:
         _state["training"] += 1
     try:
@@ -35,9 +41,16 @@ def training():
             _state["training"] -= 1
 
 
+def _usable_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _wanted():
     return (_state["training"] > 0 and not _state["started"] and not os.environ.get(HELPER_ENV)
-            and not os.environ.get("NUMBA_DISABLE_JIT") and (os.cpu_count() or 1) >= 2)
+            and not os.environ.get("NUMBA_DISABLE_JIT") and _usable_cpus() >= 2)
 
 
 def start_helper():
@@ -47,19 +60,21 @@ def start_helper():
             return
         _state["started"] = True
         try:
-            _state["helper"] = subprocess.Popen([sys.executable, "-c", "from tinycnn.kernels import cpu_conv; "
-                                                 "cpu_conv.compile_filter_grad()"],
-                                                env={**os.environ, HELPER_ENV: "1"}, stdin=subprocess.DEVNULL,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            helper = subprocess.Popen([sys.executable, "-c", "from tinycnn.kernels import cpu_conv; "
+                                       "cpu_conv.compile_filter_grad()"],
+                                      env={**os.environ, HELPER_ENV: "1"}, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError:  # no helper: this process compiles everything, as without one
-            _state["helper"] = None
+            return
+        _state["helper"] = helper
+        threading.Thread(target=helper.wait, name="tinycnn-compile-helper", daemon=True).start()
 
 
-def wait_for_helper():
-    """Before a filter gradient: let a running helper finish writing numba's cache. Every caller
-    waits (the two shares of a split batch call at once), until the helper is done."""
+def wait_for_helper(dtype):
+    """Before a filter gradient of `dtype`: let a running helper finish writing numba's cache (it
+    compiles float32). Every caller waits (the two shares of a split batch call at once)."""
     helper = _state["helper"]
-    if helper is None:
+    if helper is None or dtype != "float32":
         return
     try:
         helper.wait(WAIT_SECONDS)  # Popen.wait may be called from several threads

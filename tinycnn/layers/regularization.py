@@ -46,7 +46,9 @@ class Dropout(Layer):
         """The seed of the next training call's mask (one per call of the whole batch: the shares
         of a split batch read the same one); inside a static step, a key on the device."""
         table = randomness.static_key_table()
-        return batch_split.shared_seed(self, self._draw if table is None else lambda: table.key_for(self))
+        if table is None or not table.serves(self):  # eager, or another model's static step runs
+            return batch_split.shared_seed(self, self._draw)
+        return batch_split.shared_seed(self, lambda: table.key_for(self))
 
     def count_calls(self, calls):
         """Count `calls` calls whose seeds a static step computed on the device (tinycnn.static_step)."""
