@@ -208,6 +208,7 @@ def test_a_first_run_says_it_is_compiling_and_a_cached_run_says_nothing(tmp_path
     assert compile_notice.MESSAGE not in runs[1].stderr
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the compile helper needs a second usable CPU")
 def test_a_first_training_step_compiles_the_filter_gradient_in_a_helper_process(tmp_path):
     """On a cold numba cache a training step starts a helper process that compiles the direct
     convolution's filter gradient (tinycnn.kernels.precompile): the step then loads it from the
