@@ -38,9 +38,7 @@ import sys
 
 from . import randomness
 from .optimizers import Adam
-from .randomness import DeviceKey
-
-MASK64 = (1 << 64) - 1
+from .randomness import MASK64, DeviceKey
 
 
 def static_problem(trainer, weights):
@@ -103,6 +101,7 @@ class DropoutKeyTable:
         self._layers = {id(layer) for layer in layers}  # the model's: another model's Dropout draws as always
         self.slots = []  # (layer, j): the j-th call of `layer` in a step, in call order
         self.keys = None  # device uint32 keys, one per slot, once the slots are known
+        self.counts = {}  # {layer: its calls in one step}, once the slots are known
         self._index = {}
         self._calls = {}
 
@@ -124,18 +123,12 @@ class DropoutKeyTable:
                                "run fit with TINYCNN_STEP=eager")
         return DeviceKey(self.keys, self._index[(id(layer), j)])
 
-    def calls_per_step(self):
-        """{layer: its calls in one step}, in first-call order."""
-        counts = {}
-        for layer, _ in self.slots:
-            counts[layer] = counts.get(layer, 0) + 1
-        return counts
-
     def freeze(self, xp, step):
         """After the first run: device buffers for the slots, placed for the step counter's `step`."""
         self._index = {(id(layer), j): k for k, (layer, j) in enumerate(self.slots)}
-        counts = self.calls_per_step()
-        self.calls = xp.asarray([counts[layer] for layer, _ in self.slots], dtype=xp.uint64)
+        for layer, _ in self.slots:
+            self.counts[layer] = self.counts.get(layer, 0) + 1
+        self.calls = xp.asarray([self.counts[layer] for layer, _ in self.slots], dtype=xp.uint64)
         self.bases = xp.zeros(len(self.slots), dtype=xp.uint64)
         self.offsets = xp.zeros(len(self.slots), dtype=xp.uint64)
         self.keys = xp.zeros(len(self.slots), dtype=xp.uint32)
@@ -148,12 +141,11 @@ class DropoutKeyTable:
         first run, whose own calls the layers count after it)."""
         if self.keys is None or not self.slots:
             return
-        counts = self.calls_per_step()
         bases, offsets = [], []
         for layer, j in self.slots:
             state = layer.random_state()
             bases.append(state["base"] & MASK64)
-            offsets.append((state["calls"] - step * counts[layer] + j) & MASK64)
+            offsets.append((state["calls"] - step * self.counts[layer] + j) & MASK64)
         self.bases[...] = xp.asarray(bases, dtype=xp.uint64)
         self.offsets[...] = xp.asarray(offsets, dtype=xp.uint64)
 
@@ -223,9 +215,8 @@ class StaticStep:
         if self.keys.keys is not None:
             self._compute_keys()
         self.keys.start_step()
-        with randomness.static_keys(self.keys):
+        with randomness.static_keys(self.keys):  # StaticTraining built the optimizer before the step
             predictions, batch_sum = trainer.forward_backward(self.inputs, self.targets)
-        trainer.build_optimizer()
         trainer.optimizer.static_update(trainer.params.params, trainer.params.grads, tr.adam)
         tr.accumulate(batch_sum, predictions, self.targets)
         xp.add(tr.step_counter, 1, out=tr.step_counter)
@@ -247,7 +238,7 @@ class StaticStep:
         if first:
             self.keys.freeze(tr.xp, tr.step_host)
             self._compute_keys()  # once outside any capture: its kernel compiles before the capture
-        for layer, calls in self.keys.calls_per_step().items():  # the host's counts, kept in step
+        for layer, calls in self.keys.counts.items():  # the host's counts, kept in step
             layer.count_calls(calls)
         tr.trainer.optimizer.iterations += 1
         tr.metrics.count(self.rows)

@@ -375,7 +375,7 @@ class Trainer:
             sink = self.params if k == 0 else self.params.gradient_share(k)
             return self._share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
 
-        with precompile.training(self._compile_helper_helps()):  # tinycnn.kernels.precompile
+        with precompile.training(self._compile_helper_helps):  # tinycnn.kernels.precompile
             results = self._run_rows(plan, rows, work)
         for k in range(1, len(results)):  # in share order: the same sum on every machine
             self.params.grads += self.params.gradient_share(k).grads
@@ -654,20 +654,17 @@ class Trainer:
                 cbs.on_train_batch_begin(batch)
                 if static is not None:  # the batch's rows are picked on the device (tinycnn.static_step)
                     static.step(start, min(batch_size, n - start))
-                    cbs.on_train_batch_end(batch, metrics.running)
-                    if self.stop_training:
-                        break
-                    continue
-                idx = order[start : start + batch_size]
-                global_batch = None
-                if dist is not None:  # this rank's share of the global batch
-                    global_batch = idx.shape[0]
-                    first, (idx,) = self._shard([idx])
-                    dist.place_batch(self, first)
-                tb = t[idx]
-                wb = None if weights is None else weights[idx]
-                predictions, batch_sum = self.train_step([a[idx] for a in xs], tb, wb, global_batch)
-                metrics.add(batch_sum, predictions, tb, wb)
+                else:
+                    idx = order[start : start + batch_size]
+                    global_batch = None
+                    if dist is not None:  # this rank's share of the global batch
+                        global_batch = idx.shape[0]
+                        first, (idx,) = self._shard([idx])
+                        dist.place_batch(self, first)
+                    tb = t[idx]
+                    wb = None if weights is None else weights[idx]
+                    predictions, batch_sum = self.train_step([a[idx] for a in xs], tb, wb, global_batch)
+                    metrics.add(batch_sum, predictions, tb, wb)
                 cbs.on_train_batch_end(batch, metrics.running)
                 self._agree_on_stopping()
                 if self.stop_training:

@@ -3,8 +3,8 @@
 numba compiles one kernel at a time (under a process-wide lock), on one core. A first Week2
 training step on a machine compiles for about 20 s, and half of it is the direct convolution's
 filter gradient (its generated register-blocked loops). So when a float32 training step with direct
-convolutions starts compiling (compile_notice sees numba's compile event while `training(True)` is
-in force), `start_helper()`
+convolutions starts compiling (compile_notice sees numba's compile event inside `training(helps)`,
+and then asks helps()), `start_helper()`
 launches a Python process running `cpu_conv.compile_filter_grad()`: it compiles that kernel for float32
 into numba's disk cache on the other core. The training step compiles everything else meanwhile,
 and its first filter gradient waits for the helper (`wait_for_helper`) and then loads the kernel
@@ -22,23 +22,21 @@ HELPER_ENV = "TINYCNN_PRECOMPILE_HELPER"  # set in the helper: it starts no help
 WAIT_SECONDS = 120  # the longest a first filter gradient waits before compiling it here anyway
 
 _lock = threading.Lock()
-_state = {"training": 0, "helper": None, "started": False}
+_state = {"training": [], "helper": None, "started": False}
 
 
 @contextlib.contextmanager
 def training(helps):
-    """Inside the block a compile event starts the helper, when `helps` (a CPU training step whose
-    convolutions run the float32 direct kernels: the helper compiles those)."""
-    if not helps:
-        yield
-        return
+    """Inside the block a compile event starts the helper if `helps()` says it would (a CPU training
+    step whose convolutions run the float32 direct kernels: the helper compiles those). helps is
+    asked only then, so a step with its kernels already compiled pays nothing for it."""
     with _lock:
-        _state["training"] += 1
+        _state["training"].append(helps)
     try:
         yield
     finally:
         with _lock:
-            _state["training"] -= 1
+            _state["training"].remove(helps)
 
 
 def _usable_cpus():
@@ -49,8 +47,8 @@ def _usable_cpus():
 
 
 def _wanted():
-    return (_state["training"] > 0 and not _state["started"] and not os.environ.get(HELPER_ENV)
-            and not os.environ.get("NUMBA_DISABLE_JIT") and _usable_cpus() >= 2)
+    return (not _state["started"] and not os.environ.get(HELPER_ENV) and not os.environ.get("NUMBA_DISABLE_JIT")
+            and _usable_cpus() >= 2 and any(helps() for helps in _state["training"]))
 
 
 def start_helper():
