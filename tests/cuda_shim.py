@@ -33,6 +33,10 @@ using std::exp; using std::log; using std::sqrt;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+// Threads run one after another here, so a fence has nothing to order and an atomic is a plain add.
+static inline void __threadfence() {}
+static inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { unsigned int old = *p; *p += v; return old; }
+template <class V> static inline V __ldcg(const V* p) { return *p; }
 struct tinycnn_dim3 { unsigned int x, y, z; };
 static tinycnn_dim3 blockIdx, threadIdx, blockDim, gridDim;
 extern "C" void tinycnn_shim_thread(unsigned int block, unsigned int thread, unsigned int blocks,

@@ -338,3 +338,28 @@ def test_evaluate_checks_its_batch_size():
     x, y, _ = _tiny_problem(n=16)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         _tiny_cnn("cpu").evaluate(x, y, batch_size=0, verbose=0)
+
+
+def test_weight_gradients_are_computed_in_their_slots_of_the_gradient_buffer():
+    """A backward pass hands a layer its weight's slot in the model's gradient buffer, once (no
+    copy after: on a GPU each would be a kernel launch); another use of the weight in the same
+    pass gets None, writes a new array, and the pass adds it; a weight no step reached is zero."""
+    from tinycnn import parameters
+    from tinycnn.parameters import ParameterBuffer
+
+    layer = tc.layers.Dense(3)
+    layer.build((4,), seed=0)
+    buffer = ParameterBuffer([(layer, "kernel"), (layer, "bias")], np, np.float32)
+    buffer.grads[...] = 7  # a previous step's
+    assert parameters.gradient_target(layer, "kernel") is None  # no backward pass running
+    with buffer.collecting():
+        slot = parameters.gradient_target(layer, "kernel")
+        assert slot is buffer.grad_views[0] and np.shares_memory(slot, buffer.grads)
+        assert parameters.gradient_target(layer, "kernel") is None  # handed out once
+        slot[...] = 1
+        buffer.add_gradient(layer, "kernel", slot.reshape(-1, 3))  # written in place: kept as it is
+        np.testing.assert_array_equal(buffer.grad_views[0], 1)
+        buffer.add_gradient(layer, "kernel", np.ones((4, 3), np.float32))  # a second use: added
+    np.testing.assert_array_equal(buffer.grad_views[0], 2)
+    np.testing.assert_array_equal(buffer.grad_views[1], 0)  # the bias: no gradient came
+    assert parameters.gradient_target(layer, "kernel") is None

@@ -113,7 +113,7 @@ class BatchNormDropoutStep(Step):
             dx, grads = self.bn.backward(a, dy, self.need_dx[0])
             return (dx,), grads
         dx2d, dgamma, dbeta = self.bn.kernels.batchnorm_dropout_backward_train(
-            dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b, self.bn.batch_reduce())
+            dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b, self.bn.batch_reduce(), self.bn.gradient_targets())
         return ((dx2d.reshape(dy.shape) if self.need_dx[0] else None),), self.bn.affine_grads(dgamma, dbeta)
 
     def describe(self):
@@ -206,22 +206,21 @@ class Plan:
         grads = [None] * self.size
         for i, g in zip(self.output_ids, output_grads):
             grads[i] = g
-        params.start_gradients()
-        for step, saved in zip(reversed(self.steps), reversed(tape)):
-            if not step.runs_backward:
-                continue
-            dy = grads[step.output]
-            grads[step.output] = None
-            if dy is None:
-                continue
-            dxs, weight_grads = step.backward(saved, dy)
-            for i, need, dx in zip(step.inputs, step.need_dx, dxs):
-                if need and dx is not None:
-                    grads[i] = dx if grads[i] is None else grads[i] + dx
-            for layer, names in step.trained:
-                for name in names:
-                    params.add_gradient(layer, name, weight_grads[name])
-        params.finish_gradients()
+        with params.collecting():
+            for step, saved in zip(reversed(self.steps), reversed(tape)):
+                if not step.runs_backward:
+                    continue
+                dy = grads[step.output]
+                grads[step.output] = None
+                if dy is None:
+                    continue
+                dxs, weight_grads = step.backward(saved, dy)
+                for i, need, dx in zip(step.inputs, step.need_dx, dxs):
+                    if need and dx is not None:
+                        grads[i] = dx if grads[i] is None else grads[i] + dx
+                for layer, names in step.trained:
+                    for name in names:
+                        params.add_gradient(layer, name, weight_grads[name])
 
     def describe(self):
         """One line per step (what runs, in order)."""

@@ -15,7 +15,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import compile_notice, cpu_conv
-from .reference import ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc
+from .reference import (ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc,
+                        written_into)
 from .scratch import scratch_buffer
 from ..randomness import dropout_keep_threshold, mask_key
 
@@ -690,7 +691,7 @@ class CPUKernels(ReferenceKernels):
         saved = (x2d, mean, keep if use_dropout else None, scale)
         return y, saved, mean, var, inv_std
 
-    def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce=None):
+    def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         x2d, mean, keep, scale = saved
         dy2d = np.ascontiguousarray(dy2d)
         m = dy2d.shape[0]
@@ -698,7 +699,7 @@ class CPUKernels(ReferenceKernels):
         keep = keep if use_mask else np.empty((1, 1), dtype=np.uint8)
         sums = _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask)
         dtype = dy2d.dtype
-        dbeta, dgamma = sums[0].astype(dtype), sums[1].astype(dtype)  # this rank's, under data parallelism
+        dgamma, dbeta = written_into(out, sums[1].astype(dtype), sums[0].astype(dtype))  # this rank's, under data parallelism
         if reduce is not None:  # dx needs the sums and the row count of the whole batch
             total_beta, total_gamma, m = global_gradient_sums(sums[0], sums[1], m, reduce)
             sums = (total_beta, total_gamma)
@@ -713,20 +714,20 @@ class CPUKernels(ReferenceKernels):
             return super().batchnorm_forward_train(x2d, gamma, beta, eps, reduce)
         return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce)
 
-    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         if dy2d.size < SMALL:
-            return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std, reduce)
-        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
+            return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
     def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
         if x2d.size < SMALL:
             return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed, offset, reduce)
         return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)
 
-    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         if dy2d.size < SMALL:
-            return super().batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std, reduce)
-        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
+            return super().batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
     def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
         """Inference: one pass of x * scale + shift (NumPy's version makes two, with a temporary)."""

@@ -10,10 +10,14 @@ Rules that keep all three possible:
 - every kernel is `extern "C"` (no name mangling, no templates) and includes no header;
 - every kernel is a grid-stride loop over its n work items, so its result does not depend on the
   grid it is launched with (the shim launches a deliberately small one);
-- no shared memory, no atomics, no __syncthreads: each work item *gathers* what it needs, so the
-  results are deterministic and independent of thread order. Column reductions (BatchNorm) are
-  two launches: a fixed number of partial sums per column (set by the shapes alone), then their
-  sum in a fixed order;
+- no shared memory, no __syncthreads, no atomics on data: each work item *gathers* what it needs,
+  so the results are deterministic and independent of thread order. A column reduction
+  (BatchNorm) is one launch: a fixed number of partial sums per column (set by the shapes alone),
+  and the work item that finishes a column's last partial sum (an atomic count of arrivals per
+  column, the one atomic here) adds that column's partials up in part order, so the sum's order
+  does not depend on which thread finishes last;
+- a value that a static step computes on the device (a dropout key, the learning rate) comes as
+  a pointer, or, in an eager step, by value with the pointer null (no fill launch for it);
 - --fmad=false: no fused multiply-adds, so a kernel rounds on the GPU exactly as the same source
   played on the CPU (tests/cuda_shim.py), except for float32 subnormals: CuPy's RawModule
   appends -ftz=true after our options (CuPy 14.2, cupy/cuda/compiler.py; its own kernels are
@@ -35,6 +39,44 @@ _PRELUDE = r"""
 
 __device__ __forceinline__ int tinycnn_max(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int tinycnn_min(int a, int b) { return a < b ? a : b; }
+
+// A column reduction's last arrival: after work item (part, ch) has written its partial sums,
+// true in exactly one of the column's `parts` work items, the last to arrive, which then sees
+// every partial of the column (the fences) and resets the column's count for the next launch.
+__device__ __forceinline__ bool tinycnn_last_arrival(unsigned int* arrivals, int ch, int parts) {
+    __threadfence();
+    if (atomicAdd(&arrivals[ch], 1u) != (unsigned int)(parts - 1)) return false;
+    __threadfence();
+    arrivals[ch] = 0u;
+    return true;
+}
+
+// Column ch's totals of the (parts, 2c) partials, in part order (__ldcg: from L2, past this SM's L1,
+// where the other blocks' partials are), into totals [sum1 (c), sum2 (c), m].
+__device__ __forceinline__ void tinycnn_column_totals(const double* partials, double* totals, int ch, int c,
+                                                      int parts, double m, double* s1, double* s2) {
+    double a = 0.0, b = 0.0;
+    for (int p = 0; p < parts; ++p) {
+        a += __ldcg(partials + (long long)p * 2 * c + ch);
+        b += __ldcg(partials + (long long)p * 2 * c + c + ch);
+    }
+    totals[ch] = a;
+    totals[c + ch] = b;
+    if (ch == 0) totals[2 * c] = m;
+    *s1 = a;
+    *s2 = b;
+}
+
+// BatchNorm's moments of column ch from the float64 sums of x - shift and its square over count rows.
+__device__ __forceinline__ void tinycnn_moments(int ch, double s1, double s2, double count, double shift, double eps,
+                                                T* mean, T* var, T* inv_std) {
+    const double d = s1 / count;
+    const double v = s2 / count - d * d;
+    const double var64 = v > 0.0 ? v : 0.0;
+    mean[ch] = (T)(shift + d);
+    var[ch] = (T)var64;
+    inv_std[ch] = (T)(1.0 / sqrt(var64 + eps));
+}
 
 // Dropout's counter-based hash, as tinycnn.randomness.lowbias32 on the 64-bit element index:
 // element `index` is kept when hash(index ^ key) >> 8 >= threshold.
@@ -131,9 +173,9 @@ extern "C" __global__ void tinycnn_maxpool_backward(const T* dy, const int* argm
 """,
     "tinycnn_dropout_forward": r"""
 extern "C" __global__ void tinycnn_dropout_forward(const T* x, T* y, unsigned char* keep, I n,
-                                                   const unsigned int* key, unsigned int threshold, T scale,
-                                                   unsigned long long offset) {
-    const unsigned int mask_key = *key;  // in device memory: a static step computes it there
+                                                   const unsigned int* key, unsigned int key_value,
+                                                   unsigned int threshold, T scale, unsigned long long offset) {
+    const unsigned int mask_key = key ? *key : key_value;
     TINYCNN_FOR_EACH(i, n) {
         const bool k = tinycnn_keep((unsigned long long)i + offset, mask_key, threshold);
         keep[i] = k;
@@ -212,9 +254,9 @@ extern "C" __global__ void tinycnn_dropout_keys(const unsigned long long* bases,
     # The complements 1 - beta come from the host (float64, then rounded to T), as the reference's:
     # computed on the device from a float32 beta, 1 - 0.9 was 0.100000024 and the backends drifted.
     "tinycnn_adam": r"""
-extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, const double* lr, T one_minus_beta_1,
-                                        T one_minus_beta_2, T eps) {
-    const T lr_t = (T)*lr;  // in device memory: a static step computes it there
+extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, const double* lr, double lr_value,
+                                        T one_minus_beta_1, T one_minus_beta_2, T eps) {
+    const T lr_t = (T)(lr ? *lr : lr_value);
     TINYCNN_FOR_EACH(i, n) {
         const T gi = g[i];
         const T mi = m[i] + (gi - m[i]) * one_minus_beta_1;
@@ -227,10 +269,13 @@ extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, const
 """,
     # BatchNormalization over the rows of an (M, C) array, as the CPU set's: float64 sums of x - shift
     # and its square (shift: the first row, or 0 when ranks add their sums up), `parts` partial sums
-    # per column (work item j = part * C + column sums rows part, part + parts, ...).
+    # per column (work item j = part * C + column sums rows part, part + parts, ...); each column's
+    # last arrival writes its totals [sum1, sum2, m] (the layout a data-parallel reduce sums over
+    # ranks) and, when `finish` (no reduce), the moments.
     "tinycnn_bn_forward_partials": r"""
 extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int shifted, double* partials, I m, int c,
-                                                       int parts) {
+                                                       int parts, unsigned int* arrivals, double* totals,
+                                                       int finish, T* mean, T* var, T* inv_std, double eps) {
     TINYCNN_FOR_EACH(j, (I)parts * c) {
         const int ch = (int)(j % c), part = (int)(j / c);
         const double shift = shifted ? (double)x[ch] : 0.0;
@@ -242,14 +287,20 @@ extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int shifted, 
         }
         partials[(I)part * 2 * c + ch] = s1;
         partials[(I)part * 2 * c + c + ch] = s2;
+        if (!tinycnn_last_arrival(arrivals, ch, parts)) continue;
+        tinycnn_column_totals(partials, totals, ch, c, parts, (double)m, &s1, &s2);
+        if (finish) tinycnn_moments(ch, s1, s2, (double)m, shift, eps, mean, var, inv_std);
     }
 }
 """,
-    # Backward's sums: g (dy after the dropout mask) and g * xhat, xhat = (x - mean) * inv_std in T.
+    # Backward's sums: g (dy after the dropout mask) and g * xhat, xhat = (x - mean) * inv_std in T;
+    # each column's last arrival writes its totals [sum1, sum2, m] and, rounded to T, dbeta = sum1
+    # and dgamma = sum2 (this rank's).
     "tinycnn_bn_backward_partials": r"""
 extern "C" __global__ void tinycnn_bn_backward_partials(const T* dy, const T* x, const T* mean, const T* inv_std,
                                                         const unsigned char* keep, T scale, int use_mask,
-                                                        double* partials, I m, int c, int parts) {
+                                                        double* partials, I m, int c, int parts,
+                                                        unsigned int* arrivals, double* totals, T* dbeta, T* dgamma) {
     TINYCNN_FOR_EACH(j, (I)parts * c) {
         const int ch = (int)(j % c), part = (int)(j / c);
         double s1 = 0.0, s2 = 0.0;
@@ -263,45 +314,27 @@ extern "C" __global__ void tinycnn_bn_backward_partials(const T* dy, const T* x,
         }
         partials[(I)part * 2 * c + ch] = s1;
         partials[(I)part * 2 * c + c + ch] = s2;
+        if (!tinycnn_last_arrival(arrivals, ch, parts)) continue;
+        tinycnn_column_totals(partials, totals, ch, c, parts, (double)m, &s1, &s2);
+        dbeta[ch] = (T)s1;
+        dgamma[ch] = (T)s2;
     }
 }
 """,
-    # totals = [the 2C column sums of the partials, in part order; the row count m]: the layout that
-    # a data-parallel `reduce` sums over ranks. totals_t: the 2C sums rounded to T.
-    "tinycnn_column_totals": r"""
-extern "C" __global__ void tinycnn_column_totals(const double* partials, double* totals, T* totals_t, int parts,
-                                                 int width, double m) {
-    TINYCNN_FOR_EACH(j, (I)width + 1) {
-        if (j == width) { totals[j] = m; continue; }
-        double s = 0.0;
-        for (int part = 0; part < parts; ++part) s += partials[(I)part * width + j];
-        totals[j] = s;
-        totals_t[j] = (T)s;
-    }
-}
-""",
+    # The moments from totals that a data-parallel reduce summed over the ranks (unshifted sums).
     "tinycnn_bn_moments": r"""
-extern "C" __global__ void tinycnn_bn_moments(const T* x, const double* totals, T* mean, T* var, T* inv_std,
-                                              int c, int shifted, double eps) {
-    TINYCNN_FOR_EACH(ch, (I)c) {
-        const double count = totals[2 * c];
-        const double shift = shifted ? (double)x[ch] : 0.0;
-        const double d = totals[ch] / count;
-        const double v = totals[c + ch] / count - d * d;
-        const double var64 = v > 0.0 ? v : 0.0;
-        mean[ch] = (T)(shift + d);
-        var[ch] = (T)var64;
-        inv_std[ch] = (T)(1.0 / sqrt(var64 + eps));
-    }
+extern "C" __global__ void tinycnn_bn_moments(const double* totals, T* mean, T* var, T* inv_std, int c, double eps) {
+    TINYCNN_FOR_EACH(ch, (I)c) tinycnn_moments((int)ch, totals[ch], totals[c + ch], totals[2 * c], 0.0, eps, mean, var,
+                                               inv_std);
 }
 """,
     # y = (x - mean) * inv_std * gamma + beta, then (use_dropout) the dropout mask of element offset + i.
     "tinycnn_bn_normalize": r"""
 extern "C" __global__ void tinycnn_bn_normalize(const T* x, const T* mean, const T* inv_std, const T* gamma,
                                                 const T* beta, T* y, unsigned char* keep, I n, int c,
-                                                int use_dropout, const unsigned int* key, unsigned int threshold,
-                                                T scale, unsigned long long offset) {
-    const unsigned int mask_key = use_dropout ? *key : 0u;
+                                                int use_dropout, const unsigned int* key, unsigned int key_value,
+                                                unsigned int threshold, T scale, unsigned long long offset) {
+    const unsigned int mask_key = key ? *key : key_value;
     TINYCNN_FOR_EACH(i, n) {
         const int ch = (int)(i % c);
         T v = (x[i] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch];

@@ -3,8 +3,8 @@
 The kernels' source is tinycnn/kernels/cuda_source.py: plain CUDA C++ that CuPy's RawModule
 compiles (once per dtype and index width, at first use) and that the tests also compile with
 NVRTC and run on the CPU, so CI vouches for this file without a GPU. Every kernel gathers (no
-atomics), so results are deterministic. BatchNormalization, with or without the Dropout after it,
-is 4 launches forward, 3 backward and 1 for its moving averages (the reference composite took
+atomics on data), so results are deterministic. BatchNormalization, with or without the Dropout
+after it, is 2 launches forward, 2 backward and 1 for its moving averages (the reference composite took
 about 40); softmax-CE and ReLU's gradient are one each; a 1x1 convolution with stride 1 and no
 padding multiplies the input itself instead of an im2col copy. The GEMMs are cuBLAS (through
 CuPy's matmul); depthwise convolution and average pooling run the reference code on CuPy arrays.
@@ -22,6 +22,7 @@ THREADS = 256  # per block
 MAX_BLOCKS = 4096  # grid-stride loops cover the rest; 8 blocks of 256 per SM on a 132-SM H100 is ~1k
 WIDE = 2**31 - MAX_BLOCKS * THREADS  # from here on, indices are 64-bit (the loop's i + stride must fit)
 BN_PARTS = 256  # partial sums per BatchNorm column (fixed: results must not depend on the device)
+NULL = np.uint64(0)  # a null pointer argument: CuPy passes a NumPy scalar by value, 8 bytes as a pointer
 
 
 class _Index(int):
@@ -50,6 +51,7 @@ class GPUKernels(ReferenceKernels):
         self._source = source
         self._modules = {}  # (dtype, wide) -> the compiled module
         self._functions = {}  # (dtype, wide, name) -> its kernel
+        self._arrival_counts = {}  # c -> uint32 zeros (see _arrivals)
 
     def describe(self):
         return "gpu (CUDA through CuPy)"
@@ -69,11 +71,19 @@ class GPUKernels(ReferenceKernels):
         kernel((blocks,), (THREADS,), tuple(index(a) if isinstance(a, _Index) else a for a in args))
 
     def _key(self, seed):
-        """A mask's key in device memory, where the kernels read it: a static step's DeviceKey as
-        it is, an int seed's key written there."""
+        """A mask's key as the kernels take it, (pointer, value): a static step's DeviceKey in device
+        memory (the value unused), an eager step's int seed by value (a null pointer)."""
         if isinstance(seed, DeviceKey):
-            return seed.view()
-        return cp.full((1,), dropout_key(seed), dtype=cp.uint32)
+            return seed.view(), np.uint32(0)
+        return NULL, np.uint32(dropout_key(seed))
+
+    def _arrivals(self, c):
+        """The per-column arrival counts of a column reduction over c columns (zeros, which every
+        launch leaves as it found them): one array per width, kept, so a captured graph's stays valid."""
+        counts = self._arrival_counts.get(c)
+        if counts is None:
+            counts = self._arrival_counts[c] = cp.zeros(c, dtype=cp.uint32)
+        return counts
 
     # -- convolution windows ----------------------------------------------------------------------
     def im2col(self, x, kh, kw, stride, pads):
@@ -122,50 +132,47 @@ class GPUKernels(ReferenceKernels):
         return dx
 
     # -- batch normalization (+ the dropout after it) -------------------------------------------------
-    def _bn_totals(self, kernel, dtype, m, c, *args):
-        """The (2C + 1) float64 totals [sum1, sum2, m] of a partial-sums kernel, and the 2C sums in T."""
-        parts = int(min(m, BN_PARTS))
-        partials = cp.empty((parts, 2 * c), dtype=cp.float64)
-        self._launch(kernel, dtype, parts * c, *args, partials, _Index(m), np.int32(c), np.int32(parts),
-                     biggest=m * c)
-        totals = cp.empty(2 * c + 1, dtype=cp.float64)
-        totals_t = cp.empty(2 * c, dtype=dtype)
-        self._launch("tinycnn_column_totals", dtype, 2 * c + 1, partials, totals, totals_t, np.int32(parts),
-                     np.int32(2 * c), np.float64(m))
-        return totals, totals_t
-
     def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset, reduce):
         x2d = cp.ascontiguousarray(x2d)
         m, c = x2d.shape
         dtype = x2d.dtype
-        shifted = np.int32(reduce is None)  # the ranks' sums must add up: no shift then
-        totals, _ = self._bn_totals("tinycnn_bn_forward_partials", dtype, m, c, x2d, shifted)
-        if reduce is not None:
-            totals = reduce(totals)
+        parts = int(min(m, BN_PARTS))
+        partials = cp.empty((parts, 2 * c), dtype=cp.float64)
+        totals = cp.empty(2 * c + 1, dtype=cp.float64)
         mean, var, inv_std = (cp.empty(c, dtype=dtype) for _ in range(3))
-        self._launch("tinycnn_bn_moments", dtype, c, x2d, totals, mean, var, inv_std, np.int32(c), shifted,
-                     np.float64(eps))
+        # one launch: partial sums, each column's totals, and (without a reduce) the moments; the
+        # ranks' sums must add up, so they are not shifted by the first row
+        self._launch("tinycnn_bn_forward_partials", dtype, parts * c, x2d, np.int32(reduce is None), partials,
+                     _Index(m), np.int32(c), np.int32(parts), self._arrivals(c), totals, np.int32(reduce is None),
+                     mean, var, inv_std, np.float64(eps), biggest=m * c)
+        if reduce is not None:
+            self._launch("tinycnn_bn_moments", dtype, c, reduce(totals), mean, var, inv_std, np.int32(c),
+                         np.float64(eps))
         use_dropout = rate > 0.0
         y = cp.empty_like(x2d)
         keep = cp.empty(x2d.shape if use_dropout else (1,), dtype=cp.uint8)
         scale = dtype.type(1.0 / (1.0 - rate))
         self._launch("tinycnn_bn_normalize", dtype, x2d.size, x2d, mean, inv_std, _as(gamma, dtype), _as(beta, dtype),
                      y, keep, _Index(y.size), np.int32(c), np.int32(use_dropout),
-                     self._key(seed) if use_dropout else keep,  # without dropout the kernel reads no key
-                     np.uint32(dropout_keep_threshold(rate)), scale,
-                     np.uint64(offset))
+                     *(self._key(seed) if use_dropout else (NULL, np.uint32(0))),  # without dropout: no key read
+                     np.uint32(dropout_keep_threshold(rate)), scale, np.uint64(offset))
         return y, (x2d, mean, keep if use_dropout else None, scale), mean, var, inv_std
 
-    def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce):
+    def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce, out):
         x2d, mean, keep, scale = saved
         dy2d = cp.ascontiguousarray(dy2d)
         m, c = dy2d.shape
         dtype = dy2d.dtype
         use_mask = np.int32(keep is not None)
         keep = keep if keep is not None else cp.empty((1,), dtype=cp.uint8)
-        totals, sums_t = self._bn_totals("tinycnn_bn_backward_partials", dtype, m, c, dy2d, x2d, mean, inv_std, keep,
-                                         scale, use_mask)
-        dbeta, dgamma = sums_t[:c], sums_t[c:]  # this rank's, under data parallelism
+        parts = int(min(m, BN_PARTS))
+        partials = cp.empty((parts, 2 * c), dtype=cp.float64)
+        totals = cp.empty(2 * c + 1, dtype=cp.float64)
+        # this rank's dgamma and dbeta, written where the caller asks (its gradient buffer's slots)
+        dgamma, dbeta = (target if target is not None else cp.empty(c, dtype=dtype) for target in out)
+        self._launch("tinycnn_bn_backward_partials", dtype, parts * c, dy2d, x2d, mean, inv_std, keep, scale, use_mask,
+                     partials, _Index(m), np.int32(c), np.int32(parts), self._arrivals(c), totals, dbeta, dgamma,
+                     biggest=m * c)
         if reduce is not None:  # dx needs the whole batch's sums and row count
             totals = reduce(totals)
         dx = cp.empty_like(dy2d)
@@ -176,8 +183,8 @@ class GPUKernels(ReferenceKernels):
     def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None):
         return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce)
 
-    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
-        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
     def batchnorm_moving_update(self, moving_mean, moving_var, mean, var, momentum):
         t = moving_mean.dtype.type
@@ -188,8 +195,8 @@ class GPUKernels(ReferenceKernels):
     def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
         return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)
 
-    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
-        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce)
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
     # -- dropout and Adam ---------------------------------------------------------------------------------
     def dropout_forward(self, x, rate, seed, offset=0):
@@ -197,7 +204,7 @@ class GPUKernels(ReferenceKernels):
         y = cp.empty_like(x)
         keep = cp.empty(x.shape, dtype=cp.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
-        self._launch("tinycnn_dropout_forward", x.dtype, x.size, x, y, keep, _Index(x.size), self._key(seed),
+        self._launch("tinycnn_dropout_forward", x.dtype, x.size, x, y, keep, _Index(x.size), *self._key(seed),
                      np.uint32(dropout_keep_threshold(rate)), scale, np.uint64(offset))
         return y, (keep, scale)
 
@@ -225,7 +232,7 @@ class GPUKernels(ReferenceKernels):
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         t = param.dtype.type  # the complements in float64, then rounded to T, as the reference's
-        # read from device memory: a static step's buffer as it is, a host value written there
-        lr = lr_t if isinstance(lr_t, cp.ndarray) else cp.full((1,), float(lr_t), dtype=cp.float64)
+        # a static step's learning rate in device memory, an eager step's by value
+        lr = (lr_t, np.float64(0.0)) if isinstance(lr_t, cp.ndarray) else (NULL, np.float64(lr_t))
         self._launch("tinycnn_adam", param.dtype, param.size, param, m, v, cp.ascontiguousarray(grad),
-                     _Index(param.size), lr, t(1 - beta_1), t(1 - beta_2), t(epsilon))
+                     _Index(param.size), *lr, t(1 - beta_1), t(1 - beta_2), t(epsilon))

@@ -63,6 +63,18 @@ def moments_from_sums(totals, c, dtype):
     return mean.astype(dtype), var.astype(dtype)
 
 
+def written_into(out, *values):
+    """`values`, each copied into its array of `out` where `out` gives one (a BatchNorm backward's
+    dgamma and dbeta into the model's gradient buffer: tinycnn.parameters.gradient_target)."""
+    written = []
+    for target, value in zip(out, values):
+        if target is not None:
+            target[...] = value
+            value = target
+        written.append(value)
+    return written
+
+
 def global_gradient_sums(dbeta, dgamma, rows, reduce):
     """Batch normalization's two gradient sums and the row count, summed over the ranks by `reduce`.
     Returns them in float64 (the count too: a 0-d array, which stays on the device)."""
@@ -248,10 +260,11 @@ class ReferenceKernels:
         xhat = centered * inv_std
         return xhat * gamma + beta, xhat, mean, var, inv_std
 
-    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
+    def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         """The full batch-statistics gradient (mean and variance depend on every row).
         Returns dx, dgamma, dbeta. With `reduce` (see forward), dx uses the sums over the whole
-        batch, while dgamma and dbeta stay this rank's (the gradient sum over the ranks adds them)."""
+        batch, while dgamma and dbeta stay this rank's (the gradient sum over the ranks adds them).
+        `out`: (dgamma, dbeta) arrays to write them into, each or both None (new arrays)."""
         xhat = saved
         m = dy2d.shape[0]
         dbeta = dy2d.sum(axis=0)
@@ -262,7 +275,7 @@ class ReferenceKernels:
             sums = global_gradient_sums(dbeta, dgamma, m, reduce)
             total_beta, total_gamma, count = (total.astype(dy2d.dtype) for total in sums)
             dx = (gamma * inv_std / count) * (count * dy2d - total_beta - xhat * total_gamma)
-        return dx, dgamma, dbeta
+        return (dx, *written_into(out, dgamma, dbeta))
 
     def batchnorm_moving_update(self, moving_mean, moving_var, mean, var, momentum):
         """In place: moving = moving * momentum + batch * (1 - momentum), mean and variance alike
@@ -284,9 +297,9 @@ class ReferenceKernels:
         y, mask = self.dropout_forward(y, rate, seed, offset)
         return y, (saved, mask), mean, var, inv_std
 
-    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None):
+    def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         bn_saved, mask = saved
-        return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std, reduce)
+        return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std, reduce, out)
 
     # -- dropout --------------------------------------------------------------------------------
     def dropout_forward(self, x, rate, seed, offset=0):

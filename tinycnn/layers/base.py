@@ -23,7 +23,7 @@ import threading
 
 import numpy as np
 
-from .. import activations, arguments, initializers, naming
+from .. import activations, arguments, initializers, naming, parameters
 from .. import regularizers as regularizers_module
 from ..arrays import is_array, to_numpy
 from ..backend import get_backend
@@ -264,6 +264,17 @@ class Layer:
     def backward(self, saved, dy, need_input_grad=True):
         """(dx, grads): the input gradient (None when not needed) and {weight name: gradient}."""
         raise NotImplementedError
+
+    def gradient_array(self, name, shape):
+        """An array to compute weight `name`'s gradient into, in `shape` (the weight's, or a reshape
+        of it): its slot in the model's gradient buffer during a backward pass that has not written
+        it yet (tinycnn.parameters.gradient_target: no copy after), else a new array."""
+        target = parameters.gradient_target(self, name)
+        return self.xp.empty(shape, dtype=self.dtype) if target is None else target.reshape(shape)
+
+    def bias_gradient(self, dz2d):
+        """The bias gradient of a (rows, units) output gradient: its column sums, into its slot."""
+        return dz2d.sum(axis=0, out=self.gradient_array("bias", (dz2d.shape[1],)))
 
     def reseed(self, seed):
         """Layers that draw random numbers during training restart their stream from `seed`."""

@@ -94,8 +94,8 @@ class Conv2D(_Conv):
         dz2d = dz.reshape(-1, self.filters)
         grads = {}
         if self.use_bias:
-            grads["bias"] = dz2d.sum(axis=0)
-        dkernel2d = self.xp.empty((kernel.size // self.filters, self.filters), dtype=kernel.dtype)
+            grads["bias"] = self.bias_gradient(dz2d)
+        dkernel2d = self.gradient_array("kernel", (kernel.size // self.filters, self.filters))
         dx = self.kernels.conv2d_backward(dz2d, conv_saved, x_shape, kernel.reshape(-1, self.filters), kh, kw,
                                           self.strides, self.pads, dkernel2d, need_input_grad)
         grads["kernel"] = dkernel2d.reshape(kernel.shape)
@@ -142,8 +142,8 @@ class DepthwiseConv2D(_Conv):
         kernel = self.weights["depthwise_kernel"]
         grads = {}
         if self.use_bias:
-            grads["bias"] = dz.reshape(-1, dz.shape[-1]).sum(axis=0)
-        dkernel = self.xp.empty(kernel.shape, dtype=kernel.dtype)
+            grads["bias"] = self.bias_gradient(dz.reshape(-1, dz.shape[-1]))
+        dkernel = self.gradient_array("depthwise_kernel", kernel.shape)
         dx = self.kernels.depthwise_conv2d_backward(dz, dw_saved, x_shape, kernel, self.strides, self.pads, dkernel,
                                                     need_input_grad)
         grads["depthwise_kernel"] = dkernel
@@ -204,14 +204,14 @@ class SeparableConv2D(_Conv):
         w = self.weights
         dz2d = dz.reshape(-1, self.filters)
         grads = {}
-        dpointwise2d = self.xp.empty((mid_shape[-1], self.filters), dtype=dz.dtype)
+        dpointwise2d = self.gradient_array("pointwise_kernel", (mid_shape[-1], self.filters))
         dmid = self.kernels.conv2d_backward(dz2d, pw_saved, mid_shape, w["pointwise_kernel"].reshape(-1, self.filters),
                                             1, 1, (1, 1), (0, 0, 0, 0), dpointwise2d, True)
-        ddepthwise = self.xp.empty(w["depthwise_kernel"].shape, dtype=dz.dtype)
+        ddepthwise = self.gradient_array("depthwise_kernel", w["depthwise_kernel"].shape)
         dx = self.kernels.depthwise_conv2d_backward(dmid, dw_saved, x_shape, w["depthwise_kernel"], self.strides,
                                                     self.pads, ddepthwise, need_input_grad)
         grads["depthwise_kernel"] = ddepthwise
         grads["pointwise_kernel"] = dpointwise2d.reshape(w["pointwise_kernel"].shape)
         if self.use_bias:
-            grads["bias"] = dz2d.sum(axis=0)
+            grads["bias"] = self.bias_gradient(dz2d)
         return dx, grads

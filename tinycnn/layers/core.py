@@ -44,9 +44,9 @@ class Dense(ActivatedLayer):
 
     def backward_linear(self, saved, dz, need_input_grad=True):
         x = saved
-        grads = {"kernel": x.T @ dz}
+        grads = {"kernel": self.xp.matmul(x.T, dz, out=self.gradient_array("kernel", self.weights["kernel"].shape))}
         if self.use_bias:
-            grads["bias"] = dz.sum(axis=0)
+            grads["bias"] = self.bias_gradient(dz)
         return (dz @ self.weights["kernel"].T if need_input_grad else None), grads
 
 

@@ -1,5 +1,5 @@
 """BatchNormalization."""
-from .. import arguments, batch_split, initializers, regularizers
+from .. import arguments, batch_split, initializers, parameters, regularizers
 from ..errors import ShapeError
 from .base import Layer
 
@@ -69,6 +69,10 @@ class BatchNormalization(Layer):
             grads["beta"] = dbeta
         return grads
 
+    def gradient_targets(self):
+        """(dgamma, dbeta) slots for the kernels to write (tinycnn.parameters.gradient_target), or None."""
+        return parameters.gradient_target(self, "gamma"), parameters.gradient_target(self, "beta")
+
     def batch_reduce(self):
         """The sum the kernels take the batch statistics over: the shares of a split batch
         (tinycnn.batch_split), else the ranks (`reduce`), else None (this batch alone)."""
@@ -115,7 +119,7 @@ class BatchNormalization(Layer):
             return dy, self.affine_grads(zeros, zeros.copy())
         if mode == "train":
             dx, dgamma, dbeta = self.kernels.batchnorm_backward_train(dy2d, a, self.affine()[0], b,
-                                                                 self.batch_reduce())
+                                                                      self.batch_reduce(), self.gradient_targets())
         else:  # inference mode is an affine map with constant statistics
             x2d, scale = a, b
             xhat = (x2d - w["moving_mean"]) / self.xp.sqrt(w["moving_variance"] + self.epsilon)
