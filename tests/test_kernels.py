@@ -6,7 +6,7 @@ import pytest
 
 import tinycnn as tc
 from tinycnn import backend as B
-from tinycnn.kernels.reference import ReferenceKernels, kernel_names
+from tinycnn.kernels.reference import ReferenceKernels, kernel_names, pad_nhwc
 
 R = ReferenceKernels()
 
@@ -64,6 +64,36 @@ def test_direct_convolution_of_wide_layers_matches_the_reference(c, filters, mon
     assert cpu_conv.images_per_partial(40, 10) == 5  # the budget is 1 byte here
     monkeypatch.undo()
     assert cpu_conv.images_per_partial(40, 10) == 4 and cpu_conv.images_per_partial(400, 2 << 20) == 50
+
+
+@pytest.mark.parametrize("dtype", [np.float32])  # float64 compiles every height again (a minute of CI) for the same loops
+@pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
+def test_every_register_block_height_gives_the_same_bits(dtype, shape, kh, kw, stride, pads):
+    """The direct convolution's loops come in block heights for different vector registers
+    (cpu_conv.HEIGHT picks this machine's); each accumulator sums in the same order in all of them,
+    so a model trains to the same bits on an AVX2 and an AVX-512 machine. Both heights run here,
+    whatever this machine is, on shapes whose pixel and kernel-element counts leave remainders."""
+    from tinycnn.kernels import cpu_conv, cpu_conv_generated
+
+    rng = np.random.default_rng(3)
+    x = pad_nhwc(rng.standard_normal(shape).astype(dtype), pads)
+    n, c, filters = shape[0], shape[3], 21  # two filter blocks, the second partly padding
+    oh = (x.shape[1] - kh) // stride[0] + 1
+    ow = (x.shape[2] - kw) // stride[1] + 1
+    kernel2d = rng.standard_normal((kh * kw * c, filters)).astype(dtype)
+    dz = rng.standard_normal((n * oh * ow, filters)).astype(dtype)
+    outputs = {}
+    for height in cpu_conv_generated.HEIGHTS:
+        dk = np.empty_like(kernel2d)
+        cpu_conv.filter_grad(x, dz, kh, kw, stride, oh, ow, dk, height=height)
+        outputs[height] = (cpu_conv.forward(x, kernel2d, kh, kw, stride, oh, ow, relu=True, height=height), dk)
+    first, *others = outputs.values()
+    for other in others:
+        np.testing.assert_array_equal(other[0], first[0])
+        np.testing.assert_array_equal(other[1], first[1])
+    cols = R.im2col(x, kh, kw, stride, (0, 0, 0, 0))
+    _same(first[0], np.maximum(cols @ kernel2d, 0), dtype)  # and they are the convolution
+    _same(first[1], cols.T @ dz, dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -152,6 +152,6 @@ def test_generated_convolution_loops_are_current():
 def test_a_changed_generator_is_caught(monkeypatch):
     from tinycnn.kernels import cpu_conv_codegen
 
-    monkeypatch.setattr(cpu_conv_codegen, "PIXELS", 4)
+    monkeypatch.setattr(cpu_conv_codegen, "HEIGHTS", (8, 6))
     with open(cpu_conv_codegen.TARGET) as f:
         assert f.read() != cpu_conv_codegen.render()

@@ -152,8 +152,8 @@ CHUNK_BYTES = 2 << 20
 
 # Direct convolution (cpu_conv) applies to every float32/float64 layer. Small layers: the GEMM has
 # as few columns as the layer has filters and runs at a fraction of the machine's rate, while the
-# direct loops keep 8 pixels x 16 filters in registers (Week2 conv2, 16 -> 16, 3x3, 128 images of
-# 26x26, forward on a 2-core Zen 5: 1.1-1.4 ms direct, 3.2-3.7 ms GEMM). Wide layers: alone, some
+# direct loops keep 8 pixels x 16 filters (4 x 16 without AVX-512) in registers (Week2 conv2,
+# 16 -> 16, 3x3, 128 images of 26x26, forward on a 2-core Zen 5: 1.1-1.4 ms direct, 3.2-3.7 ms GEMM). Wide layers: alone, some
 # passes are faster as im2col + OpenBLAS (8x8, 64 -> 128: 2.1x), but in a network OpenBLAS's threads
 # and numba's take turns on the same cores; the VGG-style network of benchmarks/vgg_scaling.py at
 # batch 64 on a 2-vCPU AVX-512 guest: W = 32 177 -> 122 ms per step, W = 64 476 -> 411 ms, when its

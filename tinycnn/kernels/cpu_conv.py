@@ -3,8 +3,8 @@
 Why: a small-channel convolution (the Week2 model's 16->16 3x3) is a GEMM with only 16 columns,
 where OpenBLAS reaches 60-90 GFLOP/s and the patch matrix costs a write and a read of 9x the
 input. Here each output pixel block is computed straight from the input: 8 pixels x 16 filters
-of accumulators live in vector registers through the whole (kh, kw, c) reduction, each step one
-broadcast input value times one row of 16 filter weights. Measured on a 2-core Zen 5 machine,
+of accumulators (4 x 16 without AVX-512) live in vector registers through the whole (kh, kw, c)
+reduction, each step one broadcast input value times one row of 16 filter weights. Measured on a 2-core Zen 5 machine,
 Week2 conv2 at batch 128 (340 MFLOP per pass): forward 1.0-1.6 ms, filter gradient 1.2-1.4 ms,
 input gradient 1.3-1.5 ms, against 3.1-3.7 / 3.5 / 3.1 ms with im2col + GEMM.
 
@@ -27,7 +27,6 @@ from . import precompile
 from .scratch import scratch_buffer
 
 LANES = generated.LANES
-PIXELS = generated.PIXELS  # the forward register block's pixels: tasks take multiples of it
 IMAGES_PER_PARTIAL = 4  # filter-gradient partial sums: one per 4 images, summed in a fixed order
 PARTIALS_BYTES = 16 << 20  # ...unless that many partials of a wide layer would pass this: then fewer
 TASKS = 64  # parallel tasks per forward call (a few per thread on any core count here)
@@ -59,8 +58,21 @@ class _SLPKernel:
         return result
 
 
-_direct_forward = _SLPKernel(generated.direct_forward)
-_direct_filter_grad = _SLPKernel(generated.direct_filter_grad)
+_direct_forward = {h: _SLPKernel(getattr(generated, f"direct_forward_{h}")) for h in generated.HEIGHTS}
+_direct_filter_grad = {h: _SLPKernel(getattr(generated, f"direct_filter_grad_{h}")) for h in generated.HEIGHTS}
+
+
+def _host_height():
+    """The register block's height for this machine's vector registers. 8 x 16 float32 accumulators
+    take 8 of AVX-512's 32 registers; in AVX2's 16 registers of 8 floats they take all 16 and spill,
+    so other machines get 4 x 16. Measured on a 2-core Zen 3 (AVX2), Week2 conv2 over 64 images on
+    one thread, 8 -> 4: forward 4.98 -> 3.05 ms, filter gradient 6.67 -> 3.50 ms (the same bits)."""
+    from llvmlite import binding  # numba's own LLVM binding: the CPU numba compiles for
+
+    return 8 if binding.get_host_cpu_features().get("avx512f") else 4
+
+
+HEIGHT = _host_height()
 
 
 def _blocks(filters):
@@ -91,22 +103,24 @@ def _strides(x, stride):
     return hp * wp * c, stride[0] * wp * c, stride[1] * c
 
 
-def _pixel_chunk(total):
-    """Output pixels per parallel task: a multiple of PIXELS (one partial block per batch, at the
-    end), about TASKS tasks so threads balance."""
-    return max(PIXELS, -(-total // (TASKS * PIXELS)) * PIXELS)
+def _pixel_chunk(total, height):
+    """Output pixels per parallel task: a multiple of the block's height (one partial block per
+    batch, at the end), about TASKS tasks so threads balance."""
+    return max(height, -(-total // (TASKS * height)) * height)
 
 
-def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False):
+def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False, height=None):
     """Convolution of an already padded NHWC input: (N*OH*OW, F); relu: np.maximum(., 0) of it, to
-    the bit, applied as each block is stored (no second pass over the output)."""
+    the bit, applied as each block is stored (no second pass over the output). height: the
+    register block's (None: this machine's, HEIGHT)."""
+    height = height or HEIGHT
     n, _, wp, c = xpad.shape
     f = kernel2d.shape[1]
     nb = _blocks(f)
     out = np.empty((n * oh * ow, nb * LANES), dtype=xpad.dtype)
-    _direct_forward(xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1),
-                    out.reshape(-1), xpad.dtype.type(0), n, oh, ow, nb, *_strides(xpad, stride),
-                    _pixel_chunk(n * oh * ow), bool(relu))
+    _direct_forward[height](xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1),
+                            out.reshape(-1), xpad.dtype.type(0), n, oh, ow, nb, *_strides(xpad, stride),
+                            _pixel_chunk(n * oh * ow, height), bool(relu))
     return out if f == nb * LANES else np.ascontiguousarray(out[:, :f])
 
 
@@ -127,8 +141,10 @@ def _strip_rows(ow, nb, wp, c, kh, itemsize):
     return max(1, L1_BYTES // per_row - (kh - 1))
 
 
-def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
-    """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input."""
+def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None):
+    """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input; height
+    as forward's."""
+    height = height or HEIGHT
     precompile.wait_for_helper(xpad.dtype.name)  # a first run's helper may be compiling it (kernels.precompile)
     n, _, wp, c = xpad.shape
     f = dz2d.shape[1]
@@ -137,9 +153,9 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d):
     group = images_per_partial(n, nb * k * LANES * xpad.itemsize)
     groups = -(-n // group)
     partial = np.zeros((groups, nb, k, LANES), dtype=xpad.dtype)
-    _direct_filter_grad(xpad.reshape(-1), _offsets(kh, kw, wp, c), _padded_filters(dz2d).reshape(-1),
-                        partial.reshape(-1), n, oh, ow, nb, *_strides(xpad, stride),
-                        group, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
+    _direct_filter_grad[height](xpad.reshape(-1), _offsets(kh, kw, wp, c), _padded_filters(dz2d).reshape(-1),
+                                partial.reshape(-1), n, oh, ow, nb, *_strides(xpad, stride),
+                                group, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
     total = partial.sum(axis=0)  # (nb, K, LANES): fixed order, so no dependence on the thread count
     dkernel2d[...] = total.transpose(1, 0, 2).reshape(k, nb * LANES)[:, :f]
 

@@ -2,9 +2,10 @@
 `python -m tinycnn.kernels.cpu_conv_codegen` to rewrite it (a test checks that it is current).
 
 The loops of the direct CPU convolution (see tinycnn/kernels/cpu_conv.py, which calls them and
-compiles them with LLVM's SLP vectorizer on). Register blocks: 8 output pixels x 16 filters in
-the forward pass, 8 kernel elements x 16 filters in the filter gradient; every accumulator
-is a scalar variable `a<row>_<lane>`.
+compiles them with LLVM's SLP vectorizer on). Register blocks of H x 16 accumulators, each a
+scalar variable `a<row>_<lane>`: H output pixels x 16 filters in the forward pass
+(`direct_forward_H`), H kernel elements x 16 filters in the filter gradient
+(`direct_filter_grad_H`), for H in 8, 4.
 
 Layouts (NHWC, C-contiguous, flattened to 1-D): `xf` is the padded input; `xoff[k]` is the
 offset of kernel element k = (i, j, c) from a window's corner in it; `wf` holds the weights in
@@ -15,13 +16,12 @@ from numba import njit, prange
 
 U = np.uint64
 LANES = 16
-PIXELS = 8
-ROWS = 8
+HEIGHTS = (8, 4)
 OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 
 
 @njit(**OPTIONS)
-def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu):
+def forward_pixels_8(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu):
     """One task of direct_forward: output pixels p0..p1-1, every filter block; relu: max(., 0)."""
     K = xoff.shape[0]
     fp = nb * LANES
@@ -611,16 +611,16 @@ def forward_pixels(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, 
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_forward(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk, relu):
+def direct_forward_8(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk, relu):
     """out = the convolution of the padded batch xf (then ReLU if relu), `chunk` output pixels per task."""
     total = n_img * oh_n * ow_n
     for t in prange((total + chunk - 1) // chunk):
-        forward_pixels(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),
+        forward_pixels_8(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),
                        oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu)
 
 
 @njit(**OPTIONS)
-def filter_grad_group(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip):
+def filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip):
     """One task of direct_filter_grad: images n0..n1-1 into partial sum g."""
     K = xoff.shape[0]
     fp = nb * LANES
@@ -1130,10 +1130,697 @@ def filter_grad_group(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, s
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_filter_grad(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group, strip):
+def direct_filter_grad_8(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group, strip):
     """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group."""
     n_groups = (n_img + group - 1) // group
     for g in prange(n_groups):
         n0 = g * group
         n1 = min(n0 + group, n_img)
-        filter_grad_group(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip)
+        filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip)
+
+
+@njit(**OPTIONS)
+def forward_pixels_4(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu):
+    """One task of direct_forward: output pixels p0..p1-1, every filter block; relu: max(., 0)."""
+    K = xoff.shape[0]
+    fp = nb * LANES
+    npix = oh_n * ow_n
+    q0 = U(0 * fp)
+    q1 = U(1 * fp)
+    q2 = U(2 * fp)
+    q3 = U(3 * fp)
+    full = p0 + (p1 - p0) // 4 * 4
+    for b in range(nb):
+        wb = b * K * LANES
+        n = p0 // npix
+        oh = (p0 - n * npix) // ow_n
+        ow = p0 - n * npix - oh * ow_n
+        for blk in range((full - p0) // 4):
+            pix = p0 + blk * 4
+            c0 = U(n * sx_n + oh * sx_h + ow * sx_w)
+            ow += 1
+            if ow == ow_n:
+                ow = 0
+                oh += 1
+                if oh == oh_n:
+                    oh = 0
+                    n += 1
+            c1 = U(n * sx_n + oh * sx_h + ow * sx_w)
+            ow += 1
+            if ow == ow_n:
+                ow = 0
+                oh += 1
+                if oh == oh_n:
+                    oh = 0
+                    n += 1
+            c2 = U(n * sx_n + oh * sx_h + ow * sx_w)
+            ow += 1
+            if ow == ow_n:
+                ow = 0
+                oh += 1
+                if oh == oh_n:
+                    oh = 0
+                    n += 1
+            c3 = U(n * sx_n + oh * sx_h + ow * sx_w)
+            ow += 1
+            if ow == ow_n:
+                ow = 0
+                oh += 1
+                if oh == oh_n:
+                    oh = 0
+                    n += 1
+            a0_0 = zero
+            a0_1 = zero
+            a0_2 = zero
+            a0_3 = zero
+            a0_4 = zero
+            a0_5 = zero
+            a0_6 = zero
+            a0_7 = zero
+            a0_8 = zero
+            a0_9 = zero
+            a0_10 = zero
+            a0_11 = zero
+            a0_12 = zero
+            a0_13 = zero
+            a0_14 = zero
+            a0_15 = zero
+            a1_0 = zero
+            a1_1 = zero
+            a1_2 = zero
+            a1_3 = zero
+            a1_4 = zero
+            a1_5 = zero
+            a1_6 = zero
+            a1_7 = zero
+            a1_8 = zero
+            a1_9 = zero
+            a1_10 = zero
+            a1_11 = zero
+            a1_12 = zero
+            a1_13 = zero
+            a1_14 = zero
+            a1_15 = zero
+            a2_0 = zero
+            a2_1 = zero
+            a2_2 = zero
+            a2_3 = zero
+            a2_4 = zero
+            a2_5 = zero
+            a2_6 = zero
+            a2_7 = zero
+            a2_8 = zero
+            a2_9 = zero
+            a2_10 = zero
+            a2_11 = zero
+            a2_12 = zero
+            a2_13 = zero
+            a2_14 = zero
+            a2_15 = zero
+            a3_0 = zero
+            a3_1 = zero
+            a3_2 = zero
+            a3_3 = zero
+            a3_4 = zero
+            a3_5 = zero
+            a3_6 = zero
+            a3_7 = zero
+            a3_8 = zero
+            a3_9 = zero
+            a3_10 = zero
+            a3_11 = zero
+            a3_12 = zero
+            a3_13 = zero
+            a3_14 = zero
+            a3_15 = zero
+            for k in range(K):
+                xk = xoff[k]
+                wk = U(wb + k * LANES)
+                w0 = wf[wk + U(0)]
+                w1 = wf[wk + U(1)]
+                w2 = wf[wk + U(2)]
+                w3 = wf[wk + U(3)]
+                w4 = wf[wk + U(4)]
+                w5 = wf[wk + U(5)]
+                w6 = wf[wk + U(6)]
+                w7 = wf[wk + U(7)]
+                w8 = wf[wk + U(8)]
+                w9 = wf[wk + U(9)]
+                w10 = wf[wk + U(10)]
+                w11 = wf[wk + U(11)]
+                w12 = wf[wk + U(12)]
+                w13 = wf[wk + U(13)]
+                w14 = wf[wk + U(14)]
+                w15 = wf[wk + U(15)]
+                x0 = xf[c0 + xk]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+                x1 = xf[c1 + xk]
+                a1_0 += x1 * w0
+                a1_1 += x1 * w1
+                a1_2 += x1 * w2
+                a1_3 += x1 * w3
+                a1_4 += x1 * w4
+                a1_5 += x1 * w5
+                a1_6 += x1 * w6
+                a1_7 += x1 * w7
+                a1_8 += x1 * w8
+                a1_9 += x1 * w9
+                a1_10 += x1 * w10
+                a1_11 += x1 * w11
+                a1_12 += x1 * w12
+                a1_13 += x1 * w13
+                a1_14 += x1 * w14
+                a1_15 += x1 * w15
+                x2 = xf[c2 + xk]
+                a2_0 += x2 * w0
+                a2_1 += x2 * w1
+                a2_2 += x2 * w2
+                a2_3 += x2 * w3
+                a2_4 += x2 * w4
+                a2_5 += x2 * w5
+                a2_6 += x2 * w6
+                a2_7 += x2 * w7
+                a2_8 += x2 * w8
+                a2_9 += x2 * w9
+                a2_10 += x2 * w10
+                a2_11 += x2 * w11
+                a2_12 += x2 * w12
+                a2_13 += x2 * w13
+                a2_14 += x2 * w14
+                a2_15 += x2 * w15
+                x3 = xf[c3 + xk]
+                a3_0 += x3 * w0
+                a3_1 += x3 * w1
+                a3_2 += x3 * w2
+                a3_3 += x3 * w3
+                a3_4 += x3 * w4
+                a3_5 += x3 * w5
+                a3_6 += x3 * w6
+                a3_7 += x3 * w7
+                a3_8 += x3 * w8
+                a3_9 += x3 * w9
+                a3_10 += x3 * w10
+                a3_11 += x3 * w11
+                a3_12 += x3 * w12
+                a3_13 += x3 * w13
+                a3_14 += x3 * w14
+                a3_15 += x3 * w15
+            o = U(pix * fp + b * LANES)
+            out[o + q0 + U(0)] = a0_0
+            out[o + q0 + U(1)] = a0_1
+            out[o + q0 + U(2)] = a0_2
+            out[o + q0 + U(3)] = a0_3
+            out[o + q0 + U(4)] = a0_4
+            out[o + q0 + U(5)] = a0_5
+            out[o + q0 + U(6)] = a0_6
+            out[o + q0 + U(7)] = a0_7
+            out[o + q0 + U(8)] = a0_8
+            out[o + q0 + U(9)] = a0_9
+            out[o + q0 + U(10)] = a0_10
+            out[o + q0 + U(11)] = a0_11
+            out[o + q0 + U(12)] = a0_12
+            out[o + q0 + U(13)] = a0_13
+            out[o + q0 + U(14)] = a0_14
+            out[o + q0 + U(15)] = a0_15
+            out[o + q1 + U(0)] = a1_0
+            out[o + q1 + U(1)] = a1_1
+            out[o + q1 + U(2)] = a1_2
+            out[o + q1 + U(3)] = a1_3
+            out[o + q1 + U(4)] = a1_4
+            out[o + q1 + U(5)] = a1_5
+            out[o + q1 + U(6)] = a1_6
+            out[o + q1 + U(7)] = a1_7
+            out[o + q1 + U(8)] = a1_8
+            out[o + q1 + U(9)] = a1_9
+            out[o + q1 + U(10)] = a1_10
+            out[o + q1 + U(11)] = a1_11
+            out[o + q1 + U(12)] = a1_12
+            out[o + q1 + U(13)] = a1_13
+            out[o + q1 + U(14)] = a1_14
+            out[o + q1 + U(15)] = a1_15
+            out[o + q2 + U(0)] = a2_0
+            out[o + q2 + U(1)] = a2_1
+            out[o + q2 + U(2)] = a2_2
+            out[o + q2 + U(3)] = a2_3
+            out[o + q2 + U(4)] = a2_4
+            out[o + q2 + U(5)] = a2_5
+            out[o + q2 + U(6)] = a2_6
+            out[o + q2 + U(7)] = a2_7
+            out[o + q2 + U(8)] = a2_8
+            out[o + q2 + U(9)] = a2_9
+            out[o + q2 + U(10)] = a2_10
+            out[o + q2 + U(11)] = a2_11
+            out[o + q2 + U(12)] = a2_12
+            out[o + q2 + U(13)] = a2_13
+            out[o + q2 + U(14)] = a2_14
+            out[o + q2 + U(15)] = a2_15
+            out[o + q3 + U(0)] = a3_0
+            out[o + q3 + U(1)] = a3_1
+            out[o + q3 + U(2)] = a3_2
+            out[o + q3 + U(3)] = a3_3
+            out[o + q3 + U(4)] = a3_4
+            out[o + q3 + U(5)] = a3_5
+            out[o + q3 + U(6)] = a3_6
+            out[o + q3 + U(7)] = a3_7
+            out[o + q3 + U(8)] = a3_8
+            out[o + q3 + U(9)] = a3_9
+            out[o + q3 + U(10)] = a3_10
+            out[o + q3 + U(11)] = a3_11
+            out[o + q3 + U(12)] = a3_12
+            out[o + q3 + U(13)] = a3_13
+            out[o + q3 + U(14)] = a3_14
+            out[o + q3 + U(15)] = a3_15
+            if relu:
+                for p in range(4):
+                    for f in range(LANES):
+                        i = o + U(p * fp + f)
+                        v = out[i]
+                        out[i] = v if v >= zero or v != v else zero
+        for pix in range(full, p1):
+            c0 = U(n * sx_n + oh * sx_h + ow * sx_w)
+            ow += 1
+            if ow == ow_n:
+                ow = 0
+                oh += 1
+                if oh == oh_n:
+                    oh = 0
+                    n += 1
+            a0_0 = zero
+            a0_1 = zero
+            a0_2 = zero
+            a0_3 = zero
+            a0_4 = zero
+            a0_5 = zero
+            a0_6 = zero
+            a0_7 = zero
+            a0_8 = zero
+            a0_9 = zero
+            a0_10 = zero
+            a0_11 = zero
+            a0_12 = zero
+            a0_13 = zero
+            a0_14 = zero
+            a0_15 = zero
+            for k in range(K):
+                xk = xoff[k]
+                wk = U(wb + k * LANES)
+                w0 = wf[wk + U(0)]
+                w1 = wf[wk + U(1)]
+                w2 = wf[wk + U(2)]
+                w3 = wf[wk + U(3)]
+                w4 = wf[wk + U(4)]
+                w5 = wf[wk + U(5)]
+                w6 = wf[wk + U(6)]
+                w7 = wf[wk + U(7)]
+                w8 = wf[wk + U(8)]
+                w9 = wf[wk + U(9)]
+                w10 = wf[wk + U(10)]
+                w11 = wf[wk + U(11)]
+                w12 = wf[wk + U(12)]
+                w13 = wf[wk + U(13)]
+                w14 = wf[wk + U(14)]
+                w15 = wf[wk + U(15)]
+                x0 = xf[c0 + xk]
+                a0_0 += x0 * w0
+                a0_1 += x0 * w1
+                a0_2 += x0 * w2
+                a0_3 += x0 * w3
+                a0_4 += x0 * w4
+                a0_5 += x0 * w5
+                a0_6 += x0 * w6
+                a0_7 += x0 * w7
+                a0_8 += x0 * w8
+                a0_9 += x0 * w9
+                a0_10 += x0 * w10
+                a0_11 += x0 * w11
+                a0_12 += x0 * w12
+                a0_13 += x0 * w13
+                a0_14 += x0 * w14
+                a0_15 += x0 * w15
+            o = U(pix * fp + b * LANES)
+            out[o + q0 + U(0)] = a0_0
+            out[o + q0 + U(1)] = a0_1
+            out[o + q0 + U(2)] = a0_2
+            out[o + q0 + U(3)] = a0_3
+            out[o + q0 + U(4)] = a0_4
+            out[o + q0 + U(5)] = a0_5
+            out[o + q0 + U(6)] = a0_6
+            out[o + q0 + U(7)] = a0_7
+            out[o + q0 + U(8)] = a0_8
+            out[o + q0 + U(9)] = a0_9
+            out[o + q0 + U(10)] = a0_10
+            out[o + q0 + U(11)] = a0_11
+            out[o + q0 + U(12)] = a0_12
+            out[o + q0 + U(13)] = a0_13
+            out[o + q0 + U(14)] = a0_14
+            out[o + q0 + U(15)] = a0_15
+            if relu:
+                for p in range(1):
+                    for f in range(LANES):
+                        i = o + U(p * fp + f)
+                        v = out[i]
+                        out[i] = v if v >= zero or v != v else zero
+
+
+@njit(parallel=True, **OPTIONS)
+def direct_forward_4(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk, relu):
+    """out = the convolution of the padded batch xf (then ReLU if relu), `chunk` output pixels per task."""
+    total = n_img * oh_n * ow_n
+    for t in prange((total + chunk - 1) // chunk):
+        forward_pixels_4(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),
+                       oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu)
+
+
+@njit(**OPTIONS)
+def filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip):
+    """One task of direct_filter_grad: images n0..n1-1 into partial sum g."""
+    K = xoff.shape[0]
+    fp = nb * LANES
+    for b in range(nb):
+        for n in range(n0, n1):
+            for r0 in range(0, oh_n, strip):
+                r1 = min(r0 + strip, oh_n)
+                for blk in range(K // 4):
+                    k0 = blk * 4
+                    o0 = xoff[k0 + 0]
+                    o1 = xoff[k0 + 1]
+                    o2 = xoff[k0 + 2]
+                    o3 = xoff[k0 + 3]
+                    pb = U(((g * nb + b) * K + k0) * LANES)
+                    a0_0 = partial[pb + U(0)]
+                    a0_1 = partial[pb + U(1)]
+                    a0_2 = partial[pb + U(2)]
+                    a0_3 = partial[pb + U(3)]
+                    a0_4 = partial[pb + U(4)]
+                    a0_5 = partial[pb + U(5)]
+                    a0_6 = partial[pb + U(6)]
+                    a0_7 = partial[pb + U(7)]
+                    a0_8 = partial[pb + U(8)]
+                    a0_9 = partial[pb + U(9)]
+                    a0_10 = partial[pb + U(10)]
+                    a0_11 = partial[pb + U(11)]
+                    a0_12 = partial[pb + U(12)]
+                    a0_13 = partial[pb + U(13)]
+                    a0_14 = partial[pb + U(14)]
+                    a0_15 = partial[pb + U(15)]
+                    a1_0 = partial[pb + U(16)]
+                    a1_1 = partial[pb + U(17)]
+                    a1_2 = partial[pb + U(18)]
+                    a1_3 = partial[pb + U(19)]
+                    a1_4 = partial[pb + U(20)]
+                    a1_5 = partial[pb + U(21)]
+                    a1_6 = partial[pb + U(22)]
+                    a1_7 = partial[pb + U(23)]
+                    a1_8 = partial[pb + U(24)]
+                    a1_9 = partial[pb + U(25)]
+                    a1_10 = partial[pb + U(26)]
+                    a1_11 = partial[pb + U(27)]
+                    a1_12 = partial[pb + U(28)]
+                    a1_13 = partial[pb + U(29)]
+                    a1_14 = partial[pb + U(30)]
+                    a1_15 = partial[pb + U(31)]
+                    a2_0 = partial[pb + U(32)]
+                    a2_1 = partial[pb + U(33)]
+                    a2_2 = partial[pb + U(34)]
+                    a2_3 = partial[pb + U(35)]
+                    a2_4 = partial[pb + U(36)]
+                    a2_5 = partial[pb + U(37)]
+                    a2_6 = partial[pb + U(38)]
+                    a2_7 = partial[pb + U(39)]
+                    a2_8 = partial[pb + U(40)]
+                    a2_9 = partial[pb + U(41)]
+                    a2_10 = partial[pb + U(42)]
+                    a2_11 = partial[pb + U(43)]
+                    a2_12 = partial[pb + U(44)]
+                    a2_13 = partial[pb + U(45)]
+                    a2_14 = partial[pb + U(46)]
+                    a2_15 = partial[pb + U(47)]
+                    a3_0 = partial[pb + U(48)]
+                    a3_1 = partial[pb + U(49)]
+                    a3_2 = partial[pb + U(50)]
+                    a3_3 = partial[pb + U(51)]
+                    a3_4 = partial[pb + U(52)]
+                    a3_5 = partial[pb + U(53)]
+                    a3_6 = partial[pb + U(54)]
+                    a3_7 = partial[pb + U(55)]
+                    a3_8 = partial[pb + U(56)]
+                    a3_9 = partial[pb + U(57)]
+                    a3_10 = partial[pb + U(58)]
+                    a3_11 = partial[pb + U(59)]
+                    a3_12 = partial[pb + U(60)]
+                    a3_13 = partial[pb + U(61)]
+                    a3_14 = partial[pb + U(62)]
+                    a3_15 = partial[pb + U(63)]
+                    for oh in range(r0, r1):
+                        xrow = n * sx_n + oh * sx_h
+                        drow = (n * oh_n + oh) * ow_n * fp + b * LANES
+                        for ow in range(ow_n):
+                            xb = U(xrow + ow * sx_w)
+                            d = U(drow + ow * fp)
+                            d0 = dyf[d + U(0)]
+                            d1 = dyf[d + U(1)]
+                            d2 = dyf[d + U(2)]
+                            d3 = dyf[d + U(3)]
+                            d4 = dyf[d + U(4)]
+                            d5 = dyf[d + U(5)]
+                            d6 = dyf[d + U(6)]
+                            d7 = dyf[d + U(7)]
+                            d8 = dyf[d + U(8)]
+                            d9 = dyf[d + U(9)]
+                            d10 = dyf[d + U(10)]
+                            d11 = dyf[d + U(11)]
+                            d12 = dyf[d + U(12)]
+                            d13 = dyf[d + U(13)]
+                            d14 = dyf[d + U(14)]
+                            d15 = dyf[d + U(15)]
+                            x0 = xf[xb + o0]
+                            a0_0 += x0 * d0
+                            a0_1 += x0 * d1
+                            a0_2 += x0 * d2
+                            a0_3 += x0 * d3
+                            a0_4 += x0 * d4
+                            a0_5 += x0 * d5
+                            a0_6 += x0 * d6
+                            a0_7 += x0 * d7
+                            a0_8 += x0 * d8
+                            a0_9 += x0 * d9
+                            a0_10 += x0 * d10
+                            a0_11 += x0 * d11
+                            a0_12 += x0 * d12
+                            a0_13 += x0 * d13
+                            a0_14 += x0 * d14
+                            a0_15 += x0 * d15
+                            x1 = xf[xb + o1]
+                            a1_0 += x1 * d0
+                            a1_1 += x1 * d1
+                            a1_2 += x1 * d2
+                            a1_3 += x1 * d3
+                            a1_4 += x1 * d4
+                            a1_5 += x1 * d5
+                            a1_6 += x1 * d6
+                            a1_7 += x1 * d7
+                            a1_8 += x1 * d8
+                            a1_9 += x1 * d9
+                            a1_10 += x1 * d10
+                            a1_11 += x1 * d11
+                            a1_12 += x1 * d12
+                            a1_13 += x1 * d13
+                            a1_14 += x1 * d14
+                            a1_15 += x1 * d15
+                            x2 = xf[xb + o2]
+                            a2_0 += x2 * d0
+                            a2_1 += x2 * d1
+                            a2_2 += x2 * d2
+                            a2_3 += x2 * d3
+                            a2_4 += x2 * d4
+                            a2_5 += x2 * d5
+                            a2_6 += x2 * d6
+                            a2_7 += x2 * d7
+                            a2_8 += x2 * d8
+                            a2_9 += x2 * d9
+                            a2_10 += x2 * d10
+                            a2_11 += x2 * d11
+                            a2_12 += x2 * d12
+                            a2_13 += x2 * d13
+                            a2_14 += x2 * d14
+                            a2_15 += x2 * d15
+                            x3 = xf[xb + o3]
+                            a3_0 += x3 * d0
+                            a3_1 += x3 * d1
+                            a3_2 += x3 * d2
+                            a3_3 += x3 * d3
+                            a3_4 += x3 * d4
+                            a3_5 += x3 * d5
+                            a3_6 += x3 * d6
+                            a3_7 += x3 * d7
+                            a3_8 += x3 * d8
+                            a3_9 += x3 * d9
+                            a3_10 += x3 * d10
+                            a3_11 += x3 * d11
+                            a3_12 += x3 * d12
+                            a3_13 += x3 * d13
+                            a3_14 += x3 * d14
+                            a3_15 += x3 * d15
+                    partial[pb + U(0)] = a0_0
+                    partial[pb + U(1)] = a0_1
+                    partial[pb + U(2)] = a0_2
+                    partial[pb + U(3)] = a0_3
+                    partial[pb + U(4)] = a0_4
+                    partial[pb + U(5)] = a0_5
+                    partial[pb + U(6)] = a0_6
+                    partial[pb + U(7)] = a0_7
+                    partial[pb + U(8)] = a0_8
+                    partial[pb + U(9)] = a0_9
+                    partial[pb + U(10)] = a0_10
+                    partial[pb + U(11)] = a0_11
+                    partial[pb + U(12)] = a0_12
+                    partial[pb + U(13)] = a0_13
+                    partial[pb + U(14)] = a0_14
+                    partial[pb + U(15)] = a0_15
+                    partial[pb + U(16)] = a1_0
+                    partial[pb + U(17)] = a1_1
+                    partial[pb + U(18)] = a1_2
+                    partial[pb + U(19)] = a1_3
+                    partial[pb + U(20)] = a1_4
+                    partial[pb + U(21)] = a1_5
+                    partial[pb + U(22)] = a1_6
+                    partial[pb + U(23)] = a1_7
+                    partial[pb + U(24)] = a1_8
+                    partial[pb + U(25)] = a1_9
+                    partial[pb + U(26)] = a1_10
+                    partial[pb + U(27)] = a1_11
+                    partial[pb + U(28)] = a1_12
+                    partial[pb + U(29)] = a1_13
+                    partial[pb + U(30)] = a1_14
+                    partial[pb + U(31)] = a1_15
+                    partial[pb + U(32)] = a2_0
+                    partial[pb + U(33)] = a2_1
+                    partial[pb + U(34)] = a2_2
+                    partial[pb + U(35)] = a2_3
+                    partial[pb + U(36)] = a2_4
+                    partial[pb + U(37)] = a2_5
+                    partial[pb + U(38)] = a2_6
+                    partial[pb + U(39)] = a2_7
+                    partial[pb + U(40)] = a2_8
+                    partial[pb + U(41)] = a2_9
+                    partial[pb + U(42)] = a2_10
+                    partial[pb + U(43)] = a2_11
+                    partial[pb + U(44)] = a2_12
+                    partial[pb + U(45)] = a2_13
+                    partial[pb + U(46)] = a2_14
+                    partial[pb + U(47)] = a2_15
+                    partial[pb + U(48)] = a3_0
+                    partial[pb + U(49)] = a3_1
+                    partial[pb + U(50)] = a3_2
+                    partial[pb + U(51)] = a3_3
+                    partial[pb + U(52)] = a3_4
+                    partial[pb + U(53)] = a3_5
+                    partial[pb + U(54)] = a3_6
+                    partial[pb + U(55)] = a3_7
+                    partial[pb + U(56)] = a3_8
+                    partial[pb + U(57)] = a3_9
+                    partial[pb + U(58)] = a3_10
+                    partial[pb + U(59)] = a3_11
+                    partial[pb + U(60)] = a3_12
+                    partial[pb + U(61)] = a3_13
+                    partial[pb + U(62)] = a3_14
+                    partial[pb + U(63)] = a3_15
+                for k0 in range(K // 4 * 4, K):
+                    o0 = xoff[k0 + 0]
+                    pb = U(((g * nb + b) * K + k0) * LANES)
+                    a0_0 = partial[pb + U(0)]
+                    a0_1 = partial[pb + U(1)]
+                    a0_2 = partial[pb + U(2)]
+                    a0_3 = partial[pb + U(3)]
+                    a0_4 = partial[pb + U(4)]
+                    a0_5 = partial[pb + U(5)]
+                    a0_6 = partial[pb + U(6)]
+                    a0_7 = partial[pb + U(7)]
+                    a0_8 = partial[pb + U(8)]
+                    a0_9 = partial[pb + U(9)]
+                    a0_10 = partial[pb + U(10)]
+                    a0_11 = partial[pb + U(11)]
+                    a0_12 = partial[pb + U(12)]
+                    a0_13 = partial[pb + U(13)]
+                    a0_14 = partial[pb + U(14)]
+                    a0_15 = partial[pb + U(15)]
+                    for oh in range(r0, r1):
+                        xrow = n * sx_n + oh * sx_h
+                        drow = (n * oh_n + oh) * ow_n * fp + b * LANES
+                        for ow in range(ow_n):
+                            xb = U(xrow + ow * sx_w)
+                            d = U(drow + ow * fp)
+                            d0 = dyf[d + U(0)]
+                            d1 = dyf[d + U(1)]
+                            d2 = dyf[d + U(2)]
+                            d3 = dyf[d + U(3)]
+                            d4 = dyf[d + U(4)]
+                            d5 = dyf[d + U(5)]
+                            d6 = dyf[d + U(6)]
+                            d7 = dyf[d + U(7)]
+                            d8 = dyf[d + U(8)]
+                            d9 = dyf[d + U(9)]
+                            d10 = dyf[d + U(10)]
+                            d11 = dyf[d + U(11)]
+                            d12 = dyf[d + U(12)]
+                            d13 = dyf[d + U(13)]
+                            d14 = dyf[d + U(14)]
+                            d15 = dyf[d + U(15)]
+                            x0 = xf[xb + o0]
+                            a0_0 += x0 * d0
+                            a0_1 += x0 * d1
+                            a0_2 += x0 * d2
+                            a0_3 += x0 * d3
+                            a0_4 += x0 * d4
+                            a0_5 += x0 * d5
+                            a0_6 += x0 * d6
+                            a0_7 += x0 * d7
+                            a0_8 += x0 * d8
+                            a0_9 += x0 * d9
+                            a0_10 += x0 * d10
+                            a0_11 += x0 * d11
+                            a0_12 += x0 * d12
+                            a0_13 += x0 * d13
+                            a0_14 += x0 * d14
+                            a0_15 += x0 * d15
+                    partial[pb + U(0)] = a0_0
+                    partial[pb + U(1)] = a0_1
+                    partial[pb + U(2)] = a0_2
+                    partial[pb + U(3)] = a0_3
+                    partial[pb + U(4)] = a0_4
+                    partial[pb + U(5)] = a0_5
+                    partial[pb + U(6)] = a0_6
+                    partial[pb + U(7)] = a0_7
+                    partial[pb + U(8)] = a0_8
+                    partial[pb + U(9)] = a0_9
+                    partial[pb + U(10)] = a0_10
+                    partial[pb + U(11)] = a0_11
+                    partial[pb + U(12)] = a0_12
+                    partial[pb + U(13)] = a0_13
+                    partial[pb + U(14)] = a0_14
+                    partial[pb + U(15)] = a0_15
+
+
+@njit(parallel=True, **OPTIONS)
+def direct_filter_grad_4(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group, strip):
+    """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group."""
+    n_groups = (n_img + group - 1) // group
+    for g in prange(n_groups):
+        n0 = g * group
+        n1 = min(n0 + group, n_img)
+        filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip)
