@@ -175,10 +175,13 @@ def kernels(np, be, counts, notes, sync):
     logits = be.asarray(C.random_array(C.SOFTMAX_SHAPE, 60))
     targets = be.asarray(C.one_hot(C.random_labels(C.BATCH, 61)))
     t("softmax_ce.fwd_bwd", lambda: k.softmax_cross_entropy(logits, targets))
+    from tinycnn.kernels.cpu_conv import HEIGHT
+
+    registers = "AVX-512" if HEIGHT == 8 else "AVX2"
     notes.append("kernels: the backend's kernel table at the model's shapes (NHWC); on the CPU every Week2 "
-                 "convolution (1x1 included) is a direct convolution: generated numba loops holding 8 output "
-                 "pixels x 16 filters in AVX-512 registers (LLVM's SLP vectorizer on for these kernels only), no "
-                 "im2col and no BLAS; bwd_filter = conv2d_backward without dx (register-blocked over 8 kernel "
+                 f"convolution (1x1 included) is a direct convolution: generated numba loops holding {HEIGHT} output "
+                 f"pixels x 16 filters in {registers} registers (LLVM's SLP vectorizer on for these kernels only), no "
+                 f"im2col and no BLAS; bwd_filter = conv2d_backward without dx (register-blocked over {HEIGHT} kernel "
                  "elements x 16 filters, in L1-sized strips of rows); bwd_data = conv2d_backward with dx minus "
                  "bwd_filter (dx as a gather: the padded output gradient convolved with the flipped kernel); "
                  "im2col.conv2 is timed for reference (only TINYCNN_CONV=gemm uses it); batchnorm = fused "
