@@ -98,6 +98,29 @@ def test_split_results_do_not_depend_on_the_thread_count():
         np.testing.assert_array_equal(a, b)
 
 
+def test_serial_twins_train_to_the_parallel_kernels_bits():
+    """Unsplit, on one numba thread the CPU kernels run their serial twins (the same source
+    compiled without parallel loops: tinycnn.kernels.serial_twin), on two their parallel versions;
+    training gives the same bits either way."""
+    from tinycnn.kernels import cpu_conv
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    results = []
+    saved = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append(train(small_model([L.MaxPooling2D(2)]), split=False))
+    finally:
+        numba.set_num_threads(saved)
+    (logs1, w1), (logs2, w2) = results
+    assert logs1 == logs2
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    assert all(d.signatures for d in cpu_conv.filter_grad_dispatchers())  # both versions ran
+
+
 class FailingShare(L.Layer):
     """Identity, but raises in the share that starts at `bad_first`."""
 

@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import compile_notice, cpu_conv
+from .serial_twin import with_serial_twin
 from .reference import (ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc,
                         written_into)
 from .scratch import scratch_buffer
@@ -97,6 +98,7 @@ def _keep_freed_memory():
 
 
 # -- im2col / col2im ---------------------------------------------------------------------------------
+@with_serial_twin
 @njit(**_JIT)
 def _im2col(x, kh, kw, sh, sw, top, left, oh, ow, out):
     n, h, w, c = x.shape
@@ -117,6 +119,7 @@ def _im2col(x, kh, kw, sh, sw, top, left, oh, ow, out):
                                 out[row, base + ch] = 0.0
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _col2im(cols, kh, kw, sh, sw, top, left, oh, ow, dx):
     n, h, w, c = dx.shape
@@ -178,6 +181,7 @@ def _clip_window(o, s, pad, k, size):
     return start, max(0, -start), min(k, size - start)
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _maxpool_forward(x, ph, pw, sh, sw, top, left, y, argmax):
     # Channels innermost (contiguous in NHWC), the running maxima in a row of the task's own, and
@@ -208,6 +212,7 @@ def _maxpool_forward(x, ph, pw, sh, sw, top, left, y, argmax):
                     argmax[b, i, j, ch] = where[ch]
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _maxpool_backward(dy, argmax, pw, sh, sw, top, left, dx):
     n, oh, ow, c = dy.shape
@@ -220,6 +225,7 @@ def _maxpool_backward(dy, argmax, pw, sh, sw, top, left, dx):
                     dx[b, i * sh + k // pw - top, j * sw + k % pw - left, ch] += dy[b, i, j, ch]
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _avgpool_forward(x, ph, pw, sh, sw, top, left, y):
     # Channels innermost (contiguous in NHWC: the loop vectorizes), each window summed in float64
@@ -243,6 +249,7 @@ def _avgpool_forward(x, ph, pw, sh, sw, top, left, y):
                     y[b, i, j, ch] = total[ch] / count
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _avgpool_backward(dy, ph, pw, sh, sw, top, left, dx):
     n, h, w, c = dx.shape
@@ -271,6 +278,7 @@ def _avgpool_backward(dy, ph, pw, sh, sw, top, left, dx):
 # bit-identical. Zen 5 guest, the same shapes, four interleaved rounds through the kernel entries
 # (padding and allocations included): backward 1.92-2.54 -> 1.61-1.79 ms, forward 1.07-1.47 ->
 # 1.19-1.28 ms (the loops alone: 0.79-1.11 -> 0.76-0.88 and 1.96-2.30 -> 1.55-1.60).
+@with_serial_twin
 @njit(**_JIT)
 def _depthwise1_forward(xpad, kernel, sh, sw, z):
     """Multiplier 1: z[b, i, j, ch] = sum over (a, d) of x[b, i*sh + a, j*sw + d, ch] * k[a, d, ch]."""
@@ -292,6 +300,7 @@ def _depthwise1_forward(xpad, kernel, sh, sw, z):
                             zf[U(zo + ch)] += xf[U(xo + ch)] * kf[U(ko + ch)]
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _depthwise1_backward(xpad, dz, kernel, sh, sw, need_dx, partial, dxpad):
     """Multiplier 1: partial[b], image b's share of the kernel gradient (summed by the caller in a
@@ -323,6 +332,7 @@ def _depthwise1_backward(xpad, dz, kernel, sh, sw, need_dx, partial, dxpad):
                                 dxf[U(xo + ch)] += dzf[U(go + ch)] * kf[U(ko + ch)]
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _depthwise_forward(xpad, kernel, sh, sw, z):
     """Multiplier m > 1: output channel ch * m + q is channel ch convolved with filter q."""
@@ -340,6 +350,7 @@ def _depthwise_forward(xpad, kernel, sh, sw, z):
                                 z[b, i, j, ch * m + q] += v * kernel[a, d, ch, q]
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _depthwise_backward(xpad, dz, kernel, sh, sw, need_dx, partial, dxpad):
     """Multiplier m > 1; as _depthwise1_backward."""
@@ -365,6 +376,7 @@ def _depthwise_backward(xpad, dz, kernel, sh, sw, need_dx, partial, dxpad):
 
 
 # -- ReLU, BatchNormalization, Dropout -----------------------------------------------------------------
+@with_serial_twin
 @njit(**_JIT)
 def _relu_backward(dy, y, dx):
     fdy, fy, fdx = dy.reshape(-1), y.reshape(-1), dx.reshape(-1)
@@ -393,6 +405,7 @@ def _hash_keep(i, key, threshold):
     return (h >> np.uint64(8)) >= threshold
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _bn_block_sums(x2d, shift):
     """Float64 sums of (x - shift) and (x - shift)^2 per column, one partial row pair per block of
@@ -409,28 +422,17 @@ def _bn_block_sums(x2d, shift):
     return partial
 
 
-@njit(cache=True, nogil=True)  # its parallel loop is _bn_block_sums'
 def _bn_stats(x2d):
-    """Mean and biased variance per column, shifted by the first row (less cancellation)."""
-    m, c = x2d.shape
-    shift = np.empty(c, dtype=np.float64)
-    for ch in range(c):
-        shift[ch] = np.float64(x2d[0, ch])
-    partial = _bn_block_sums(x2d, shift)
-    mean = np.empty(c, dtype=np.float64)
-    var = np.empty(c, dtype=np.float64)
-    for ch in range(c):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(_BLOCKS):
-            s1 += partial[blk, 0, ch]
-            s2 += partial[blk, 1, ch]
-        d = s1 / m
-        mean[ch] = shift[ch] + d
-        var[ch] = max(s2 / m - d * d, 0.0)
-    return mean, var
+    """Mean and biased variance per column (float64), from sums shifted by the first row (less
+    cancellation); the blocks' sums are added in block order."""
+    m = x2d.shape[0]
+    shift = x2d[0].astype(np.float64)
+    s1, s2 = _bn_block_sums(x2d, shift).sum(axis=0)
+    d = s1 / m
+    return shift + d, np.maximum(s2 / m - d * d, 0.0)
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, offset, y, keep):
     m, c = x2d.shape
@@ -444,6 +446,7 @@ def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dr
             y[r, ch] = v
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask):
     m, c = dy2d.shape
@@ -465,6 +468,7 @@ def _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask):
     return total
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, k, dbeta_m, dgamma_m, dx):
     m, c = dy2d.shape
@@ -477,6 +481,7 @@ def _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, k, dbeta_m,
             dx[r, ch] = k[ch] * (g - dbeta_m[ch] - xhat * dgamma_m[ch])
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _bn_affine(x2d, scale, shift, y):
     m, c = x2d.shape
@@ -487,6 +492,7 @@ def _bn_affine(x2d, scale, shift, y):
 
 # Dropout alone (when no BatchNormalization precedes it): the same counter-based mask, stored as 0/1
 # bytes; backward applies mask and scale in one pass.
+@with_serial_twin
 @njit(**_JIT)
 def _dropout_forward(x, key, threshold, scale, offset, y, keep):
     flat_x, flat_y, flat_k = x.reshape(-1), y.reshape(-1), keep.reshape(-1)
@@ -496,6 +502,7 @@ def _dropout_forward(x, key, threshold, scale, offset, y, keep):
         flat_y[i] = flat_x[i] * scale if k else 0.0
 
 
+@with_serial_twin
 @njit(**_JIT)
 def _dropout_backward(dy, keep, scale, dx):
     flat_dy, flat_dx, flat_k = dy.reshape(-1), dx.reshape(-1), keep.reshape(-1)

@@ -19,12 +19,14 @@ its outputs are written with the padded width, then sliced.
 import functools
 import threading
 
+import numba
 import numpy as np
 from numba.core import config as numba_config
 
 from . import cpu_conv_generated as generated
 from . import precompile
 from .scratch import scratch_buffer
+from .serial_twin import with_serial_twin
 
 LANES = generated.LANES
 IMAGES_PER_PARTIAL = 4  # filter-gradient partial sums: one per 4 images, summed in a fixed order
@@ -40,26 +42,29 @@ class _SLPKernel:
     _lock = threading.Lock()
 
     def __init__(self, dispatcher):
-        self._dispatcher = dispatcher
+        self.dispatcher = dispatcher
         self._ready = set()
 
     def __call__(self, *args):
         dtype = args[0].dtype
         if dtype in self._ready:
-            return self._dispatcher(*args)
+            return self.dispatcher(*args)
         with self._lock:
             saved = numba_config.SLP_VECTORIZE
             numba_config.SLP_VECTORIZE = 1
             try:
-                result = self._dispatcher(*args)
+                result = self.dispatcher(*args)
             finally:
                 numba_config.SLP_VECTORIZE = saved
             self._ready.add(dtype)
         return result
 
 
-_direct_forward = {h: _SLPKernel(getattr(generated, f"direct_forward_{h}")) for h in generated.HEIGHTS}
-_direct_filter_grad = {h: _SLPKernel(getattr(generated, f"direct_filter_grad_{h}")) for h in generated.HEIGHTS}
+# each with its serial twin (tinycnn.kernels.serial_twin), both compiled with SLP on
+_direct_forward = {h: with_serial_twin(getattr(generated, f"direct_forward_{h}"), _SLPKernel)
+                   for h in generated.HEIGHTS}
+_direct_filter_grad = {h: with_serial_twin(getattr(generated, f"direct_filter_grad_{h}"), _SLPKernel)
+                       for h in generated.HEIGHTS}
 
 
 def _host_height():
@@ -145,7 +150,8 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None):
     """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input; height
     as forward's."""
     height = height or HEIGHT
-    precompile.wait_for_helper(xpad.dtype.name)  # a first run's helper may be compiling it (kernels.precompile)
+    if numba.get_num_threads() == 1:  # the serial twin: a first run's helper may be compiling it (kernels.precompile)
+        precompile.wait_for_helper(xpad.dtype.name)
     n, _, wp, c = xpad.shape
     f = dz2d.shape[1]
     nb = _blocks(f)
@@ -160,9 +166,18 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None):
     dkernel2d[...] = total.transpose(1, 0, 2).reshape(k, nb * LANES)[:, :f]
 
 
+def filter_grad_dispatchers(height=None):
+    """The numba dispatchers of the filter gradient's loops, (parallel, serial twin), for a block
+    height (None: this machine's): their `stats` say what was compiled and what came from the cache."""
+    kernel = _direct_filter_grad[height or HEIGHT]
+    return kernel.parallel.dispatcher, kernel.serial.dispatcher
+
+
 def compile_filter_grad():
-    """One small float32 filter gradient: compiles its kernels into numba's disk cache (what the
-    first training run's helper process does, tinycnn.kernels.precompile)."""
+    """One small float32 filter gradient on one thread: compiles the kernels a split training
+    batch's shares run (the serial twins) into numba's disk cache (what the first training run's
+    helper process does, tinycnn.kernels.precompile)."""
+    numba.set_num_threads(1)
     x = np.zeros((1, 6, 6, 2), dtype=np.float32)
     filter_grad(x, np.zeros((16, 16), dtype=np.float32), 3, 3, (1, 1), 4, 4, np.zeros((18, 16), dtype=np.float32))
 

@@ -5,8 +5,9 @@ training step on a machine compiles for about 20 s, and half of it is the direct
 filter gradient (its generated register-blocked loops). So when a float32 training step with direct
 convolutions starts compiling (compile_notice sees numba's compile event inside `training(helps)`,
 and then asks helps()), `start_helper()`
-launches a Python process running `cpu_conv.compile_filter_grad()`: it compiles that kernel for float32
-into numba's disk cache on the other core. The training step compiles everything else meanwhile,
+launches a Python process running `cpu_conv.compile_filter_grad()`: it compiles that kernel's serial
+twin (what a split batch's shares run: tinycnn.kernels.serial_twin) for float32 into numba's disk
+cache on the other core. The training step compiles everything else meanwhile,
 and its first filter gradient waits for the helper (`wait_for_helper`) and then loads the kernel
 from the cache instead of compiling it again. Nothing of this happens once the cache is warm (no
 compile event), in inference alone, for float64 models or GEMM convolutions, or with one usable
