@@ -113,15 +113,23 @@ def test_adam_is_the_reference_update_to_the_bit(gpu, dtype):
 BN_SHAPES = [(5, 3), (300, 16), (1031, 7)]  # fewer rows than BN_PARTS, Week2's width, more rows and odd
 
 
-def check_batchnorm(k, dtype, rows, c, rate, reduce=None):
+def check_batchnorm(k, dtype, rows, c, rate, reduce=None, relu=False):
     """GPU BatchNorm (+ Dropout) forward and backward against the reference composite; the dropout
-    mask must be the reference's exactly, everything else to float round-off."""
+    mask must be the reference's exactly, everything else to float round-off. relu: the ReLU before
+    it too (the relu_batchnorm entries), on inputs half of which are negative."""
     rng = np.random.default_rng(7)
-    x = (rng.standard_normal((rows, c)) * 3 + 5).astype(dtype)  # an offset mean: cancellation shows
+    x = (rng.standard_normal((rows, c)) * 3 + (0 if relu else 5)).astype(dtype)  # an offset mean: cancellation shows
     gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
     dy = rng.standard_normal((rows, c)).astype(dtype)
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
-    if rate:
+    if relu:
+        out = k.relu_batchnorm_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+        ref = R.relu_batchnorm_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+        np.testing.assert_array_equal(out[0] == 0, ref[0] == 0)  # the same dropped (and ReLU-zeroed) elements
+        grads = k.relu_batchnorm_backward_train(dy, out[1], gamma, out[4], reduce)
+        grads_ref = R.relu_batchnorm_backward_train(dy, ref[1], gamma, ref[4], reduce)
+        assert np.array_equal(grads[0] == 0, grads_ref[0] == 0) and (grads[0][x <= 0] == 0).all()
+    elif rate:
         out = k.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
         ref = R.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
         np.testing.assert_array_equal(out[0] == 0, ref[0] == 0)  # the same dropped elements
@@ -139,8 +147,12 @@ def check_batchnorm(k, dtype, rows, c, rate, reduce=None):
         np.testing.assert_allclose(a, b, **tol)
     # The column reductions count arrivals per column; a launch leaves the counts as it found them,
     # so the same forward again finds the same statistics (a leftover count would skip the totals).
-    again = (k.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce) if rate
-             else k.batchnorm_forward_train(x, gamma, beta, 1e-3, reduce))
+    if relu:
+        again = k.relu_batchnorm_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+    elif rate:
+        again = k.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+    else:
+        again = k.batchnorm_forward_train(x, gamma, beta, 1e-3, reduce)
     for a, b in zip((out[0], *out[2:]), (again[0], *again[2:])):
         np.testing.assert_array_equal(a, b)
 
@@ -150,6 +162,14 @@ def check_batchnorm(k, dtype, rows, c, rate, reduce=None):
 @pytest.mark.parametrize("rate", [0.0, 0.25])
 def test_batchnorm_with_and_without_dropout(gpu, dtype, rows, c, rate):
     check_batchnorm(gpu.GPUKernels(), dtype, rows, c, rate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, c", BN_SHAPES)
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_relu_then_batchnorm_in_the_batchnorm_kernels(gpu, dtype, rows, c, rate):
+    check_batchnorm(gpu.GPUKernels(), dtype, rows, c, rate, relu=True)
+    check_batchnorm(gpu.GPUKernels(), dtype, rows, c, rate, reduce=lambda totals: totals, relu=True)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.25])
@@ -284,6 +304,9 @@ def test_an_injected_off_by_one_fails_these_checks(gpu):
                             *CONVS[1])
     with pytest.raises(AssertionError):
         check_maxpool(gpu.GPUKernels(mutated("k = a * pw + d;", "k = a * pw + d + 1;")), np.float32, *POOLS[0])
+    with pytest.raises(AssertionError):  # a ReLU that passes negative inputs into the BatchNorm
+        check_batchnorm(gpu.GPUKernels(mutated("return (!relu || v >= (T)0 || v != v) ? v : (T)0;",
+                                               "return v;")), np.float32, 300, 16, 0, relu=True)
     with pytest.raises(AssertionError):  # a partial sum that skips the last row of its stride
         check_batchnorm(gpu.GPUKernels(mutated("for (I r = part; r < m; r += parts)",
                                                "for (I r = part; r + parts < m; r += parts)")), np.float32, 300, 16, 0)

@@ -363,3 +363,32 @@ def test_weight_gradients_are_computed_in_their_slots_of_the_gradient_buffer():
     np.testing.assert_array_equal(buffer.grad_views[0], 2)
     np.testing.assert_array_equal(buffer.grad_views[1], 0)  # the bias: no gradient came
     assert parameters.gradient_target(layer, "kernel") is None
+
+
+@pytest.mark.parametrize("rate", [0.3, None])
+def test_the_relu_batchnorm_step_gives_the_gradients_of_the_layers_apart(rate):
+    """Where a kernel set reads a ReLU inside its BatchNorm kernels (the GPU's), the plan runs
+    Conv(relu) -> BatchNorm (-> Dropout) as one step. On the reference kernels, whose fused entries
+    are the composite, that step gives the layers' own outputs and gradients to the bit: what the
+    step wires (linear part, kernel, saved state, the gradients of two layers) is right."""
+    from tinycnn.plan import Plan
+
+    with tc.config.using(kernels="reference"):
+        model = tc.Sequential([L.Conv2D(6, 3, activation="relu", input_shape=(8, 8, 2)), L.BatchNormalization(),
+                               *([L.Dropout(rate)] if rate else []), L.Conv2D(4, 3), L.BatchNormalization(),
+                               L.Flatten(), L.Dense(3)], device="cpu", seed=1)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((12, 8, 8, 2)).astype(np.float32)
+    model.plan()  # builds the weights and the gradient buffer
+    results = []
+    for fuse in (True, False):
+        plan = Plan(model.nodes, model.inputs, model.outputs, fuse_relu_batchnorm=fuse)
+        assert ("(ReLU and BatchNorm fused in training)" in plan.describe()[0]) == fuse
+        for layer in model.layers:
+            layer.reseed(11)
+        (out,), tape = plan.forward([x], training=True, keep_for_backward=True)
+        plan.backward(tape, [np.cos(out)], model.params)
+        results.append((out, model.params.grads.copy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert np.count_nonzero(results[0][1]) > 0.9 * results[0][1].size  # and the gradients are there

@@ -154,7 +154,8 @@ class Model(Trainer):
         if self._params_version != trainable_version():
             self.refresh_parameters()
         if strip_activation not in self._plans:
-            self._plans[strip_activation] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, strip_activation)
+            self._plans[strip_activation] = Plan(self.nodes, self.inputs, self.outputs, self.fuse, strip_activation,
+                                                 self.backend.kernels.fuses_relu_batchnorm)
         return self._plans[strip_activation]
 
     @exclusive

@@ -7,6 +7,9 @@ from the graph alone; the layers know nothing about it:
 - A BatchNormalization whose output only a Dropout reads becomes one step that runs the fused
   kernel (the normalization and the mask in one pass over the activations, forward and backward;
   the same masks as the Dropout alone). Only in training; in inference the two run as they are.
+- Where the kernel set reads a ReLU inside its BatchNorm kernels (`fuses_relu_batchnorm`: the
+  GPU's), a layer ending in ReLU whose only reader is a BatchNormalization joins it (and the
+  Dropout after it) in one step: the layer's linear part, then one kernel. Training only.
 - When the loss applies the output layer's activation itself (a softmax fused with cross-entropy,
   a sigmoid with binary cross-entropy: gradient p - t, no division by a probability that may
   underflow), that activation is left out of the step: it emits logits. Only plans made with
@@ -20,6 +23,25 @@ from . import activations
 from .layers.base import ActivatedLayer
 from .layers.normalization import BatchNormalization
 from .layers.regularization import Dropout
+
+
+def relu_batchnorm_nodes(node, only_reader):
+    """[node, its BatchNormalization, the Dropout after that (if any)] when `node` is a layer ending
+    in ReLU (its linear part and the ReLU split: an ActivatedLayer that owns its output) whose only
+    reader is a BatchNormalization; else None. No mode fixed by a call, and no weight name shared
+    (a fused step reports its layers' gradients in one dict)."""
+    layer = node.layer
+    if not (isinstance(layer, ActivatedLayer) and layer.activation is activations.relu and layer.owns_linear_output
+            and not layer.multi_input):
+        return None
+    bn = only_reader(node)
+    if bn is None or not isinstance(bn.layer, BatchNormalization) or set(layer.weights) & set(bn.layer.weights):
+        return None
+    nodes = [node, bn]
+    drop = only_reader(bn)
+    if drop is not None and isinstance(drop.layer, Dropout):
+        nodes.append(drop)
+    return nodes if all(n.training is None for n in nodes) else None
 
 
 class Step:
@@ -120,10 +142,62 @@ class BatchNormDropoutStep(Step):
         return f"{self.bn.name} + {self.dropout.name} (fused in training)"
 
 
+class ReluBatchNormStep(Step):
+    """A layer whose activation is ReLU, the BatchNormalization reading it and (if one reads that)
+    the Dropout, in training through the kernels' relu_batchnorm entries: the layer's linear part,
+    then one BatchNorm kernel that reads the ReLU as it reads its input (forward) and applies its
+    gradient as it writes its own (backward). Planned where the kernel set fuses them (the GPU's:
+    two passes over the activations and two launches fewer per layer)."""
+
+    def __init__(self, nodes, inputs, output):
+        super().__init__(inputs, output, [node.layer for node in nodes])
+        self.linear, self.bn = nodes[0].layer, nodes[1].layer
+        self.dropout = nodes[2].layer if len(nodes) > 2 else None
+
+    def forward(self, values, training):
+        training = self.mode(training)
+        x = values[self.inputs[0]]
+        linear, bn, drop = self.linear, self.bn, self.dropout
+        if not (training and bn.uses_batch_statistics(training)) or x.shape[0] == 0:
+            saved = []
+            for layer in self.layers:
+                x, layer_saved = layer.forward(x, training)
+                saved.append(layer_saved)
+            return x, ("apart", saved, None)
+        z, linear_saved = linear.forward_linear(x, training)
+        rate = drop.rate if drop is not None else 0.0
+        seed, offset = (drop.next_seed(), drop.mask_offset(z)) if rate > 0.0 else (0, 0)
+        gamma, beta = bn.affine()
+        y2d, saved, mean, var, inv_std = bn.kernels.relu_batchnorm_forward_train(
+            z.reshape(-1, z.shape[-1]), gamma, beta, bn.epsilon, rate, seed, offset, bn.batch_reduce())
+        bn.update_moving_statistics(mean, var)
+        return y2d.reshape(z.shape), ("fused", (linear_saved, saved), inv_std)
+
+    def backward(self, saved, dy):
+        mode, a, b = saved
+        grads = {}
+        if mode == "apart":
+            for layer, layer_saved in zip(reversed(self.layers), reversed(a)):
+                need = layer is not self.linear or self.need_dx[0]
+                dy, layer_grads = layer.backward(layer_saved, dy, need)
+                grads.update(layer_grads)
+            return (dy,), grads
+        linear_saved, bn_saved = a
+        dz2d, dgamma, dbeta = self.bn.kernels.relu_batchnorm_backward_train(
+            dy.reshape(-1, dy.shape[-1]), bn_saved, self.bn.affine()[0], b, self.bn.batch_reduce(),
+            self.bn.gradient_targets())
+        dx, grads = self.linear.backward_linear(linear_saved, dz2d.reshape(dy.shape), self.need_dx[0])
+        return (dx,), {**grads, **self.bn.affine_grads(dgamma, dbeta)}
+
+    def describe(self):
+        return " + ".join(layer.name for layer in self.layers) + " (ReLU and BatchNorm fused in training)"
+
+
 class Plan:
     """The steps of a graph, ready to run."""
 
-    def __init__(self, nodes, inputs, outputs, fuse_batchnorm_dropout=True, strip_activation=None):
+    def __init__(self, nodes, inputs, outputs, fuse_batchnorm_dropout=True, strip_activation=None,
+                 fuse_relu_batchnorm=False):
         ids = {}
 
         def tensor_id(tensor):
@@ -149,7 +223,11 @@ class Plan:
                 continue
             in_ids = [tensor_id(t) for t in node.inputs]
             after = only_reader(node)
-            if (fuse_batchnorm_dropout and isinstance(layer, BatchNormalization) and after is not None
+            fused = relu_batchnorm_nodes(node, only_reader) if fuse_relu_batchnorm and fuse_batchnorm_dropout else None
+            if fused:
+                steps.append(ReluBatchNormStep(fused, in_ids, tensor_id(fused[-1].output)))
+                absorbed.update(id(n) for n in fused[1:])
+            elif (fuse_batchnorm_dropout and isinstance(layer, BatchNormalization) and after is not None
                     and isinstance(after.layer, Dropout) and node.training is None and after.training is None):
                 steps.append(BatchNormDropoutStep(node, after, in_ids, tensor_id(after.output)))
                 absorbed.add(id(after))

@@ -78,6 +78,13 @@ __device__ __forceinline__ void tinycnn_moments(int ch, double s1, double s2, do
     inv_std[ch] = (T)(1.0 / sqrt(var64 + eps));
 }
 
+// BatchNorm's input element e: x[e], or with `relu` max(x[e], 0) as np.maximum gives it (NaN stays
+// NaN, -0.0 stays -0.0): a ReLU before the BatchNorm read as the BatchNorm reads, no pass of its own.
+__device__ __forceinline__ T tinycnn_bn_input(const T* x, long long e, int relu) {
+    const T v = x[e];
+    return (!relu || v >= (T)0 || v != v) ? v : (T)0;
+}
+
 // Dropout's counter-based hash, as tinycnn.randomness.lowbias32 on the 64-bit element index:
 // element `index` is kept when hash(index ^ key) >> 8 >= threshold.
 __device__ __forceinline__ bool tinycnn_keep(unsigned long long index, unsigned int key, unsigned int threshold) {
@@ -273,15 +280,15 @@ extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, const
     # last arrival writes its totals [sum1, sum2, m] (the layout a data-parallel reduce sums over
     # ranks) and, when `finish` (no reduce), the moments.
     "tinycnn_bn_forward_partials": r"""
-extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int shifted, double* partials, I m, int c,
-                                                       int parts, unsigned int* arrivals, double* totals,
+extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int relu, int shifted, double* partials, I m,
+                                                       int c, int parts, unsigned int* arrivals, double* totals,
                                                        int finish, T* mean, T* var, T* inv_std, double eps) {
     TINYCNN_FOR_EACH(j, (I)parts * c) {
         const int ch = (int)(j % c), part = (int)(j / c);
-        const double shift = shifted ? (double)x[ch] : 0.0;
+        const double shift = shifted ? (double)tinycnn_bn_input(x, ch, relu) : 0.0;
         double s1 = 0.0, s2 = 0.0;
         for (I r = part; r < m; r += parts) {
-            const double v = (double)x[r * c + ch] - shift;
+            const double v = (double)tinycnn_bn_input(x, r * c + ch, relu) - shift;
             s1 += v;
             s2 += v * v;
         }
@@ -297,8 +304,9 @@ extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int shifted, 
     # each column's last arrival writes its totals [sum1, sum2, m] and, rounded to T, dbeta = sum1
     # and dgamma = sum2 (this rank's).
     "tinycnn_bn_backward_partials": r"""
-extern "C" __global__ void tinycnn_bn_backward_partials(const T* dy, const T* x, const T* mean, const T* inv_std,
-                                                        const unsigned char* keep, T scale, int use_mask,
+extern "C" __global__ void tinycnn_bn_backward_partials(const T* dy, const T* x, int relu, const T* mean,
+                                                        const T* inv_std, const unsigned char* keep, T scale,
+                                                        int use_mask,
                                                         double* partials, I m, int c, int parts,
                                                         unsigned int* arrivals, double* totals, T* dbeta, T* dgamma) {
     TINYCNN_FOR_EACH(j, (I)parts * c) {
@@ -308,7 +316,7 @@ extern "C" __global__ void tinycnn_bn_backward_partials(const T* dy, const T* x,
             const I e = r * c + ch;
             T g = dy[e];
             if (use_mask) g = keep[e] ? g * scale : (T)0;
-            const T xhat = (x[e] - mean[ch]) * inv_std[ch];
+            const T xhat = (tinycnn_bn_input(x, e, relu) - mean[ch]) * inv_std[ch];
             s1 += (double)g;
             s2 += (double)(g * xhat);
         }
@@ -330,14 +338,14 @@ extern "C" __global__ void tinycnn_bn_moments(const double* totals, T* mean, T* 
 """,
     # y = (x - mean) * inv_std * gamma + beta, then (use_dropout) the dropout mask of element offset + i.
     "tinycnn_bn_normalize": r"""
-extern "C" __global__ void tinycnn_bn_normalize(const T* x, const T* mean, const T* inv_std, const T* gamma,
+extern "C" __global__ void tinycnn_bn_normalize(const T* x, int relu, const T* mean, const T* inv_std, const T* gamma,
                                                 const T* beta, T* y, unsigned char* keep, I n, int c,
                                                 int use_dropout, const unsigned int* key, unsigned int key_value,
                                                 unsigned int threshold, T scale, unsigned long long offset) {
     const unsigned int mask_key = key ? *key : key_value;
     TINYCNN_FOR_EACH(i, n) {
         const int ch = (int)(i % c);
-        T v = (x[i] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch];
+        T v = (tinycnn_bn_input(x, i, relu) - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch];
         if (use_dropout) {
             const bool k = tinycnn_keep((unsigned long long)i + offset, mask_key, threshold);
             keep[i] = k;
@@ -347,9 +355,10 @@ extern "C" __global__ void tinycnn_bn_normalize(const T* x, const T* mean, const
     }
 }
 """,
-    # dx = gamma * inv_std * (g - sum(g) / m - xhat * sum(g * xhat) / m), the sums and m from totals.
+    # dx = gamma * inv_std * (g - sum(g) / m - xhat * sum(g * xhat) / m), the sums and m from totals;
+    # with `relu`, the gradient of the ReLU's input: dx where x > 0, else 0 (relu_backward's rule).
     "tinycnn_bn_backward_dx": r"""
-extern "C" __global__ void tinycnn_bn_backward_dx(const T* dy, const T* x, const T* mean, const T* inv_std,
+extern "C" __global__ void tinycnn_bn_backward_dx(const T* dy, const T* x, int relu, const T* mean, const T* inv_std,
                                                   const unsigned char* keep, T scale, int use_mask, const T* gamma,
                                                   const double* totals, T* dx, I n, int c) {
     TINYCNN_FOR_EACH(i, n) {
@@ -357,9 +366,10 @@ extern "C" __global__ void tinycnn_bn_backward_dx(const T* dy, const T* x, const
         const double count = totals[2 * c];
         T g = dy[i];
         if (use_mask) g = keep[i] ? g * scale : (T)0;
-        const T xhat = (x[i] - mean[ch]) * inv_std[ch];
+        const T xhat = (tinycnn_bn_input(x, i, relu) - mean[ch]) * inv_std[ch];
         const T k = gamma[ch] * inv_std[ch];
-        dx[i] = k * (g - (T)(totals[ch] / count) - xhat * (T)(totals[c + ch] / count));
+        const T d = k * (g - (T)(totals[ch] / count) - xhat * (T)(totals[c + ch] / count));
+        dx[i] = (!relu || x[i] > (T)0) ? d : (T)0;
     }
 }
 """,

@@ -42,9 +42,11 @@ class GPUKernels(ReferenceKernels):
     pass a mutated one to show that they catch a wrong index)."""
 
     name = "gpu"
+    fuses_relu_batchnorm = True  # the BatchNorm kernels read a ReLU's input (relu=1): see ReferenceKernels
     overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "relu_backward",
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
-                 "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "dropout_forward",
+                 "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
+                 "relu_batchnorm_backward_train", "dropout_forward",
                  "dropout_backward", "dropout_keys", "softmax_cross_entropy", "adam_update")
 
     def __init__(self, source=cuda_source.module_source):
@@ -132,8 +134,10 @@ class GPUKernels(ReferenceKernels):
         return dx
 
     # -- batch normalization (+ the dropout after it) -------------------------------------------------
-    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset, reduce):
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset, reduce, relu=False):
+        """BatchNorm of x2d (of max(x2d, 0) when `relu`), then the dropout mask when rate > 0."""
         x2d = cp.ascontiguousarray(x2d)
+        relu = np.int32(relu)
         m, c = x2d.shape
         dtype = x2d.dtype
         parts = int(min(m, BN_PARTS))
@@ -142,7 +146,7 @@ class GPUKernels(ReferenceKernels):
         mean, var, inv_std = (cp.empty(c, dtype=dtype) for _ in range(3))
         # one launch: partial sums, each column's totals, and (without a reduce) the moments; the
         # ranks' sums must add up, so they are not shifted by the first row
-        self._launch("tinycnn_bn_forward_partials", dtype, parts * c, x2d, np.int32(reduce is None), partials,
+        self._launch("tinycnn_bn_forward_partials", dtype, parts * c, x2d, relu, np.int32(reduce is None), partials,
                      _Index(m), np.int32(c), np.int32(parts), self._arrivals(c), totals, np.int32(reduce is None),
                      mean, var, inv_std, np.float64(eps), biggest=m * c)
         if reduce is not None:
@@ -152,14 +156,14 @@ class GPUKernels(ReferenceKernels):
         y = cp.empty_like(x2d)
         keep = cp.empty(x2d.shape if use_dropout else (1,), dtype=cp.uint8)
         scale = dtype.type(1.0 / (1.0 - rate))
-        self._launch("tinycnn_bn_normalize", dtype, x2d.size, x2d, mean, inv_std, _as(gamma, dtype), _as(beta, dtype),
+        self._launch("tinycnn_bn_normalize", dtype, x2d.size, x2d, relu, mean, inv_std, _as(gamma, dtype), _as(beta, dtype),
                      y, keep, _Index(y.size), np.int32(c), np.int32(use_dropout),
                      *(self._key(seed) if use_dropout else (NULL, np.uint32(0))),  # without dropout: no key read
                      np.uint32(dropout_keep_threshold(rate)), scale, np.uint64(offset))
-        return y, (x2d, mean, keep if use_dropout else None, scale), mean, var, inv_std
+        return y, (x2d, relu, mean, keep if use_dropout else None, scale), mean, var, inv_std
 
     def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce, out):
-        x2d, mean, keep, scale = saved
+        x2d, relu, mean, keep, scale = saved
         dy2d = cp.ascontiguousarray(dy2d)
         m, c = dy2d.shape
         dtype = dy2d.dtype
@@ -170,13 +174,14 @@ class GPUKernels(ReferenceKernels):
         totals = cp.empty(2 * c + 1, dtype=cp.float64)
         # this rank's dgamma and dbeta, written where the caller asks (its gradient buffer's slots)
         dgamma, dbeta = (target if target is not None else cp.empty(c, dtype=dtype) for target in out)
-        self._launch("tinycnn_bn_backward_partials", dtype, parts * c, dy2d, x2d, mean, inv_std, keep, scale, use_mask,
+        self._launch("tinycnn_bn_backward_partials", dtype, parts * c, dy2d, x2d, relu, mean, inv_std, keep, scale,
+                     use_mask,
                      partials, _Index(m), np.int32(c), np.int32(parts), self._arrivals(c), totals, dbeta, dgamma,
                      biggest=m * c)
         if reduce is not None:  # dx needs the whole batch's sums and row count
             totals = reduce(totals)
         dx = cp.empty_like(dy2d)
-        self._launch("tinycnn_bn_backward_dx", dtype, dx.size, dy2d, x2d, mean, inv_std, keep, scale, use_mask,
+        self._launch("tinycnn_bn_backward_dx", dtype, dx.size, dy2d, x2d, relu, mean, inv_std, keep, scale, use_mask,
                      _as(gamma, dtype), totals, dx, _Index(dx.size), np.int32(c))
         return dx, dgamma, dbeta
 
@@ -196,6 +201,12 @@ class GPUKernels(ReferenceKernels):
         return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)
 
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
+
+    def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
+        return self._bn_forward(z2d, gamma, beta, eps, rate, seed, offset, reduce, relu=True)
+
+    def relu_batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
     # -- dropout and Adam ---------------------------------------------------------------------------------

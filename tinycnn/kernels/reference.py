@@ -90,6 +90,10 @@ class ReferenceKernels:
 
     name = "reference"
     overrides = ()  # a subclass lists the entries it defines itself
+    # Whether the set's relu_batchnorm_* entries read the ReLU as BatchNorm reads its input (no pass
+    # of their own): then an execution plan runs Conv(relu) -> BatchNorm (-> Dropout) through them
+    # in training (tinycnn.plan). Here they are the composite, which a plan has no reason to choose.
+    fuses_relu_batchnorm = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -300,6 +304,24 @@ class ReferenceKernels:
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         bn_saved, mask = saved
         return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std, reduce, out)
+
+    def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
+        """ReLU, then BatchNormalization, then (rate > 0) Dropout: batchnorm_dropout_forward_train
+        (batchnorm_forward_train at rate 0) of max(z, 0). Returns y, saved, mean, var, inv_std."""
+        x2d = get_array_module(z2d).maximum(z2d, 0)
+        if rate > 0.0:
+            y, saved, mean, var, inv_std = self.batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed,
+                                                                                offset, reduce)
+        else:
+            y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps, reduce)
+        return y, (saved, rate > 0.0, x2d), mean, var, inv_std
+
+    def relu_batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
+        """The gradient of relu_batchnorm_forward_train: dz, dgamma, dbeta (`out` as batchnorm_backward_train's)."""
+        inner, dropped, x2d = saved
+        backward = self.batchnorm_dropout_backward_train if dropped else self.batchnorm_backward_train
+        dx, dgamma, dbeta = backward(dy2d, inner, gamma, inv_std, reduce, out)
+        return self.relu_backward(dx, x2d), dgamma, dbeta
 
     # -- dropout --------------------------------------------------------------------------------
     def dropout_forward(self, x, rate, seed, offset=0):
