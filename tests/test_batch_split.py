@@ -81,7 +81,8 @@ def test_a_split_batch_trains_as_the_whole_batch(split_calls):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_split_results_do_not_depend_on_the_thread_count():
+def on_one_and_two_threads(model, split):
+    """train() of model() on one numba thread, then on two: the two runs' (logs, weights)."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has one thread here")
     results = []
@@ -89,13 +90,21 @@ def test_split_results_do_not_depend_on_the_thread_count():
     try:
         for threads in (1, 2):
             numba.set_num_threads(threads)
-            results.append(train(small_model()))
+            results.append(train(model(), split=split))
     finally:
         numba.set_num_threads(saved)
+    return results
+
+
+def assert_same_bits(results):
     (logs1, w1), (logs2, w2) = results
     assert logs1 == logs2
     for a, b in zip(w1, w2):
         np.testing.assert_array_equal(a, b)
+
+
+def test_split_results_do_not_depend_on_the_thread_count():
+    assert_same_bits(on_one_and_two_threads(small_model, split=True))
 
 
 def test_serial_twins_train_to_the_parallel_kernels_bits():
@@ -104,20 +113,7 @@ def test_serial_twins_train_to_the_parallel_kernels_bits():
     training gives the same bits either way."""
     from tinycnn.kernels import cpu_conv
 
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("numba has one thread here")
-    results = []
-    saved = numba.get_num_threads()
-    try:
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
-            results.append(train(small_model([L.MaxPooling2D(2)]), split=False))
-    finally:
-        numba.set_num_threads(saved)
-    (logs1, w1), (logs2, w2) = results
-    assert logs1 == logs2
-    for a, b in zip(w1, w2):
-        np.testing.assert_array_equal(a, b)
+    assert_same_bits(on_one_and_two_threads(lambda: small_model([L.MaxPooling2D(2)]), split=False))
     assert all(d.signatures for d in cpu_conv.filter_grad_dispatchers())  # both versions ran
 
 

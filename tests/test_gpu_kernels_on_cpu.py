@@ -122,15 +122,17 @@ def check_batchnorm(k, dtype, rows, c, rate, reduce=None, relu=False):
     gamma, beta = rng.uniform(0.5, 2, c).astype(dtype), rng.standard_normal(c).astype(dtype)
     dy = rng.standard_normal((rows, c)).astype(dtype)
     tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    moving = [rng.standard_normal(c).astype(dtype), rng.random(c).astype(dtype)]  # updated by the forward
+    expected = [a.copy() for a in moving]
     if relu:
-        out = k.relu_batchnorm_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+        out = k.relu_batchnorm_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce, (*moving, 0.99))
         ref = R.relu_batchnorm_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
         np.testing.assert_array_equal(out[0] == 0, ref[0] == 0)  # the same dropped (and ReLU-zeroed) elements
         grads = k.relu_batchnorm_backward_train(dy, out[1], gamma, out[4], reduce)
         grads_ref = R.relu_batchnorm_backward_train(dy, ref[1], gamma, ref[4], reduce)
         assert np.array_equal(grads[0] == 0, grads_ref[0] == 0) and (grads[0][x <= 0] == 0).all()
     elif rate:
-        out = k.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
+        out = k.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce, (*moving, 0.99))
         ref = R.batchnorm_dropout_forward_train(x, gamma, beta, 1e-3, rate, 99, 12, reduce)
         np.testing.assert_array_equal(out[0] == 0, ref[0] == 0)  # the same dropped elements
         targets = np.full(c, np.nan, dtype), np.full(c, np.nan, dtype)  # dgamma and dbeta written there
@@ -138,13 +140,16 @@ def check_batchnorm(k, dtype, rows, c, rate, reduce=None, relu=False):
         assert grads[1] is targets[0] and grads[2] is targets[1]
         grads_ref = R.batchnorm_dropout_backward_train(dy, ref[1], gamma, ref[4], reduce)
     else:
-        out = k.batchnorm_forward_train(x, gamma, beta, 1e-3, reduce)
+        out = k.batchnorm_forward_train(x, gamma, beta, 1e-3, reduce, (*moving, 0.99))
         ref = R.batchnorm_forward_train(x, gamma, beta, 1e-3, reduce)
         grads = k.batchnorm_backward_train(dy, out[1], gamma, out[4], reduce)
         grads_ref = R.batchnorm_backward_train(dy, ref[1], gamma, ref[4], reduce)
     for a, b in zip((out[0], *out[2:], *grads), (ref[0], *ref[2:], *grads_ref)):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(a, b, **tol)
+    R.batchnorm_moving_update(*expected, out[2], out[3], 0.99)  # the update, from the set's own statistics
+    for a, b in zip(moving, expected):
+        np.testing.assert_array_equal(a, b)
     # The column reductions count arrivals per column; a launch leaves the counts as it found them,
     # so the same forward again finds the same statistics (a leftover count would skip the totals).
     if relu:

@@ -122,10 +122,9 @@ class BatchNormDropoutStep(Step):
             z, drop_saved = drop.forward(y, training)
             return z, ("apart", bn_saved, drop_saved)
         gamma, beta = bn.affine()
-        y2d, saved, mean, var, inv_std = bn.kernels.batchnorm_dropout_forward_train(
+        y2d, saved, _, _, inv_std = bn.kernels.batchnorm_dropout_forward_train(
             x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed(), drop.mask_offset(x),
-            bn.batch_reduce())
-        bn.update_moving_statistics(mean, var)
+            bn.batch_reduce(), bn.moving_update())
         return y2d.reshape(x.shape), ("fused", saved, inv_std)
 
     def backward(self, saved, dy):
@@ -168,9 +167,9 @@ class ReluBatchNormStep(Step):
         rate = drop.rate if drop is not None else 0.0
         seed, offset = (drop.next_seed(), drop.mask_offset(z)) if rate > 0.0 else (0, 0)
         gamma, beta = bn.affine()
-        y2d, saved, mean, var, inv_std = bn.kernels.relu_batchnorm_forward_train(
-            z.reshape(-1, z.shape[-1]), gamma, beta, bn.epsilon, rate, seed, offset, bn.batch_reduce())
-        bn.update_moving_statistics(mean, var)
+        y2d, saved, _, _, inv_std = bn.kernels.relu_batchnorm_forward_train(
+            z.reshape(-1, z.shape[-1]), gamma, beta, bn.epsilon, rate, seed, offset, bn.batch_reduce(),
+            bn.moving_update())
         return y2d.reshape(z.shape), ("fused", (linear_saved, saved), inv_std)
 
     def backward(self, saved, dy):

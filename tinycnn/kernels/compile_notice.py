@@ -1,6 +1,6 @@
 """One line on stderr when numba starts compiling tinycnn's CPU kernels, so that a first run's
-long pause (about 10 s for a Week2 training step on 2 cores, with tinycnn.kernels.precompile's
-helper; the generated convolution loops are large) is explained
+long pause (about 10 s for a Week2 training step on a slow 2-core machine, with
+tinycnn.kernels.precompile's helper; the generated convolution loops are large) is explained
 while it happens instead of looking like a hang.
 
 numba announces a compilation through its event API ("numba:compile", raised on a cache miss
@@ -14,7 +14,7 @@ from numba.core import event
 
 from . import precompile
 
-MESSAGE = ("tinycnn: compiling the CPU kernels for this machine (the first run only: 10-20 s on 2 cores; "
+MESSAGE = ("tinycnn: compiling the CPU kernels for this machine (the first run only: about 10 s on 2 cores; "
            "numba caches them, and later runs load them in under a second)")
 
 _lock = threading.Lock()

@@ -676,7 +676,7 @@ class CPUKernels(ReferenceKernels):
         return dx
 
     # -- BatchNormalization (small inputs take the reference path, forward and backward alike) ----------
-    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
         x2d = np.ascontiguousarray(x2d)
         if reduce is None:
             mean64, var64 = _bn_stats(x2d)
@@ -696,6 +696,8 @@ class CPUKernels(ReferenceKernels):
         _bn_normalize(x2d, mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
                       use_dropout, np.int64(offset), y, keep)
         saved = (x2d, mean, keep if use_dropout else None, scale)
+        if moving is not None:
+            self.batchnorm_moving_update(moving[0], moving[1], mean, var, moving[2])
         return y, saved, mean, var, inv_std
 
     def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
@@ -716,20 +718,20 @@ class CPUKernels(ReferenceKernels):
                         (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
         return dx, dgamma, dbeta
 
-    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None):
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None, moving=None):
         if x2d.size < SMALL:
-            return super().batchnorm_forward_train(x2d, gamma, beta, eps, reduce)
-        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce)
+            return super().batchnorm_forward_train(x2d, gamma, beta, eps, reduce, moving)
+        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce, moving)
 
     def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         if dy2d.size < SMALL:
             return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
-    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
         if x2d.size < SMALL:
-            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed, offset, reduce)
-        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)
+            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed, offset, reduce, moving)
+        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce, moving)
 
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         if dy2d.size < SMALL:

@@ -67,15 +67,22 @@ __device__ __forceinline__ void tinycnn_column_totals(const double* partials, do
     *s2 = b;
 }
 
-// BatchNorm's moments of column ch from the float64 sums of x - shift and its square over count rows.
+// BatchNorm's moments of column ch from the float64 sums of x - shift and its square over count rows,
+// and (moving_mean not null) the moving statistics' update with them, as tinycnn_bn_moving_update.
 __device__ __forceinline__ void tinycnn_moments(int ch, double s1, double s2, double count, double shift, double eps,
-                                                T* mean, T* var, T* inv_std) {
+                                                T* mean, T* var, T* inv_std, T* moving_mean, T* moving_var,
+                                                T momentum, T complement) {
     const double d = s1 / count;
     const double v = s2 / count - d * d;
     const double var64 = v > 0.0 ? v : 0.0;
-    mean[ch] = (T)(shift + d);
-    var[ch] = (T)var64;
+    const T mean_t = (T)(shift + d), var_t = (T)var64;
+    mean[ch] = mean_t;
+    var[ch] = var_t;
     inv_std[ch] = (T)(1.0 / sqrt(var64 + eps));
+    if (moving_mean) {
+        moving_mean[ch] = moving_mean[ch] * momentum + complement * mean_t;
+        moving_var[ch] = moving_var[ch] * momentum + complement * var_t;
+    }
 }
 
 // BatchNorm's input element e: x[e], or with `relu` max(x[e], 0) as np.maximum gives it (NaN stays
@@ -278,11 +285,12 @@ extern "C" __global__ void tinycnn_adam(T* p, T* m, T* v, const T* g, I n, const
     # and its square (shift: the first row, or 0 when ranks add their sums up), `parts` partial sums
     # per column (work item j = part * C + column sums rows part, part + parts, ...); each column's
     # last arrival writes its totals [sum1, sum2, m] (the layout a data-parallel reduce sums over
-    # ranks) and, when `finish` (no reduce), the moments.
+    # ranks) and, when `finish` (no reduce), the moments and (moving_mean not null) the moving statistics.
     "tinycnn_bn_forward_partials": r"""
 extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int relu, int shifted, double* partials, I m,
                                                        int c, int parts, unsigned int* arrivals, double* totals,
-                                                       int finish, T* mean, T* var, T* inv_std, double eps) {
+                                                       int finish, T* mean, T* var, T* inv_std, double eps,
+                                                       T* moving_mean, T* moving_var, T momentum, T complement) {
     TINYCNN_FOR_EACH(j, (I)parts * c) {
         const int ch = (int)(j % c), part = (int)(j / c);
         const double shift = shifted ? (double)tinycnn_bn_input(x, ch, relu) : 0.0;
@@ -296,7 +304,9 @@ extern "C" __global__ void tinycnn_bn_forward_partials(const T* x, int relu, int
         partials[(I)part * 2 * c + c + ch] = s2;
         if (!tinycnn_last_arrival(arrivals, ch, parts)) continue;
         tinycnn_column_totals(partials, totals, ch, c, parts, (double)m, &s1, &s2);
-        if (finish) tinycnn_moments(ch, s1, s2, (double)m, shift, eps, mean, var, inv_std);
+        if (finish)
+            tinycnn_moments(ch, s1, s2, (double)m, shift, eps, mean, var, inv_std, moving_mean, moving_var, momentum,
+                            complement);
     }
 }
 """,
@@ -331,9 +341,10 @@ extern "C" __global__ void tinycnn_bn_backward_partials(const T* dy, const T* x,
 """,
     # The moments from totals that a data-parallel reduce summed over the ranks (unshifted sums).
     "tinycnn_bn_moments": r"""
-extern "C" __global__ void tinycnn_bn_moments(const double* totals, T* mean, T* var, T* inv_std, int c, double eps) {
+extern "C" __global__ void tinycnn_bn_moments(const double* totals, T* mean, T* var, T* inv_std, int c, double eps,
+                                              T* moving_mean, T* moving_var, T momentum, T complement) {
     TINYCNN_FOR_EACH(ch, (I)c) tinycnn_moments((int)ch, totals[ch], totals[c + ch], totals[2 * c], 0.0, eps, mean, var,
-                                               inv_std);
+                                               inv_std, moving_mean, moving_var, momentum, complement);
 }
 """,
     # y = (x - mean) * inv_std * gamma + beta, then (use_dropout) the dropout mask of element offset + i.

@@ -4,10 +4,11 @@ The kernels' source is tinycnn/kernels/cuda_source.py: plain CUDA C++ that CuPy'
 compiles (once per dtype and index width, at first use) and that the tests also compile with
 NVRTC and run on the CPU, so CI vouches for this file without a GPU. Every kernel gathers (no
 atomics on data), so results are deterministic. BatchNormalization, with or without the Dropout
-after it, is 2 launches forward, 2 backward and 1 for its moving averages (the reference composite took
-about 40); softmax-CE and ReLU's gradient are one each; a 1x1 convolution with stride 1 and no
-padding multiplies the input itself instead of an im2col copy. The GEMMs are cuBLAS (through
-CuPy's matmul); depthwise convolution and average pooling run the reference code on CuPy arrays.
+after it and the ReLU before it, is 2 launches forward (its moving averages included) and 2
+backward (the reference composite took about 40); softmax-CE and ReLU's gradient are one each;
+a 1x1 convolution with stride 1 and no padding multiplies the input itself instead of an im2col
+copy. The GEMMs are cuBLAS (through CuPy's matmul); depthwise convolution and average pooling
+run the reference code on CuPy arrays.
 
 NOTE: written without a GPU; what has and has not run on one is listed in CHANGELOG.md.
 """
@@ -134,12 +135,17 @@ class GPUKernels(ReferenceKernels):
         return dx
 
     # -- batch normalization (+ the dropout after it) -------------------------------------------------
-    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset, reduce, relu=False):
-        """BatchNorm of x2d (of max(x2d, 0) when `relu`), then the dropout mask when rate > 0."""
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset, reduce, moving, relu=False):
+        """BatchNorm of x2d (of max(x2d, 0) when `relu`), then the dropout mask when rate > 0; the
+        moving statistics updated where the moments are computed."""
         x2d = cp.ascontiguousarray(x2d)
         relu = np.int32(relu)
         m, c = x2d.shape
         dtype = x2d.dtype
+        if moving is None:
+            moving = (NULL, NULL, dtype.type(0), dtype.type(0))
+        else:  # the complement in float64, then rounded to T, as batchnorm_moving_update's
+            moving = (moving[0], moving[1], dtype.type(moving[2]), dtype.type(1.0 - moving[2]))
         parts = int(min(m, BN_PARTS))
         partials = cp.empty((parts, 2 * c), dtype=cp.float64)
         totals = cp.empty(2 * c + 1, dtype=cp.float64)
@@ -148,10 +154,10 @@ class GPUKernels(ReferenceKernels):
         # ranks' sums must add up, so they are not shifted by the first row
         self._launch("tinycnn_bn_forward_partials", dtype, parts * c, x2d, relu, np.int32(reduce is None), partials,
                      _Index(m), np.int32(c), np.int32(parts), self._arrivals(c), totals, np.int32(reduce is None),
-                     mean, var, inv_std, np.float64(eps), biggest=m * c)
+                     mean, var, inv_std, np.float64(eps), *moving, biggest=m * c)
         if reduce is not None:
             self._launch("tinycnn_bn_moments", dtype, c, reduce(totals), mean, var, inv_std, np.int32(c),
-                         np.float64(eps))
+                         np.float64(eps), *moving)
         use_dropout = rate > 0.0
         y = cp.empty_like(x2d)
         keep = cp.empty(x2d.shape if use_dropout else (1,), dtype=cp.uint8)
@@ -185,8 +191,8 @@ class GPUKernels(ReferenceKernels):
                      _as(gamma, dtype), totals, dx, _Index(dx.size), np.int32(c))
         return dx, dgamma, dbeta
 
-    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None):
-        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce)
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None, moving=None):
+        return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce, moving)
 
     def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
@@ -197,14 +203,14 @@ class GPUKernels(ReferenceKernels):
                      _as(mean, moving_mean.dtype), _as(var, moving_mean.dtype), _Index(moving_mean.size), t(momentum),
                      t(1.0 - momentum))
 
-    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
-        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce)
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
+        return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce, moving)
 
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
-    def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
-        return self._bn_forward(z2d, gamma, beta, eps, rate, seed, offset, reduce, relu=True)
+    def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
+        return self._bn_forward(z2d, gamma, beta, eps, rate, seed, offset, reduce, moving, relu=True)
 
     def relu_batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)

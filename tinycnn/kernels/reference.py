@@ -245,9 +245,11 @@ class ReferenceKernels:
         return dy * (y > 0)
 
     # -- batch normalization ------------------------------------------------------------------
-    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None):
+    def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None, moving=None):
         """Batch statistics over rows of (M, C). Returns y, saved, mean, biased var, 1/sqrt(var+eps),
         where `saved` is what batchnorm_backward_train of the same set needs (here: xhat).
+        `moving`: (moving_mean, moving_var, momentum), updated in place with the batch's statistics
+        as batchnorm_moving_update does (a set may fold that into its own passes), or None.
 
         `reduce` (data parallelism): an in-place sum over the ranks, each holding some of the
         batch's rows; the statistics are then the whole batch's, from the float64 sums of x and
@@ -262,6 +264,8 @@ class ReferenceKernels:
             centered = x2d - mean
         inv_std = 1.0 / xp.sqrt(var + eps)
         xhat = centered * inv_std
+        if moving is not None:
+            self.batchnorm_moving_update(moving[0], moving[1], mean, var, moving[2])
         return xhat * gamma + beta, xhat, mean, var, inv_std
 
     def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
@@ -294,10 +298,10 @@ class ReferenceKernels:
         scale = gamma / get_array_module(x2d).sqrt(moving_var + eps)
         return x2d * scale + (beta - moving_mean * scale), scale
 
-    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
+    def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
         """BatchNormalization then Dropout(rate) with the mask of dropout_forward(., rate, seed, offset):
         one kernel where a set can fuse them. Returns y, saved, mean, var, inv_std."""
-        y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps, reduce)
+        y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps, reduce, moving)
         y, mask = self.dropout_forward(y, rate, seed, offset)
         return y, (saved, mask), mean, var, inv_std
 
@@ -305,15 +309,15 @@ class ReferenceKernels:
         bn_saved, mask = saved
         return self.batchnorm_backward_train(self.dropout_backward(dy2d, mask), bn_saved, gamma, inv_std, reduce, out)
 
-    def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None):
+    def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
         """ReLU, then BatchNormalization, then (rate > 0) Dropout: batchnorm_dropout_forward_train
         (batchnorm_forward_train at rate 0) of max(z, 0). Returns y, saved, mean, var, inv_std."""
         x2d = get_array_module(z2d).maximum(z2d, 0)
         if rate > 0.0:
             y, saved, mean, var, inv_std = self.batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed,
-                                                                                offset, reduce)
+                                                                                offset, reduce, moving)
         else:
-            y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps, reduce)
+            y, saved, mean, var, inv_std = self.batchnorm_forward_train(x2d, gamma, beta, eps, reduce, moving)
         return y, (saved, rate > 0.0, x2d), mean, var, inv_std
 
     def relu_batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):

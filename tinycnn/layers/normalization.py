@@ -78,13 +78,15 @@ class BatchNormalization(Layer):
         (tinycnn.batch_split), else the ranks (`reduce`), else None (this batch alone)."""
         return batch_split.reduce_or(self.reduce)
 
-    def update_moving_statistics(self, mean, var):
-        """moving = moving * momentum + batch * (1 - momentum), with the biased batch variance (Keras 3).
-        Of a split batch's shares, which all hold the whole batch's statistics, the lead's update counts."""
+    def moving_update(self):
+        """What a training forward's kernel updates with the batch's statistics: (moving_mean,
+        moving_variance, momentum), moving = moving * momentum + batch * (1 - momentum) with the
+        biased batch variance (Keras 3). None in a split batch's other shares: all of them hold the
+        whole batch's statistics, and the lead's update counts."""
         if not batch_split.is_lead():
-            return
+            return None
         w = self.weights
-        self.kernels.batchnorm_moving_update(w["moving_mean"], w["moving_variance"], mean, var, self.momentum)
+        return w["moving_mean"], w["moving_variance"], self.momentum
 
     def uses_batch_statistics(self, training):
         return training and self.trainable
@@ -102,9 +104,8 @@ class BatchNormalization(Layer):
             reduce = self.batch_reduce()
             if x2d.shape[0] == 0 and reduce is None:  # a rank's empty share, statistics per rank: none
                 return x, ("empty", None, None)
-            y2d, saved, mean, var, inv_std = self.kernels.batchnorm_forward_train(x2d, gamma, beta, self.epsilon,
-                                                                                  reduce)
-            self.update_moving_statistics(mean, var)
+            y2d, saved, _, _, inv_std = self.kernels.batchnorm_forward_train(x2d, gamma, beta, self.epsilon, reduce,
+                                                                            self.moving_update())
             return y2d.reshape(x.shape), ("train", saved, inv_std)
         y2d, scale = self.kernels.batchnorm_forward_infer(x2d, gamma, beta, w["moving_mean"], w["moving_variance"],
                                                           self.epsilon)
