@@ -172,7 +172,8 @@ def test_conv(device, dtype, filters, algorithm, shape, kh, kw, stride, pads):
 
 
 POOLS = [  # (input shape, pool, stride, pads): valid, overlapping, uneven, and 'same' paddings
-    ((4, 24, 24, 10), (2, 2), (2, 2), (0, 0, 0, 0)),
+    ((4, 24, 24, 10), (2, 2), (2, 2), (0, 0, 0, 0)),  # the CPU set's unrolled 2x2 kernel, as the next
+    ((2, 7, 9, 3), (2, 2), (2, 2), (0, 0, 0, 0)),  # odd sizes: the last row and column are in no window
     ((2, 7, 7, 3), (3, 3), (2, 2), (0, 0, 0, 0)),
     ((2, 5, 7, 2), (2, 3), (1, 2), (0, 0, 0, 0)),
     ((2, 7, 7, 3), (2, 2), (2, 2), (0, 1, 0, 1)),  # 'same' on an odd size: the padding is after

@@ -214,6 +214,30 @@ def _maxpool_forward(x, ph, pw, sh, sw, top, left, y, argmax):
 
 @with_serial_twin
 @njit(**_JIT)
+def _maxpool2x2_forward(x, y, argmax):
+    """_maxpool_forward for 2x2 windows at stride 2 without padding (every window whole): the same
+    comparisons in the same order (window entries 0, 1, 2, 3; strict >), unrolled. Week2's pool over
+    64 images of 24x24x10 on one thread of a Zen 3 guest: 1.96-2.32 ms -> 0.30-0.55 ms. (The
+    backward's analogue was no faster than the general scatter: 0.78 against 0.69 ms.)"""
+    n = x.shape[0]
+    _, oh, ow, c = y.shape
+    for b in prange(n):
+        for i in range(oh):
+            for j in range(ow):
+                for ch in range(c):
+                    m, k = x[b, 2 * i, 2 * j, ch], np.int32(0)
+                    v = x[b, 2 * i, 2 * j + 1, ch]
+                    m, k = (v, np.int32(1)) if v > m else (m, k)
+                    v = x[b, 2 * i + 1, 2 * j, ch]
+                    m, k = (v, np.int32(2)) if v > m else (m, k)
+                    v = x[b, 2 * i + 1, 2 * j + 1, ch]
+                    m, k = (v, np.int32(3)) if v > m else (m, k)
+                    y[b, i, j, ch] = m
+                    argmax[b, i, j, ch] = k
+
+
+@with_serial_twin
+@njit(**_JIT)
 def _maxpool_backward(dy, argmax, pw, sh, sw, top, left, dx):
     n, oh, ow, c = dy.shape
     for b in prange(n):
@@ -646,7 +670,10 @@ class CPUKernels(ReferenceKernels):
         oh, ow = output_hw(h, w, pool[0], pool[1], stride, pads)
         y = np.empty((n, oh, ow, c), dtype=x.dtype)
         argmax = np.empty((n, oh, ow, c), dtype=np.int32)
-        _maxpool_forward(np.ascontiguousarray(x), pool[0], pool[1], stride[0], stride[1], pads[0], pads[2], y, argmax)
+        if tuple(pool) == (2, 2) and tuple(stride) == (2, 2) and not any(pads):
+            _maxpool2x2_forward(np.ascontiguousarray(x), y, argmax)
+        else:
+            _maxpool_forward(np.ascontiguousarray(x), pool[0], pool[1], stride[0], stride[1], pads[0], pads[2], y, argmax)
         return y, argmax
 
     def maxpool_backward(self, dy, argmax, x_shape, pool, stride, pads):
