@@ -106,7 +106,26 @@ class LogitsStep(LayerStep):
         return f"{self.layer.name} (logits: {self.layer.activation.name} fused into the loss)"
 
 
-class BatchNormDropoutStep(Step):
+class FusedStep(Step):
+    """Layers that run as one kernel in training; where they cannot (inference, a frozen
+    BatchNormalization, an empty share), each runs as it is, one after another: `apart`."""
+
+    def forward_apart(self, x, training):
+        saved = []
+        for layer in self.layers:
+            x, layer_saved = layer.forward(x, training)
+            saved.append(layer_saved)
+        return x, ("apart", saved, None)
+
+    def backward_apart(self, saved, dy):
+        grads = {}
+        for layer, layer_saved in zip(reversed(self.layers), reversed(saved)):
+            dy, layer_grads = layer.backward(layer_saved, dy, layer is not self.layers[0] or self.need_dx[0])
+            grads.update(layer_grads)
+        return (dy,), grads
+
+
+class BatchNormDropoutStep(FusedStep):
     """A BatchNormalization and the Dropout reading it, as one kernel in training."""
 
     def __init__(self, bn_node, dropout_node, inputs, output):
@@ -118,9 +137,7 @@ class BatchNormDropoutStep(Step):
         x = values[self.inputs[0]]
         bn, drop = self.bn, self.dropout
         if not (training and drop.rate > 0.0 and bn.uses_batch_statistics(training)) or x.shape[0] == 0:
-            y, bn_saved = bn.forward(x, training)
-            z, drop_saved = drop.forward(y, training)
-            return z, ("apart", bn_saved, drop_saved)
+            return self.forward_apart(x, training)
         gamma, beta = bn.affine()
         y2d, saved, _, _, inv_std = bn.kernels.batchnorm_dropout_forward_train(
             x.reshape(-1, x.shape[-1]), gamma, beta, bn.epsilon, drop.rate, drop.next_seed(), drop.mask_offset(x),
@@ -130,9 +147,7 @@ class BatchNormDropoutStep(Step):
     def backward(self, saved, dy):
         mode, a, b = saved
         if mode == "apart":
-            dy, _ = self.dropout.backward(b, dy, True)
-            dx, grads = self.bn.backward(a, dy, self.need_dx[0])
-            return (dx,), grads
+            return self.backward_apart(a, dy)
         dx2d, dgamma, dbeta = self.bn.kernels.batchnorm_dropout_backward_train(
             dy.reshape(-1, dy.shape[-1]), a, self.bn.affine()[0], b, self.bn.batch_reduce(), self.bn.gradient_targets())
         return ((dx2d.reshape(dy.shape) if self.need_dx[0] else None),), self.bn.affine_grads(dgamma, dbeta)
@@ -141,7 +156,7 @@ class BatchNormDropoutStep(Step):
         return f"{self.bn.name} + {self.dropout.name} (fused in training)"
 
 
-class ReluBatchNormStep(Step):
+class ReluBatchNormStep(FusedStep):
     """A layer whose activation is ReLU, the BatchNormalization reading it and (if one reads that)
     the Dropout, in training through the kernels' relu_batchnorm entries: the layer's linear part,
     then one BatchNorm kernel that reads the ReLU as it reads its input (forward) and applies its
@@ -158,11 +173,7 @@ class ReluBatchNormStep(Step):
         x = values[self.inputs[0]]
         linear, bn, drop = self.linear, self.bn, self.dropout
         if not (training and bn.uses_batch_statistics(training)) or x.shape[0] == 0:
-            saved = []
-            for layer in self.layers:
-                x, layer_saved = layer.forward(x, training)
-                saved.append(layer_saved)
-            return x, ("apart", saved, None)
+            return self.forward_apart(x, training)
         z, linear_saved = linear.forward_linear(x, training)
         rate = drop.rate if drop is not None else 0.0
         seed, offset = (drop.next_seed(), drop.mask_offset(z)) if rate > 0.0 else (0, 0)
@@ -174,13 +185,8 @@ class ReluBatchNormStep(Step):
 
     def backward(self, saved, dy):
         mode, a, b = saved
-        grads = {}
         if mode == "apart":
-            for layer, layer_saved in zip(reversed(self.layers), reversed(a)):
-                need = layer is not self.linear or self.need_dx[0]
-                dy, layer_grads = layer.backward(layer_saved, dy, need)
-                grads.update(layer_grads)
-            return (dy,), grads
+            return self.backward_apart(a, dy)
         linear_saved, bn_saved = a
         dz2d, dgamma, dbeta = self.bn.kernels.relu_batchnorm_backward_train(
             dy.reshape(-1, dy.shape[-1]), bn_saved, self.bn.affine()[0], b, self.bn.batch_reduce(),

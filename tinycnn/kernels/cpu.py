@@ -15,10 +15,10 @@ import numpy as np
 from numba import njit, prange
 
 from . import compile_notice, cpu_conv
-from .serial_twin import with_serial_twin
 from .reference import (ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc,
                         written_into)
 from .scratch import scratch_buffer
+from .serial_twin import with_serial_twin
 from ..randomness import dropout_keep_threshold, mask_key
 
 _JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
@@ -156,11 +156,12 @@ CHUNK_BYTES = 2 << 20
 # Direct convolution (cpu_conv) applies to every float32/float64 layer. Small layers: the GEMM has
 # as few columns as the layer has filters and runs at a fraction of the machine's rate, while the
 # direct loops keep 8 pixels x 16 filters (4 x 16 without AVX-512) in registers (Week2 conv2,
-# 16 -> 16, 3x3, 128 images of 26x26, forward on a 2-core Zen 5: 1.1-1.4 ms direct, 3.2-3.7 ms GEMM). Wide layers: alone, some
-# passes are faster as im2col + OpenBLAS (8x8, 64 -> 128: 2.1x), but in a network OpenBLAS's threads
-# and numba's take turns on the same cores; the VGG-style network of benchmarks/vgg_scaling.py at
-# batch 64 on a 2-vCPU AVX-512 guest: W = 32 177 -> 122 ms per step, W = 64 476 -> 411 ms, when its
-# layers above 64 channels left the GEMM for the direct loops. TINYCNN_CONV=gemm still picks the GEMM.
+# 16 -> 16, 3x3, 128 images of 26x26, forward on a 2-core Zen 5: 1.1-1.4 ms direct, 3.2-3.7 ms
+# GEMM). Wide layers: alone, some passes are faster as im2col + OpenBLAS (8x8, 64 -> 128: 2.1x),
+# but in a network OpenBLAS's threads and numba's take turns on the same cores; the VGG-style
+# network of benchmarks/vgg_scaling.py at batch 64 on a 2-vCPU AVX-512 guest: W = 32 177 -> 122 ms
+# per step, W = 64 476 -> 411 ms, when its layers above 64 channels left the GEMM for the direct
+# loops. TINYCNN_CONV=gemm still picks the GEMM.
 
 
 def _chunk(bytes_per_image, n):
@@ -735,7 +736,8 @@ class CPUKernels(ReferenceKernels):
         keep = keep if use_mask else np.empty((1, 1), dtype=np.uint8)
         sums = _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask)
         dtype = dy2d.dtype
-        dgamma, dbeta = written_into(out, sums[1].astype(dtype), sums[0].astype(dtype))  # this rank's, under data parallelism
+        # this rank's, under data parallelism
+        dgamma, dbeta = written_into(out, sums[1].astype(dtype), sums[0].astype(dtype))
         if reduce is not None:  # dx needs the sums and the row count of the whole batch
             total_beta, total_gamma, m = global_gradient_sums(sums[0], sums[1], m, reduce)
             sums = (total_beta, total_gamma)

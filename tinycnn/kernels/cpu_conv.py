@@ -4,8 +4,8 @@ Why: a small-channel convolution (the Week2 model's 16->16 3x3) is a GEMM with o
 where OpenBLAS reaches 60-90 GFLOP/s and the patch matrix costs a write and a read of 9x the
 input. Here each output pixel block is computed straight from the input: 8 pixels x 16 filters
 of accumulators (4 x 16 without AVX-512) live in vector registers through the whole (kh, kw, c)
-reduction, each step one broadcast input value times one row of 16 filter weights. Measured on a 2-core Zen 5 machine,
-Week2 conv2 at batch 128 (340 MFLOP per pass): forward 1.0-1.6 ms, filter gradient 1.2-1.4 ms,
+reduction, each step one broadcast input value times one row of 16 filter weights. Measured on a
+2-core Zen 5 machine, Week2 conv2 at batch 128 (340 MFLOP per pass): forward 1.0-1.6 ms, filter gradient 1.2-1.4 ms,
 input gradient 1.3-1.5 ms, against 3.1-3.7 / 3.5 / 3.1 ms with im2col + GEMM.
 
 The loops themselves are in cpu_conv_generated.py, written by cpu_conv_codegen.py (read it for

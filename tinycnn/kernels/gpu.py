@@ -47,8 +47,8 @@ class GPUKernels(ReferenceKernels):
     overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "relu_backward",
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
                  "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
-                 "relu_batchnorm_backward_train", "dropout_forward",
-                 "dropout_backward", "dropout_keys", "softmax_cross_entropy", "adam_update")
+                 "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward", "dropout_keys",
+                 "softmax_cross_entropy", "adam_update")
 
     def __init__(self, source=cuda_source.module_source):
         self._source = source
@@ -135,6 +135,13 @@ class GPUKernels(ReferenceKernels):
         return dx
 
     # -- batch normalization (+ the dropout after it) -------------------------------------------------
+    @staticmethod
+    def _bn_sums(m, c):
+        """A column reduction's scratch: its parts (partial sums per column), the (parts, 2C) float64
+        partials, and the totals [sum1 (C), sum2 (C), m] its finishers write."""
+        parts = int(min(m, BN_PARTS))
+        return parts, cp.empty((parts, 2 * c), dtype=cp.float64), cp.empty(2 * c + 1, dtype=cp.float64)
+
     def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset, reduce, moving, relu=False):
         """BatchNorm of x2d (of max(x2d, 0) when `relu`), then the dropout mask when rate > 0; the
         moving statistics updated where the moments are computed."""
@@ -146,9 +153,7 @@ class GPUKernels(ReferenceKernels):
             moving = (NULL, NULL, dtype.type(0), dtype.type(0))
         else:  # the complement in float64, then rounded to T, as batchnorm_moving_update's
             moving = (moving[0], moving[1], dtype.type(moving[2]), dtype.type(1.0 - moving[2]))
-        parts = int(min(m, BN_PARTS))
-        partials = cp.empty((parts, 2 * c), dtype=cp.float64)
-        totals = cp.empty(2 * c + 1, dtype=cp.float64)
+        parts, partials, totals = self._bn_sums(m, c)
         mean, var, inv_std = (cp.empty(c, dtype=dtype) for _ in range(3))
         # one launch: partial sums, each column's totals, and (without a reduce) the moments; the
         # ranks' sums must add up, so they are not shifted by the first row
@@ -162,8 +167,8 @@ class GPUKernels(ReferenceKernels):
         y = cp.empty_like(x2d)
         keep = cp.empty(x2d.shape if use_dropout else (1,), dtype=cp.uint8)
         scale = dtype.type(1.0 / (1.0 - rate))
-        self._launch("tinycnn_bn_normalize", dtype, x2d.size, x2d, relu, mean, inv_std, _as(gamma, dtype), _as(beta, dtype),
-                     y, keep, _Index(y.size), np.int32(c), np.int32(use_dropout),
+        self._launch("tinycnn_bn_normalize", dtype, x2d.size, x2d, relu, mean, inv_std, _as(gamma, dtype),
+                     _as(beta, dtype), y, keep, _Index(y.size), np.int32(c), np.int32(use_dropout),
                      *(self._key(seed) if use_dropout else (NULL, np.uint32(0))),  # without dropout: no key read
                      np.uint32(dropout_keep_threshold(rate)), scale, np.uint64(offset))
         return y, (x2d, relu, mean, keep if use_dropout else None, scale), mean, var, inv_std
@@ -175,15 +180,12 @@ class GPUKernels(ReferenceKernels):
         dtype = dy2d.dtype
         use_mask = np.int32(keep is not None)
         keep = keep if keep is not None else cp.empty((1,), dtype=cp.uint8)
-        parts = int(min(m, BN_PARTS))
-        partials = cp.empty((parts, 2 * c), dtype=cp.float64)
-        totals = cp.empty(2 * c + 1, dtype=cp.float64)
+        parts, partials, totals = self._bn_sums(m, c)
         # this rank's dgamma and dbeta, written where the caller asks (its gradient buffer's slots)
         dgamma, dbeta = (target if target is not None else cp.empty(c, dtype=dtype) for target in out)
         self._launch("tinycnn_bn_backward_partials", dtype, parts * c, dy2d, x2d, relu, mean, inv_std, keep, scale,
-                     use_mask,
-                     partials, _Index(m), np.int32(c), np.int32(parts), self._arrivals(c), totals, dbeta, dgamma,
-                     biggest=m * c)
+                     use_mask, partials, _Index(m), np.int32(c), np.int32(parts), self._arrivals(c), totals, dbeta,
+                     dgamma, biggest=m * c)
         if reduce is not None:  # dx needs the whole batch's sums and row count
             totals = reduce(totals)
         dx = cp.empty_like(dy2d)
