@@ -220,13 +220,17 @@ def test_a_first_training_step_compiles_the_filter_gradient_in_a_helper_process(
             "m.train_on_batch(np.ones((64, 8, 8, 3), np.float32), np.eye(2, dtype=np.float32)[[0, 1] * 32]); "
             "s = cpu_conv.filter_grad_dispatchers()[1].stats; "  # the serial twin: a split batch's
             "print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))")
+    decoy = tmp_path / "cwd" / "tinycnn"  # another tinycnn where the process runs: the helper must not import it
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the helper imported the tinycnn of its working directory')\n")
     runs = {}
     for helper in (True, False):
         env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / f"numba-{helper}")}
         env.pop("TINYCNN_PRECOMPILE_HELPER", None)
         if not helper:
             env["TINYCNN_PRECOMPILE_HELPER"] = "1"  # what the helper itself has set: it starts none
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        run = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True,
+                             timeout=600, cwd=decoy.parent)
         assert run.returncode == 0, run.stderr
         runs[helper] = run.stdout.split()
     assert runs[True] == ["1", "0"] and runs[False] == ["0", "1"], runs

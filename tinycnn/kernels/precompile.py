@@ -20,6 +20,11 @@ import sys
 import threading
 
 HELPER_ENV = "TINYCNN_PRECOMPILE_HELPER"  # set in the helper: it starts no helper itself
+# The directory this tinycnn was imported from: the helper imports the same one, not whatever
+# `tinycnn` its working directory (first on a `python -c` path) happens to hold.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HELPER_CODE = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
+                "from tinycnn.kernels import cpu_conv; cpu_conv.compile_filter_grad()")
 WAIT_SECONDS = 120  # the longest a first filter gradient waits before compiling it here anyway
 
 _lock = threading.Lock()
@@ -59,8 +64,7 @@ def start_helper():
             return
         _state["started"] = True
         try:
-            helper = subprocess.Popen([sys.executable, "-c", "from tinycnn.kernels import cpu_conv; "
-                                       "cpu_conv.compile_filter_grad()"],
+            helper = subprocess.Popen([sys.executable, "-c", _HELPER_CODE],
                                       env={**os.environ, HELPER_ENV: "1"}, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError:  # no helper: this process compiles everything, as without one
