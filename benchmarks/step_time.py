@@ -4,7 +4,7 @@
 
 Median over `repeats` runs of `steps` steps each, after a warm-up that also pays numba's
 compile (or cache load) cost, which is reported separately. `--layers` adds a per-layer
-forward/backward breakdown.
+forward/backward breakdown; `--share` takes it on what one thread of a split batch runs.
 """
 import argparse
 import os
@@ -97,6 +97,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--layers", action="store_true")
+    parser.add_argument("--share", action="store_true",
+                        help="with --layers: time each layer on one share of a split batch (half of it) on one numba "
+                             "thread, as the split training step runs them, instead of the whole batch on every thread")
     parser.add_argument("--no-fuse", action="store_true", help="run Dropout apart from the BatchNormalization before it")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="CPU convolution chunk size (default: the kernel's)")
     args = parser.parse_args()
@@ -116,7 +119,14 @@ def main():
     print(f"backend: {model.backend.describe()}")
     print(f"Week2 training step, batch 128: median {median:.1f} ms (runs: {', '.join(f'{r:.1f}' for r in runs)}); "
           f"first step incl. build and compile/cache load: {first:.2f} s")
-    if args.layers:
+    if args.layers and args.share:
+        import numba
+
+        half = x.shape[0] // 2
+        numba.set_num_threads(1)
+        print(f"one share: {half} images on one numba thread")
+        layer_breakdown(model, x[:half], y[:half])
+    elif args.layers:
         layer_breakdown(model, x, y)
 
 
