@@ -123,9 +123,10 @@ def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False, height=None):
     f = kernel2d.shape[1]
     nb = _blocks(f)
     out = np.empty((n * oh * ow, nb * LANES), dtype=xpad.dtype)
+    floor = xpad.dtype.type(0 if relu else -np.inf)  # the generated loops store max(floor, value)
     _direct_forward[height](xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1),
-                            out.reshape(-1), xpad.dtype.type(0), n, oh, ow, nb, *_strides(xpad, stride),
-                            _pixel_chunk(n * oh * ow, height), bool(relu))
+                            out.reshape(-1), xpad.dtype.type(0), floor, n, oh, ow, nb, *_strides(xpad, stride),
+                            _pixel_chunk(n * oh * ow, height))
     return out if f == nb * LANES else np.ascontiguousarray(out[:, :f])
 
 

@@ -21,8 +21,8 @@ OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy
 
 
 @njit(**OPTIONS)
-def forward_pixels_8(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu):
-    """One task of direct_forward: output pixels p0..p1-1, every filter block; relu: max(., 0)."""
+def forward_pixels_8(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):
+    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor."""
     K = xoff.shape[0]
     fp = nb * LANES
     npix = oh_n * ow_n
@@ -390,140 +390,134 @@ def forward_pixels_8(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h
                 a7_14 += x7 * w14
                 a7_15 += x7 * w15
             o = U(pix * fp + b * LANES)
-            out[o + q0 + U(0)] = a0_0
-            out[o + q0 + U(1)] = a0_1
-            out[o + q0 + U(2)] = a0_2
-            out[o + q0 + U(3)] = a0_3
-            out[o + q0 + U(4)] = a0_4
-            out[o + q0 + U(5)] = a0_5
-            out[o + q0 + U(6)] = a0_6
-            out[o + q0 + U(7)] = a0_7
-            out[o + q0 + U(8)] = a0_8
-            out[o + q0 + U(9)] = a0_9
-            out[o + q0 + U(10)] = a0_10
-            out[o + q0 + U(11)] = a0_11
-            out[o + q0 + U(12)] = a0_12
-            out[o + q0 + U(13)] = a0_13
-            out[o + q0 + U(14)] = a0_14
-            out[o + q0 + U(15)] = a0_15
-            out[o + q1 + U(0)] = a1_0
-            out[o + q1 + U(1)] = a1_1
-            out[o + q1 + U(2)] = a1_2
-            out[o + q1 + U(3)] = a1_3
-            out[o + q1 + U(4)] = a1_4
-            out[o + q1 + U(5)] = a1_5
-            out[o + q1 + U(6)] = a1_6
-            out[o + q1 + U(7)] = a1_7
-            out[o + q1 + U(8)] = a1_8
-            out[o + q1 + U(9)] = a1_9
-            out[o + q1 + U(10)] = a1_10
-            out[o + q1 + U(11)] = a1_11
-            out[o + q1 + U(12)] = a1_12
-            out[o + q1 + U(13)] = a1_13
-            out[o + q1 + U(14)] = a1_14
-            out[o + q1 + U(15)] = a1_15
-            out[o + q2 + U(0)] = a2_0
-            out[o + q2 + U(1)] = a2_1
-            out[o + q2 + U(2)] = a2_2
-            out[o + q2 + U(3)] = a2_3
-            out[o + q2 + U(4)] = a2_4
-            out[o + q2 + U(5)] = a2_5
-            out[o + q2 + U(6)] = a2_6
-            out[o + q2 + U(7)] = a2_7
-            out[o + q2 + U(8)] = a2_8
-            out[o + q2 + U(9)] = a2_9
-            out[o + q2 + U(10)] = a2_10
-            out[o + q2 + U(11)] = a2_11
-            out[o + q2 + U(12)] = a2_12
-            out[o + q2 + U(13)] = a2_13
-            out[o + q2 + U(14)] = a2_14
-            out[o + q2 + U(15)] = a2_15
-            out[o + q3 + U(0)] = a3_0
-            out[o + q3 + U(1)] = a3_1
-            out[o + q3 + U(2)] = a3_2
-            out[o + q3 + U(3)] = a3_3
-            out[o + q3 + U(4)] = a3_4
-            out[o + q3 + U(5)] = a3_5
-            out[o + q3 + U(6)] = a3_6
-            out[o + q3 + U(7)] = a3_7
-            out[o + q3 + U(8)] = a3_8
-            out[o + q3 + U(9)] = a3_9
-            out[o + q3 + U(10)] = a3_10
-            out[o + q3 + U(11)] = a3_11
-            out[o + q3 + U(12)] = a3_12
-            out[o + q3 + U(13)] = a3_13
-            out[o + q3 + U(14)] = a3_14
-            out[o + q3 + U(15)] = a3_15
-            out[o + q4 + U(0)] = a4_0
-            out[o + q4 + U(1)] = a4_1
-            out[o + q4 + U(2)] = a4_2
-            out[o + q4 + U(3)] = a4_3
-            out[o + q4 + U(4)] = a4_4
-            out[o + q4 + U(5)] = a4_5
-            out[o + q4 + U(6)] = a4_6
-            out[o + q4 + U(7)] = a4_7
-            out[o + q4 + U(8)] = a4_8
-            out[o + q4 + U(9)] = a4_9
-            out[o + q4 + U(10)] = a4_10
-            out[o + q4 + U(11)] = a4_11
-            out[o + q4 + U(12)] = a4_12
-            out[o + q4 + U(13)] = a4_13
-            out[o + q4 + U(14)] = a4_14
-            out[o + q4 + U(15)] = a4_15
-            out[o + q5 + U(0)] = a5_0
-            out[o + q5 + U(1)] = a5_1
-            out[o + q5 + U(2)] = a5_2
-            out[o + q5 + U(3)] = a5_3
-            out[o + q5 + U(4)] = a5_4
-            out[o + q5 + U(5)] = a5_5
-            out[o + q5 + U(6)] = a5_6
-            out[o + q5 + U(7)] = a5_7
-            out[o + q5 + U(8)] = a5_8
-            out[o + q5 + U(9)] = a5_9
-            out[o + q5 + U(10)] = a5_10
-            out[o + q5 + U(11)] = a5_11
-            out[o + q5 + U(12)] = a5_12
-            out[o + q5 + U(13)] = a5_13
-            out[o + q5 + U(14)] = a5_14
-            out[o + q5 + U(15)] = a5_15
-            out[o + q6 + U(0)] = a6_0
-            out[o + q6 + U(1)] = a6_1
-            out[o + q6 + U(2)] = a6_2
-            out[o + q6 + U(3)] = a6_3
-            out[o + q6 + U(4)] = a6_4
-            out[o + q6 + U(5)] = a6_5
-            out[o + q6 + U(6)] = a6_6
-            out[o + q6 + U(7)] = a6_7
-            out[o + q6 + U(8)] = a6_8
-            out[o + q6 + U(9)] = a6_9
-            out[o + q6 + U(10)] = a6_10
-            out[o + q6 + U(11)] = a6_11
-            out[o + q6 + U(12)] = a6_12
-            out[o + q6 + U(13)] = a6_13
-            out[o + q6 + U(14)] = a6_14
-            out[o + q6 + U(15)] = a6_15
-            out[o + q7 + U(0)] = a7_0
-            out[o + q7 + U(1)] = a7_1
-            out[o + q7 + U(2)] = a7_2
-            out[o + q7 + U(3)] = a7_3
-            out[o + q7 + U(4)] = a7_4
-            out[o + q7 + U(5)] = a7_5
-            out[o + q7 + U(6)] = a7_6
-            out[o + q7 + U(7)] = a7_7
-            out[o + q7 + U(8)] = a7_8
-            out[o + q7 + U(9)] = a7_9
-            out[o + q7 + U(10)] = a7_10
-            out[o + q7 + U(11)] = a7_11
-            out[o + q7 + U(12)] = a7_12
-            out[o + q7 + U(13)] = a7_13
-            out[o + q7 + U(14)] = a7_14
-            out[o + q7 + U(15)] = a7_15
-            if relu:
-                for p in range(8):
-                    for f in range(LANES):
-                        i = o + U(p * fp + f)
-                        v = out[i]
-                        out[i] = v if v >= zero or v != v else zero
+            out[o + q0 + U(0)] = max(a0_0, floor)
+            out[o + q0 + U(1)] = max(a0_1, floor)
+            out[o + q0 + U(2)] = max(a0_2, floor)
+            out[o + q0 + U(3)] = max(a0_3, floor)
+            out[o + q0 + U(4)] = max(a0_4, floor)
+            out[o + q0 + U(5)] = max(a0_5, floor)
+            out[o + q0 + U(6)] = max(a0_6, floor)
+            out[o + q0 + U(7)] = max(a0_7, floor)
+            out[o + q0 + U(8)] = max(a0_8, floor)
+            out[o + q0 + U(9)] = max(a0_9, floor)
+            out[o + q0 + U(10)] = max(a0_10, floor)
+            out[o + q0 + U(11)] = max(a0_11, floor)
+            out[o + q0 + U(12)] = max(a0_12, floor)
+            out[o + q0 + U(13)] = max(a0_13, floor)
+            out[o + q0 + U(14)] = max(a0_14, floor)
+            out[o + q0 + U(15)] = max(a0_15, floor)
+            out[o + q1 + U(0)] = max(a1_0, floor)
+            out[o + q1 + U(1)] = max(a1_1, floor)
+            out[o + q1 + U(2)] = max(a1_2, floor)
+            out[o + q1 + U(3)] = max(a1_3, floor)
+            out[o + q1 + U(4)] = max(a1_4, floor)
+            out[o + q1 + U(5)] = max(a1_5, floor)
+            out[o + q1 + U(6)] = max(a1_6, floor)
+            out[o + q1 + U(7)] = max(a1_7, floor)
+            out[o + q1 + U(8)] = max(a1_8, floor)
+            out[o + q1 + U(9)] = max(a1_9, floor)
+            out[o + q1 + U(10)] = max(a1_10, floor)
+            out[o + q1 + U(11)] = max(a1_11, floor)
+            out[o + q1 + U(12)] = max(a1_12, floor)
+            out[o + q1 + U(13)] = max(a1_13, floor)
+            out[o + q1 + U(14)] = max(a1_14, floor)
+            out[o + q1 + U(15)] = max(a1_15, floor)
+            out[o + q2 + U(0)] = max(a2_0, floor)
+            out[o + q2 + U(1)] = max(a2_1, floor)
+            out[o + q2 + U(2)] = max(a2_2, floor)
+            out[o + q2 + U(3)] = max(a2_3, floor)
+            out[o + q2 + U(4)] = max(a2_4, floor)
+            out[o + q2 + U(5)] = max(a2_5, floor)
+            out[o + q2 + U(6)] = max(a2_6, floor)
+            out[o + q2 + U(7)] = max(a2_7, floor)
+            out[o + q2 + U(8)] = max(a2_8, floor)
+            out[o + q2 + U(9)] = max(a2_9, floor)
+            out[o + q2 + U(10)] = max(a2_10, floor)
+            out[o + q2 + U(11)] = max(a2_11, floor)
+            out[o + q2 + U(12)] = max(a2_12, floor)
+            out[o + q2 + U(13)] = max(a2_13, floor)
+            out[o + q2 + U(14)] = max(a2_14, floor)
+            out[o + q2 + U(15)] = max(a2_15, floor)
+            out[o + q3 + U(0)] = max(a3_0, floor)
+            out[o + q3 + U(1)] = max(a3_1, floor)
+            out[o + q3 + U(2)] = max(a3_2, floor)
+            out[o + q3 + U(3)] = max(a3_3, floor)
+            out[o + q3 + U(4)] = max(a3_4, floor)
+            out[o + q3 + U(5)] = max(a3_5, floor)
+            out[o + q3 + U(6)] = max(a3_6, floor)
+            out[o + q3 + U(7)] = max(a3_7, floor)
+            out[o + q3 + U(8)] = max(a3_8, floor)
+            out[o + q3 + U(9)] = max(a3_9, floor)
+            out[o + q3 + U(10)] = max(a3_10, floor)
+            out[o + q3 + U(11)] = max(a3_11, floor)
+            out[o + q3 + U(12)] = max(a3_12, floor)
+            out[o + q3 + U(13)] = max(a3_13, floor)
+            out[o + q3 + U(14)] = max(a3_14, floor)
+            out[o + q3 + U(15)] = max(a3_15, floor)
+            out[o + q4 + U(0)] = max(a4_0, floor)
+            out[o + q4 + U(1)] = max(a4_1, floor)
+            out[o + q4 + U(2)] = max(a4_2, floor)
+            out[o + q4 + U(3)] = max(a4_3, floor)
+            out[o + q4 + U(4)] = max(a4_4, floor)
+            out[o + q4 + U(5)] = max(a4_5, floor)
+            out[o + q4 + U(6)] = max(a4_6, floor)
+            out[o + q4 + U(7)] = max(a4_7, floor)
+            out[o + q4 + U(8)] = max(a4_8, floor)
+            out[o + q4 + U(9)] = max(a4_9, floor)
+            out[o + q4 + U(10)] = max(a4_10, floor)
+            out[o + q4 + U(11)] = max(a4_11, floor)
+            out[o + q4 + U(12)] = max(a4_12, floor)
+            out[o + q4 + U(13)] = max(a4_13, floor)
+            out[o + q4 + U(14)] = max(a4_14, floor)
+            out[o + q4 + U(15)] = max(a4_15, floor)
+            out[o + q5 + U(0)] = max(a5_0, floor)
+            out[o + q5 + U(1)] = max(a5_1, floor)
+            out[o + q5 + U(2)] = max(a5_2, floor)
+            out[o + q5 + U(3)] = max(a5_3, floor)
+            out[o + q5 + U(4)] = max(a5_4, floor)
+            out[o + q5 + U(5)] = max(a5_5, floor)
+            out[o + q5 + U(6)] = max(a5_6, floor)
+            out[o + q5 + U(7)] = max(a5_7, floor)
+            out[o + q5 + U(8)] = max(a5_8, floor)
+            out[o + q5 + U(9)] = max(a5_9, floor)
+            out[o + q5 + U(10)] = max(a5_10, floor)
+            out[o + q5 + U(11)] = max(a5_11, floor)
+            out[o + q5 + U(12)] = max(a5_12, floor)
+            out[o + q5 + U(13)] = max(a5_13, floor)
+            out[o + q5 + U(14)] = max(a5_14, floor)
+            out[o + q5 + U(15)] = max(a5_15, floor)
+            out[o + q6 + U(0)] = max(a6_0, floor)
+            out[o + q6 + U(1)] = max(a6_1, floor)
+            out[o + q6 + U(2)] = max(a6_2, floor)
+            out[o + q6 + U(3)] = max(a6_3, floor)
+            out[o + q6 + U(4)] = max(a6_4, floor)
+            out[o + q6 + U(5)] = max(a6_5, floor)
+            out[o + q6 + U(6)] = max(a6_6, floor)
+            out[o + q6 + U(7)] = max(a6_7, floor)
+            out[o + q6 + U(8)] = max(a6_8, floor)
+            out[o + q6 + U(9)] = max(a6_9, floor)
+            out[o + q6 + U(10)] = max(a6_10, floor)
+            out[o + q6 + U(11)] = max(a6_11, floor)
+            out[o + q6 + U(12)] = max(a6_12, floor)
+            out[o + q6 + U(13)] = max(a6_13, floor)
+            out[o + q6 + U(14)] = max(a6_14, floor)
+            out[o + q6 + U(15)] = max(a6_15, floor)
+            out[o + q7 + U(0)] = max(a7_0, floor)
+            out[o + q7 + U(1)] = max(a7_1, floor)
+            out[o + q7 + U(2)] = max(a7_2, floor)
+            out[o + q7 + U(3)] = max(a7_3, floor)
+            out[o + q7 + U(4)] = max(a7_4, floor)
+            out[o + q7 + U(5)] = max(a7_5, floor)
+            out[o + q7 + U(6)] = max(a7_6, floor)
+            out[o + q7 + U(7)] = max(a7_7, floor)
+            out[o + q7 + U(8)] = max(a7_8, floor)
+            out[o + q7 + U(9)] = max(a7_9, floor)
+            out[o + q7 + U(10)] = max(a7_10, floor)
+            out[o + q7 + U(11)] = max(a7_11, floor)
+            out[o + q7 + U(12)] = max(a7_12, floor)
+            out[o + q7 + U(13)] = max(a7_13, floor)
+            out[o + q7 + U(14)] = max(a7_14, floor)
+            out[o + q7 + U(15)] = max(a7_15, floor)
         for pix in range(full, p1):
             c0 = U(n * sx_n + oh * sx_h + ow * sx_w)
             ow += 1
@@ -586,37 +580,31 @@ def forward_pixels_8(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h
                 a0_14 += x0 * w14
                 a0_15 += x0 * w15
             o = U(pix * fp + b * LANES)
-            out[o + q0 + U(0)] = a0_0
-            out[o + q0 + U(1)] = a0_1
-            out[o + q0 + U(2)] = a0_2
-            out[o + q0 + U(3)] = a0_3
-            out[o + q0 + U(4)] = a0_4
-            out[o + q0 + U(5)] = a0_5
-            out[o + q0 + U(6)] = a0_6
-            out[o + q0 + U(7)] = a0_7
-            out[o + q0 + U(8)] = a0_8
-            out[o + q0 + U(9)] = a0_9
-            out[o + q0 + U(10)] = a0_10
-            out[o + q0 + U(11)] = a0_11
-            out[o + q0 + U(12)] = a0_12
-            out[o + q0 + U(13)] = a0_13
-            out[o + q0 + U(14)] = a0_14
-            out[o + q0 + U(15)] = a0_15
-            if relu:
-                for p in range(1):
-                    for f in range(LANES):
-                        i = o + U(p * fp + f)
-                        v = out[i]
-                        out[i] = v if v >= zero or v != v else zero
+            out[o + q0 + U(0)] = max(a0_0, floor)
+            out[o + q0 + U(1)] = max(a0_1, floor)
+            out[o + q0 + U(2)] = max(a0_2, floor)
+            out[o + q0 + U(3)] = max(a0_3, floor)
+            out[o + q0 + U(4)] = max(a0_4, floor)
+            out[o + q0 + U(5)] = max(a0_5, floor)
+            out[o + q0 + U(6)] = max(a0_6, floor)
+            out[o + q0 + U(7)] = max(a0_7, floor)
+            out[o + q0 + U(8)] = max(a0_8, floor)
+            out[o + q0 + U(9)] = max(a0_9, floor)
+            out[o + q0 + U(10)] = max(a0_10, floor)
+            out[o + q0 + U(11)] = max(a0_11, floor)
+            out[o + q0 + U(12)] = max(a0_12, floor)
+            out[o + q0 + U(13)] = max(a0_13, floor)
+            out[o + q0 + U(14)] = max(a0_14, floor)
+            out[o + q0 + U(15)] = max(a0_15, floor)
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_forward_8(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk, relu):
-    """out = the convolution of the padded batch xf (then ReLU if relu), `chunk` output pixels per task."""
+def direct_forward_8(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):
+    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task."""
     total = n_img * oh_n * ow_n
     for t in prange((total + chunk - 1) // chunk):
-        forward_pixels_8(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),
-                       oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu)
+        forward_pixels_8(xf, xoff, wf, out, zero, floor, t * chunk, min(total, (t + 1) * chunk),
+                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)
 
 
 @njit(**OPTIONS)
@@ -1140,8 +1128,8 @@ def direct_filter_grad_8(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, sx_n, sx
 
 
 @njit(**OPTIONS)
-def forward_pixels_4(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu):
-    """One task of direct_forward: output pixels p0..p1-1, every filter block; relu: max(., 0)."""
+def forward_pixels_4(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):
+    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor."""
     K = xoff.shape[0]
     fp = nb * LANES
     npix = oh_n * ow_n
@@ -1341,76 +1329,70 @@ def forward_pixels_4(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h
                 a3_14 += x3 * w14
                 a3_15 += x3 * w15
             o = U(pix * fp + b * LANES)
-            out[o + q0 + U(0)] = a0_0
-            out[o + q0 + U(1)] = a0_1
-            out[o + q0 + U(2)] = a0_2
-            out[o + q0 + U(3)] = a0_3
-            out[o + q0 + U(4)] = a0_4
-            out[o + q0 + U(5)] = a0_5
-            out[o + q0 + U(6)] = a0_6
-            out[o + q0 + U(7)] = a0_7
-            out[o + q0 + U(8)] = a0_8
-            out[o + q0 + U(9)] = a0_9
-            out[o + q0 + U(10)] = a0_10
-            out[o + q0 + U(11)] = a0_11
-            out[o + q0 + U(12)] = a0_12
-            out[o + q0 + U(13)] = a0_13
-            out[o + q0 + U(14)] = a0_14
-            out[o + q0 + U(15)] = a0_15
-            out[o + q1 + U(0)] = a1_0
-            out[o + q1 + U(1)] = a1_1
-            out[o + q1 + U(2)] = a1_2
-            out[o + q1 + U(3)] = a1_3
-            out[o + q1 + U(4)] = a1_4
-            out[o + q1 + U(5)] = a1_5
-            out[o + q1 + U(6)] = a1_6
-            out[o + q1 + U(7)] = a1_7
-            out[o + q1 + U(8)] = a1_8
-            out[o + q1 + U(9)] = a1_9
-            out[o + q1 + U(10)] = a1_10
-            out[o + q1 + U(11)] = a1_11
-            out[o + q1 + U(12)] = a1_12
-            out[o + q1 + U(13)] = a1_13
-            out[o + q1 + U(14)] = a1_14
-            out[o + q1 + U(15)] = a1_15
-            out[o + q2 + U(0)] = a2_0
-            out[o + q2 + U(1)] = a2_1
-            out[o + q2 + U(2)] = a2_2
-            out[o + q2 + U(3)] = a2_3
-            out[o + q2 + U(4)] = a2_4
-            out[o + q2 + U(5)] = a2_5
-            out[o + q2 + U(6)] = a2_6
-            out[o + q2 + U(7)] = a2_7
-            out[o + q2 + U(8)] = a2_8
-            out[o + q2 + U(9)] = a2_9
-            out[o + q2 + U(10)] = a2_10
-            out[o + q2 + U(11)] = a2_11
-            out[o + q2 + U(12)] = a2_12
-            out[o + q2 + U(13)] = a2_13
-            out[o + q2 + U(14)] = a2_14
-            out[o + q2 + U(15)] = a2_15
-            out[o + q3 + U(0)] = a3_0
-            out[o + q3 + U(1)] = a3_1
-            out[o + q3 + U(2)] = a3_2
-            out[o + q3 + U(3)] = a3_3
-            out[o + q3 + U(4)] = a3_4
-            out[o + q3 + U(5)] = a3_5
-            out[o + q3 + U(6)] = a3_6
-            out[o + q3 + U(7)] = a3_7
-            out[o + q3 + U(8)] = a3_8
-            out[o + q3 + U(9)] = a3_9
-            out[o + q3 + U(10)] = a3_10
-            out[o + q3 + U(11)] = a3_11
-            out[o + q3 + U(12)] = a3_12
-            out[o + q3 + U(13)] = a3_13
-            out[o + q3 + U(14)] = a3_14
-            out[o + q3 + U(15)] = a3_15
-            if relu:
-                for p in range(4):
-                    for f in range(LANES):
-                        i = o + U(p * fp + f)
-                        v = out[i]
-                        out[i] = v if v >= zero or v != v else zero
+            out[o + q0 + U(0)] = max(a0_0, floor)
+            out[o + q0 + U(1)] = max(a0_1, floor)
+            out[o + q0 + U(2)] = max(a0_2, floor)
+            out[o + q0 + U(3)] = max(a0_3, floor)
+            out[o + q0 + U(4)] = max(a0_4, floor)
+            out[o + q0 + U(5)] = max(a0_5, floor)
+            out[o + q0 + U(6)] = max(a0_6, floor)
+            out[o + q0 + U(7)] = max(a0_7, floor)
+            out[o + q0 + U(8)] = max(a0_8, floor)
+            out[o + q0 + U(9)] = max(a0_9, floor)
+            out[o + q0 + U(10)] = max(a0_10, floor)
+            out[o + q0 + U(11)] = max(a0_11, floor)
+            out[o + q0 + U(12)] = max(a0_12, floor)
+            out[o + q0 + U(13)] = max(a0_13, floor)
+            out[o + q0 + U(14)] = max(a0_14, floor)
+            out[o + q0 + U(15)] = max(a0_15, floor)
+            out[o + q1 + U(0)] = max(a1_0, floor)
+            out[o + q1 + U(1)] = max(a1_1, floor)
+            out[o + q1 + U(2)] = max(a1_2, floor)
+            out[o + q1 + U(3)] = max(a1_3, floor)
+            out[o + q1 + U(4)] = max(a1_4, floor)
+            out[o + q1 + U(5)] = max(a1_5, floor)
+            out[o + q1 + U(6)] = max(a1_6, floor)
+            out[o + q1 + U(7)] = max(a1_7, floor)
+            out[o + q1 + U(8)] = max(a1_8, floor)
+            out[o + q1 + U(9)] = max(a1_9, floor)
+            out[o + q1 + U(10)] = max(a1_10, floor)
+            out[o + q1 + U(11)] = max(a1_11, floor)
+            out[o + q1 + U(12)] = max(a1_12, floor)
+            out[o + q1 + U(13)] = max(a1_13, floor)
+            out[o + q1 + U(14)] = max(a1_14, floor)
+            out[o + q1 + U(15)] = max(a1_15, floor)
+            out[o + q2 + U(0)] = max(a2_0, floor)
+            out[o + q2 + U(1)] = max(a2_1, floor)
+            out[o + q2 + U(2)] = max(a2_2, floor)
+            out[o + q2 + U(3)] = max(a2_3, floor)
+            out[o + q2 + U(4)] = max(a2_4, floor)
+            out[o + q2 + U(5)] = max(a2_5, floor)
+            out[o + q2 + U(6)] = max(a2_6, floor)
+            out[o + q2 + U(7)] = max(a2_7, floor)
+            out[o + q2 + U(8)] = max(a2_8, floor)
+            out[o + q2 + U(9)] = max(a2_9, floor)
+            out[o + q2 + U(10)] = max(a2_10, floor)
+            out[o + q2 + U(11)] = max(a2_11, floor)
+            out[o + q2 + U(12)] = max(a2_12, floor)
+            out[o + q2 + U(13)] = max(a2_13, floor)
+            out[o + q2 + U(14)] = max(a2_14, floor)
+            out[o + q2 + U(15)] = max(a2_15, floor)
+            out[o + q3 + U(0)] = max(a3_0, floor)
+            out[o + q3 + U(1)] = max(a3_1, floor)
+            out[o + q3 + U(2)] = max(a3_2, floor)
+            out[o + q3 + U(3)] = max(a3_3, floor)
+            out[o + q3 + U(4)] = max(a3_4, floor)
+            out[o + q3 + U(5)] = max(a3_5, floor)
+            out[o + q3 + U(6)] = max(a3_6, floor)
+            out[o + q3 + U(7)] = max(a3_7, floor)
+            out[o + q3 + U(8)] = max(a3_8, floor)
+            out[o + q3 + U(9)] = max(a3_9, floor)
+            out[o + q3 + U(10)] = max(a3_10, floor)
+            out[o + q3 + U(11)] = max(a3_11, floor)
+            out[o + q3 + U(12)] = max(a3_12, floor)
+            out[o + q3 + U(13)] = max(a3_13, floor)
+            out[o + q3 + U(14)] = max(a3_14, floor)
+            out[o + q3 + U(15)] = max(a3_15, floor)
         for pix in range(full, p1):
             c0 = U(n * sx_n + oh * sx_h + ow * sx_w)
             ow += 1
@@ -1473,37 +1455,31 @@ def forward_pixels_4(xf, xoff, wf, out, zero, p0, p1, oh_n, ow_n, nb, sx_n, sx_h
                 a0_14 += x0 * w14
                 a0_15 += x0 * w15
             o = U(pix * fp + b * LANES)
-            out[o + q0 + U(0)] = a0_0
-            out[o + q0 + U(1)] = a0_1
-            out[o + q0 + U(2)] = a0_2
-            out[o + q0 + U(3)] = a0_3
-            out[o + q0 + U(4)] = a0_4
-            out[o + q0 + U(5)] = a0_5
-            out[o + q0 + U(6)] = a0_6
-            out[o + q0 + U(7)] = a0_7
-            out[o + q0 + U(8)] = a0_8
-            out[o + q0 + U(9)] = a0_9
-            out[o + q0 + U(10)] = a0_10
-            out[o + q0 + U(11)] = a0_11
-            out[o + q0 + U(12)] = a0_12
-            out[o + q0 + U(13)] = a0_13
-            out[o + q0 + U(14)] = a0_14
-            out[o + q0 + U(15)] = a0_15
-            if relu:
-                for p in range(1):
-                    for f in range(LANES):
-                        i = o + U(p * fp + f)
-                        v = out[i]
-                        out[i] = v if v >= zero or v != v else zero
+            out[o + q0 + U(0)] = max(a0_0, floor)
+            out[o + q0 + U(1)] = max(a0_1, floor)
+            out[o + q0 + U(2)] = max(a0_2, floor)
+            out[o + q0 + U(3)] = max(a0_3, floor)
+            out[o + q0 + U(4)] = max(a0_4, floor)
+            out[o + q0 + U(5)] = max(a0_5, floor)
+            out[o + q0 + U(6)] = max(a0_6, floor)
+            out[o + q0 + U(7)] = max(a0_7, floor)
+            out[o + q0 + U(8)] = max(a0_8, floor)
+            out[o + q0 + U(9)] = max(a0_9, floor)
+            out[o + q0 + U(10)] = max(a0_10, floor)
+            out[o + q0 + U(11)] = max(a0_11, floor)
+            out[o + q0 + U(12)] = max(a0_12, floor)
+            out[o + q0 + U(13)] = max(a0_13, floor)
+            out[o + q0 + U(14)] = max(a0_14, floor)
+            out[o + q0 + U(15)] = max(a0_15, floor)
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_forward_4(xf, xoff, wf, out, zero, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk, relu):
-    """out = the convolution of the padded batch xf (then ReLU if relu), `chunk` output pixels per task."""
+def direct_forward_4(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):
+    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task."""
     total = n_img * oh_n * ow_n
     for t in prange((total + chunk - 1) // chunk):
-        forward_pixels_4(xf, xoff, wf, out, zero, t * chunk, min(total, (t + 1) * chunk),
-                       oh_n, ow_n, nb, sx_n, sx_h, sx_w, relu)
+        forward_pixels_4(xf, xoff, wf, out, zero, floor, t * chunk, min(total, (t + 1) * chunk),
+                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)
 
 
 @njit(**OPTIONS)
