@@ -306,6 +306,36 @@ def test_batchnorm_alone_and_fused_with_dropout(device, rows, dtype, rate):
         np.testing.assert_allclose(B.to_numpy(a), b, rtol=tol, atol=sum_tol)
 
 
+@pytest.mark.parametrize("reduce", [None, lambda totals: totals])  # alone, and as a share of a split batch
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+@pytest.mark.parametrize("rows", [40, 64 * 24 * 24])  # below and above the small-array cut-over
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_read_inside_batchnorm_is_relu_then_batchnorm(device, rows, dtype, rate, reduce):
+    """The relu_batchnorm entries (the plan's Conv(relu) -> BatchNorm (-> Dropout) step) against the
+    reference composite, ReLU then BatchNorm then Dropout, on inputs half of which are negative: the
+    same zeros forward (ReLU's and the mask's), the gradient zero wherever the input is not positive."""
+    k, be = fast_kernels(device), B.get_backend(device)
+    rng = np.random.default_rng(5)
+    z = (rng.standard_normal((rows, 16)) * 3).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 2, 16).astype(dtype), rng.standard_normal(16).astype(dtype)
+    # the reference in float64 (NumPy's float32 variance of 36,864 rows is off by 3e-4 itself)
+    f64 = [a.astype(np.float64) for a in (z, gamma, beta)]
+    ref = R.relu_batchnorm_forward_train(*f64, 1e-3, rate, 99, 0, reduce)
+    out = k.relu_batchnorm_forward_train(be.asarray(z), be.asarray(gamma), be.asarray(beta), 1e-3, rate, 99, 0, reduce)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for i in (0, 2, 3, 4):
+        np.testing.assert_allclose(B.to_numpy(out[i]), ref[i], rtol=tol, atol=tol)
+    assert np.array_equal(B.to_numpy(out[0]) == B.to_numpy(out[0])[0], ref[0] == ref[0][0])
+    dy = rng.standard_normal(z.shape).astype(dtype)
+    back_ref = R.relu_batchnorm_backward_train(dy.astype(np.float64), ref[1], f64[1], ref[4], reduce)
+    back = k.relu_batchnorm_backward_train(be.asarray(dy), out[1], be.asarray(gamma), out[4], reduce)
+    dz = B.to_numpy(back[0])
+    assert (dz[z <= 0] == 0).all() and (dz[z > 0] != 0).mean() > 0.8
+    np.testing.assert_allclose(dz, back_ref[0], rtol=tol, atol=tol)
+    for a, b in zip(back[1:], back_ref[1:]):
+        np.testing.assert_allclose(B.to_numpy(a), b, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("size", [(3, 5, 5, 2), (128, 26, 26, 16)])
 def test_dropout_masks_are_identical_across_implementations(device, size):
     k, be = fast_kernels(device), B.get_backend(device)

@@ -430,40 +430,54 @@ def _hash_keep(i, key, threshold):
     return (h >> np.uint64(8)) >= threshold
 
 
+@njit(cache=True, inline="always")
+def _raised(v, floor):
+    """max(v, floor) as the direct convolution stores a ReLU (NaN and -0.0 stay): a select, no branch."""
+    return floor if v < floor else v
+
+
+def _floor(dtype, relu):
+    """The `floor` the BatchNorm kernels raise their input to: 0 reads max(x, 0), -inf reads x."""
+    return np.dtype(dtype).type(0 if relu else -np.inf)
+
+
 @with_serial_twin
 @njit(**_JIT)
-def _bn_block_sums(x2d, shift):
-    """Float64 sums of (x - shift) and (x - shift)^2 per column, one partial row pair per block of
-    rows (the blocks run in parallel; callers add them up in a fixed order)."""
+def _bn_block_sums(x2d, floor, shift):
+    """Float64 sums of (x - shift) and (x - shift)^2 per column (x raised to `floor`: 0 for a ReLU
+    read inside, -inf for none), one partial row pair per block of rows (the blocks run in parallel;
+    callers add them up in a fixed order)."""
     m, c = x2d.shape
     step = (m + _BLOCKS - 1) // _BLOCKS
     partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
     for blk in prange(_BLOCKS):
         for r in range(blk * step, min(m, (blk + 1) * step)):
             for ch in range(c):
-                v = np.float64(x2d[r, ch]) - shift[ch]
+                v = np.float64(_raised(x2d[r, ch], floor)) - shift[ch]
                 partial[blk, 0, ch] += v
                 partial[blk, 1, ch] += v * v
     return partial
 
 
-def _bn_stats(x2d):
-    """Mean and biased variance per column (float64), from sums shifted by the first row (less
-    cancellation); the blocks' sums are added in block order."""
+def _bn_stats(x2d, relu=False):
+    """Mean and biased variance per column (float64) of x2d (of max(x2d, 0) where relu), from sums
+    shifted by the first row (less cancellation); the blocks' sums are added in block order."""
     m = x2d.shape[0]
     shift = x2d[0].astype(np.float64)
-    s1, s2 = _bn_block_sums(x2d, shift).sum(axis=0)
+    if relu:  # the kernels' max(x, 0): NaN and -0.0 stay
+        shift = np.where(shift < 0, 0.0, shift)
+    s1, s2 = _bn_block_sums(x2d, _floor(x2d.dtype, relu), shift).sum(axis=0)
     d = s1 / m
     return shift + d, np.maximum(s2 / m - d * d, 0.0)
 
 
 @with_serial_twin
 @njit(**_JIT)
-def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, offset, y, keep):
+def _bn_normalize(x2d, floor, mean, inv_std, gamma, beta, key, threshold, scale, use_dropout, offset, y, keep):
     m, c = x2d.shape
     for r in prange(m):
         for ch in range(c):
-            v = (x2d[r, ch] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch]
+            v = (_raised(x2d[r, ch], floor) - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch]
             if use_dropout:
                 k = _hash_keep(offset + r * c + ch, key, threshold)
                 keep[r, ch] = k
@@ -473,7 +487,7 @@ def _bn_normalize(x2d, mean, inv_std, gamma, beta, key, threshold, scale, use_dr
 
 @with_serial_twin
 @njit(**_JIT)
-def _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask):
+def _bn_backward_sums(dy2d, x2d, floor, mean, inv_std, keep, scale, use_mask):
     m, c = dy2d.shape
     step = (m + _BLOCKS - 1) // _BLOCKS
     partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
@@ -484,7 +498,7 @@ def _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask):
                 if use_mask:
                     g = g * scale if keep[r, ch] else 0.0
                 partial[blk, 0, ch] += g
-                partial[blk, 1, ch] += g * ((x2d[r, ch] - mean[ch]) * inv_std[ch])
+                partial[blk, 1, ch] += g * ((_raised(x2d[r, ch], floor) - mean[ch]) * inv_std[ch])
     total = np.zeros((2, c), dtype=np.float64)
     for blk in range(_BLOCKS):
         for ch in range(c):
@@ -495,15 +509,21 @@ def _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask):
 
 @with_serial_twin
 @njit(**_JIT)
-def _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, k, dbeta_m, dgamma_m, dx):
+def _bn_backward_dx(dy2d, x2d, floor, mean, inv_std, keep, scale, use_mask, k, dbeta_m, dgamma_m, dx):
+    """dx; with floor 0 (a ReLU read inside), the gradient through the ReLU too: dx where x > 0, else
+    0. `| no_relu`, not `or`: no branch in the loop, which LLVM then vectorizes."""
     m, c = dy2d.shape
+    no_relu = floor < 0
+    zero = x2d.dtype.type(0)
     for r in prange(m):
         for ch in range(c):
             g = dy2d[r, ch]
             if use_mask:
                 g = g * scale if keep[r, ch] else 0.0
-            xhat = (x2d[r, ch] - mean[ch]) * inv_std[ch]
-            dx[r, ch] = k[ch] * (g - dbeta_m[ch] - xhat * dgamma_m[ch])
+            v = x2d[r, ch]
+            xhat = (_raised(v, floor) - mean[ch]) * inv_std[ch]
+            d = k[ch] * (g - dbeta_m[ch] - xhat * dgamma_m[ch])
+            dx[r, ch] = d if (v > zero) | no_relu else zero
 
 
 @with_serial_twin
@@ -540,6 +560,10 @@ class CPUKernels(ReferenceKernels):
     (register-blocked loops, cpu_conv) where it applies, else 'gemm' (chunked im2col + OpenBLAS)."""
 
     name = "cpu"
+    # The BatchNorm kernels read a ReLU's output as max(z, 0) and apply its gradient as they write
+    # dx: a training plan then runs Conv(relu) -> BatchNorm (-> Dropout) as one step (tinycnn.plan),
+    # without the ReLU backward's pass over the activations.
+    fuses_relu_batchnorm = True
     overrides = (
         "im2col", "col2im", "conv2d_forward", "conv2d_relu_forward", "conv2d_backward",
         "depthwise_conv2d_forward", "depthwise_conv2d_backward",
@@ -547,7 +571,7 @@ class CPUKernels(ReferenceKernels):
         "relu_backward",
         "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_forward_infer",
         "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train",
-        "dropout_forward", "dropout_backward",
+        "relu_batchnorm_forward_train", "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward",
     )
 
     def __init__(self, conv="direct"):
@@ -704,13 +728,15 @@ class CPUKernels(ReferenceKernels):
         return dx
 
     # -- BatchNormalization (small inputs take the reference path, forward and backward alike) ----------
-    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
+    def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None, relu=False):
+        """BatchNorm of x2d (of max(x2d, 0), read as each kernel reads x2d, when `relu`), then the
+        dropout mask when rate > 0."""
         x2d = np.ascontiguousarray(x2d)
         if reduce is None:
-            mean64, var64 = _bn_stats(x2d)
+            mean64, var64 = _bn_stats(x2d, relu)
         else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
             c = x2d.shape[1]
-            sums = _bn_block_sums(x2d, np.zeros(c)).sum(axis=0)  # unshifted: the ranks' sums must add up
+            sums = _bn_block_sums(x2d, _floor(x2d.dtype, relu), np.zeros(c)).sum(axis=0)  # unshifted: the ranks' sums must add up
             totals = reduce(np.concatenate([sums.reshape(-1), [float(x2d.shape[0])]]))
             mean64, var64 = moments_from_sums(totals, c, np.float64)
         dtype = x2d.dtype
@@ -721,20 +747,20 @@ class CPUKernels(ReferenceKernels):
         keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
         scale = dtype.type(1.0 / (1.0 - rate))
         key = np.uint64(mask_key(seed) if use_dropout else 0)
-        _bn_normalize(x2d, mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
+        _bn_normalize(x2d, _floor(dtype, relu), mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
                       use_dropout, np.int64(offset), y, keep)
-        saved = (x2d, mean, keep if use_dropout else None, scale)
+        saved = (x2d, relu, mean, keep if use_dropout else None, scale)
         if moving is not None:
             self.batchnorm_moving_update(moving[0], moving[1], mean, var, moving[2])
         return y, saved, mean, var, inv_std
 
     def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
-        x2d, mean, keep, scale = saved
+        x2d, relu, mean, keep, scale = saved
         dy2d = np.ascontiguousarray(dy2d)
         m = dy2d.shape[0]
         use_mask = keep is not None
         keep = keep if use_mask else np.empty((1, 1), dtype=np.uint8)
-        sums = _bn_backward_sums(dy2d, x2d, mean, inv_std, keep, scale, use_mask)
+        sums = _bn_backward_sums(dy2d, x2d, _floor(dy2d.dtype, relu), mean, inv_std, keep, scale, use_mask)
         dtype = dy2d.dtype
         # this rank's, under data parallelism
         dgamma, dbeta = written_into(out, sums[1].astype(dtype), sums[0].astype(dtype))
@@ -743,7 +769,7 @@ class CPUKernels(ReferenceKernels):
             sums = (total_beta, total_gamma)
         dx = np.empty_like(dy2d)
         # dx = gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy after the dropout mask
-        _bn_backward_dx(dy2d, x2d, mean, inv_std, keep, scale, use_mask, (gamma * inv_std).astype(dtype),
+        _bn_backward_dx(dy2d, x2d, _floor(dtype, relu), mean, inv_std, keep, scale, use_mask, (gamma * inv_std).astype(dtype),
                         (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
         return dx, dgamma, dbeta
 
@@ -765,6 +791,16 @@ class CPUKernels(ReferenceKernels):
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
         if dy2d.size < SMALL:
             return super().batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
+        return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
+
+    def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
+        if z2d.size < SMALL:
+            return super().relu_batchnorm_forward_train(z2d, gamma, beta, eps, rate, seed, offset, reduce, moving)
+        return self._bn_forward(z2d, gamma, beta, eps, rate, seed, offset, reduce, moving, relu=True)
+
+    def relu_batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
+        if dy2d.size < SMALL:
+            return super().relu_batchnorm_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
     def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
