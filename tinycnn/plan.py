@@ -8,7 +8,7 @@ from the graph alone; the layers know nothing about it:
   kernel (the normalization and the mask in one pass over the activations, forward and backward;
   the same masks as the Dropout alone). Only in training; in inference the two run as they are.
 - Where the kernel set reads a ReLU inside its BatchNorm kernels (`fuses_relu_batchnorm`: the
-  GPU's), a layer ending in ReLU whose only reader is a BatchNormalization joins it (and the
+  GPU's and the CPU's), a layer ending in ReLU whose only reader is a BatchNormalization joins it (and the
   Dropout after it) in one step: the layer's linear part, then one kernel. Training only.
 - When the loss applies the output layer's activation itself (a softmax fused with cross-entropy,
   a sigmoid with binary cross-entropy: gradient p - t, no division by a probability that may
@@ -161,7 +161,8 @@ class ReluBatchNormStep(FusedStep):
     the Dropout, in training through the kernels' relu_batchnorm entries: the layer's linear part,
     then one BatchNorm kernel that reads the ReLU as it reads its input (forward) and applies its
     gradient as it writes its own (backward). Planned where the kernel set fuses them (the GPU's:
-    two passes over the activations and two launches fewer per layer)."""
+    two passes over the activations and two launches fewer per layer; the CPU's: the ReLU
+    backward's pass)."""
 
     def __init__(self, nodes, inputs, output):
         super().__init__(inputs, output, [node.layer for node in nodes])

@@ -603,10 +603,11 @@ class CPUKernels(ReferenceKernels):
         return self._conv2d_forward(x, kernel2d, kh, kw, stride, pads, relu=False)
 
     def conv2d_relu_forward(self, x, kernel2d, kh, kw, stride, pads):
-        """The direct convolution applies ReLU to each block it has just stored (still in L1): no
-        second pass over z. Week2 predict over 10,000 images, 8 interleaved rounds on a noisy Xeon
-        KVM: medians 0.56-0.67 s unfused, 0.46-0.61 fused; the step's change was within the noise;
-        compile time unchanged (a loop: one select line per accumulator cost 4-8 s of it)."""
+        """The direct convolution applies ReLU to each value as it leaves the registers (max(v, 0),
+        one vmaxps): no second pass over z. Week2 predict over 10,000 images, 8 interleaved rounds
+        on a noisy Xeon KVM, when it was a loop over each stored block: medians 0.56-0.67 s unfused,
+        0.46-0.61 fused; as max on the registers, Week2 conv2's forward with ReLU costs what it
+        costs without (Zen 3; cpu_conv_codegen says more)."""
         return self._conv2d_forward(x, kernel2d, kh, kw, stride, pads, relu=True)
 
     def _conv2d_forward(self, x, kernel2d, kh, kw, stride, pads, relu):
