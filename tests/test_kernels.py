@@ -34,6 +34,7 @@ CONVS = [  # (input shape, kh, kw, stride, pads): the Week2 shapes and the awkwa
     ((2, 11, 11, 10), 3, 3, (1, 1), (0, 0, 0, 0)),  # Week2 conv4: 81 output pixels, 10 channels
     ((2, 9, 11, 10), 3, 3, (1, 1), (1, 1, 1, 1)),  # 'same': the direct input gradient with pads
     ((3, 7, 5, 12), 2, 3, (1, 1), (0, 1, 1, 1)),  # even kernel height, asymmetric pads
+    ((3, 6, 5, 16), 1, 1, (1, 1), (0, 0, 0, 0)),  # 1x1 (Week2 conv3): the input gradient without a border
 ]
 
 
@@ -64,6 +65,59 @@ def test_direct_convolution_of_wide_layers_matches_the_reference(c, filters, mon
     assert cpu_conv.images_per_partial(40, 10) == 5  # the budget is 1 byte here
     monkeypatch.undo()
     assert cpu_conv.images_per_partial(40, 10) == 4 and cpu_conv.images_per_partial(400, 2 << 20) == 50
+
+
+@pytest.mark.parametrize("filters", [1, 5, 10, 15, 16, 21])
+def test_a_forward_task_writes_its_own_pixels_and_nothing_else(filters):
+    """With one block of filters (F < 16) the direct forward's rows are F long and each pixel's 16
+    stores spill into the next pixels' rows, which are stored after it. One task (a range of output
+    pixels, as the parallel loop hands out) must then still write exactly its pixels, every lane of
+    them, and nothing before or after: the next task's pixels, or past the array's end. Every height,
+    on task ranges that leave every remainder."""
+    from tinycnn.kernels import cpu_conv, cpu_conv_generated
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+    kernel2d = rng.standard_normal((2 * 2 * 3, filters)).astype(np.float32)
+    oh, ow = 4, 5
+    expected = R.im2col(x, 2, 2, (1, 1), (0, 0, 0, 0)) @ kernel2d  # (40 pixels, filters)
+    nb = -(-filters // 16)
+    fo = filters if nb == 1 else nb * 16
+    weights = cpu_conv._pack_weights(kernel2d).reshape(-1)
+    for height in cpu_conv_generated.HEIGHTS:
+        task = getattr(cpu_conv_generated, f"forward_pixels_{height}")
+        for p0, p1 in [(0, 40), (0, 1), (3, 4), (5, 12), (1, 39), (33, 40), (7, 26)]:
+            out = np.full((40 * fo + 64,), 7.5, np.float32)  # 64 floats past the end: none may change
+            task(x.reshape(-1), cpu_conv._offsets(2, 2, 6, 3), weights, out, np.float32(0), np.float32(-np.inf),
+                 p0, p1, oh, ow, nb, fo, *cpu_conv._strides(x, (1, 1)))
+            rows = out[: 40 * fo].reshape(40, fo)[:, :filters]
+            np.testing.assert_allclose(rows[p0:p1], expected[p0:p1], rtol=1e-5, atol=1e-5)
+            untouched = np.ones(40 * fo + 64, bool)
+            untouched[p0 * fo : p1 * fo] = False
+            assert (out[untouched] == 7.5).all(), (height, p0, p1)
+
+
+@pytest.mark.parametrize("images", [1, 4, 9, 13])  # one partial sum, one full, several with a short last one
+@pytest.mark.parametrize("filters", [1, 10, 15])
+def test_filter_gradient_from_rows_shorter_than_a_block(filters, images):
+    """With F < 16 filters the filter gradient reads the output gradient's own F-long rows (a pixel's
+    16 loads reach into the next rows; the last partial sum's rows are copied with room after them).
+    The same bits as from rows padded to 16 with zeros, and the reference's values."""
+    from tinycnn.kernels import cpu_conv
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((images, 6, 7, 3)).astype(np.float32)
+    oh, ow = 4, 5
+    dz = rng.standard_normal((images * oh * ow, filters)).astype(np.float32)
+    dk = np.empty((3 * 3 * 3, filters), np.float32)
+    cpu_conv.filter_grad(x, dz, 3, 3, (1, 1), oh, ow, dk)
+    _same(dk, R.im2col(x, 3, 3, (1, 1), (0, 0, 0, 0)).T @ dz, np.float32)
+    group = cpu_conv.images_per_partial(images, 27 * 16 * 4)
+    partial = np.zeros((-(-images // group), 1, 27, 16), np.float32)
+    cpu_conv._direct_filter_grad[cpu_conv.HEIGHT](
+        x.reshape(-1), cpu_conv._offsets(3, 3, 7, 3), cpu_conv._padded_filters(dz).reshape(-1), partial.reshape(-1),
+        images, oh, ow, 1, 16, *cpu_conv._strides(x, (1, 1)), group, cpu_conv._strip_rows(ow, 1, 7, 3, 3, 4))
+    np.testing.assert_array_equal(dk, partial.sum(axis=0)[0][:, :filters])
 
 
 @pytest.mark.parametrize("dtype", [np.float32])  # float64 compiles every height again (a minute of CI) for the same loops
@@ -415,8 +469,8 @@ OVERRIDES = {  # what each backend's set computes itself; everything else is the
     "cpu": {"im2col", "col2im", "conv2d_forward", "conv2d_relu_forward", "conv2d_backward", "depthwise_conv2d_forward",
             "depthwise_conv2d_backward", "maxpool_forward", "maxpool_backward", "avgpool_forward", "avgpool_backward",
             "relu_backward", "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_forward_infer",
-            "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "dropout_forward",
-            "dropout_backward"},
+            "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
+            "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward"},
     "gpu": {"im2col", "col2im", "maxpool_forward", "maxpool_backward", "relu_backward", "batchnorm_forward_train",
             "batchnorm_backward_train", "batchnorm_moving_update", "batchnorm_dropout_forward_train",
             "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train", "relu_batchnorm_backward_train",

@@ -74,7 +74,7 @@ def forward_source(pixels_per_block):
 
     Pixel blocks run across row and image ends, so small images (5 x 5 outputs) still fill
     whole blocks; each pixel keeps its own corner, found by walking (n, oh, ow) along."""
-    def pixel_block(indent, pixels):
+    def pixel_block(indent, pixels, guarded=False):
         s, t = " " * indent, " " * (indent + 4)
         out = []
         for p in range(pixels):  # walk (n, oh, ow) along: no division per pixel
@@ -92,25 +92,32 @@ def forward_source(pixels_per_block):
         out += [s + "for k in range(K):", t + "xk = xoff[k]", t + "wk = U(wb + k * LANES)"]
         out += _vector_load(indent + 4, "w", "wf", "wk")
         out += _register_block(indent + 4, pixels, lambda p: f"xf[c{p} + xk]", "w")
-        out.append(s + "o = U(pix * fp + b * LANES)")
+        out.append(s + "o = U(pix * fo + b * LANES)")
         # Each value leaves the registers as max(a, floor): floor = 0 is ReLU as np.maximum(a, 0)
         # gives it (numba's max keeps a NaN, and the first of two equal zeros, -0.0), floor = -inf
         # changes nothing. One vmaxps, no branch. As a loop over the block just stored, ReLU cost
         # 20 % of Week2's conv2 forward on AVX2; as `floor if a < floor else a`, 1.2 s of compile.
-        out += [s + f"out[o + q{p} + U({f})] = max(a{p}_{f}, floor)"
-                for p in range(pixels) for f in range(LANES)]
+        if guarded:  # only the lanes before the task's end: the last pixels' stores may not spill
+            out.append(s + "last = min(LANES, (p1 - pix) * fo - b * LANES)")
+            out += [s + f"if {f} < last:\n{s}    out[o + q{p} + U({f})] = max(a{p}_{f}, floor)"
+                    for p in range(pixels) for f in range(LANES)]
+        else:
+            out += [s + f"out[o + q{p} + U({f})] = max(a{p}_{f}, floor)"
+                    for p in range(pixels) for f in range(LANES)]
         return out
 
     h = pixels_per_block
     src = [
         "@njit(**OPTIONS)",
-        f"def forward_pixels_{h}(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):",
-        '    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor."""',
+        f"def forward_pixels_{h}(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w):",
+        '    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor;',
+        "    fo: the output's row length (see direct_forward). The last `tail` pixels store only the lanes before the",
+        '    task\'s end, so a task writes nothing past its own pixels."""',
         "    K = xoff.shape[0]",
-        "    fp = nb * LANES",
         "    npix = oh_n * ow_n",
-        *[f"    q{p} = U({p} * fp)" for p in range(h)],
-        f"    full = p0 + (p1 - p0) // {h} * {h}",
+        *[f"    q{p} = U({p} * fo)" for p in range(h)],
+        "    tail = (LANES + fo - 1) // fo  # the pixels whose LANES stores would reach past the task's end",
+        f"    full = p0 + max(0, p1 - p0 - tail) // {h} * {h}",
         "    for b in range(nb):",
         "        wb = b * K * LANES",
         "        n = p0 // npix",
@@ -120,16 +127,19 @@ def forward_source(pixels_per_block):
         f"            pix = p0 + blk * {h}",
         *pixel_block(12, h),
         "        for pix in range(full, p1):",
-        *pixel_block(12, 1),
+        *pixel_block(12, 1, guarded=True),
         "",
         "",
         "@njit(parallel=True, **OPTIONS)",
-        f"def direct_forward_{h}(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):",
-        '    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task."""',
+        f"def direct_forward_{h}(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w, chunk):",
+        '    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task. fo: the',
+        "    length of out's rows, nb * LANES, or with one block the filter count F < LANES: each pixel's LANES values",
+        "    then spill past its row into the next pixels', which are stored after it and overwrite them (stores in",
+        '    pixel order: no copy to drop padding lanes)."""',
         "    total = n_img * oh_n * ow_n",
         "    for t in prange((total + chunk - 1) // chunk):",
         f"        forward_pixels_{h}(xf, xoff, wf, out, zero, floor, t * chunk, min(total, (t + 1) * chunk),",
-        "                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)",
+        "                       oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w)",
     ]
     return "\n".join(src) + "\n"
 
@@ -149,10 +159,10 @@ def filter_grad_source(rows_per_block):
         out += [
             s + "for oh in range(r0, r1):",
             s + "    xrow = n * sx_n + oh * sx_h",
-            s + "    drow = (n * oh_n + oh) * ow_n * fp + b * LANES",
+            s + "    drow = (n * oh_n + oh) * ow_n * fd + b * LANES",
             s + "    for ow in range(ow_n):",
             s + "        xb = U(xrow + ow * sx_w)",
-            s + "        d = U(drow + ow * fp)",
+            s + "        d = U(drow + ow * fd)",
         ]
         out += _vector_load(indent + 8, "d", "dyf", "d")
         out += _register_block(indent + 8, rows, lambda r: f"xf[xb + o{r}]", "d")
@@ -162,10 +172,9 @@ def filter_grad_source(rows_per_block):
     h = rows_per_block
     src = [
         "@njit(**OPTIONS)",
-        f"def filter_grad_group_{h}(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip):",
+        f"def filter_grad_group_{h}(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, strip):",
         '    """One task of direct_filter_grad: images n0..n1-1 into partial sum g."""',
         "    K = xoff.shape[0]",
-        "    fp = nb * LANES",
         "    for b in range(nb):",
         "        for n in range(n0, n1):",
         "            for r0 in range(0, oh_n, strip):",
@@ -178,13 +187,16 @@ def filter_grad_source(rows_per_block):
         "",
         "",
         "@njit(parallel=True, **OPTIONS)",
-        f"def direct_filter_grad_{h}(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group, strip):",
-        '    """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group."""',
+        f"def direct_filter_grad_{h}(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, group, strip):",
+        '    """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group. fd: the',
+        "    length of dyf's rows, nb * LANES, or with one block F < LANES: a pixel's LANES loads then read into the",
+        "    next pixel's row, and the lanes past F sum values the caller drops (the caller gives the last pixel's",
+        '    loads LANES - F readable values after it)."""',
         "    n_groups = (n_img + group - 1) // group",
         "    for g in prange(n_groups):",
         "        n0 = g * group",
         "        n1 = min(n0 + group, n_img)",
-        f"        filter_grad_group_{h}(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip)",
+        f"        filter_grad_group_{h}(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, strip)",
     ]
     return "\n".join(src) + "\n"
 

@@ -21,20 +21,22 @@ OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy
 
 
 @njit(**OPTIONS)
-def forward_pixels_8(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):
-    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor."""
+def forward_pixels_8(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w):
+    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor;
+    fo: the output's row length (see direct_forward). The last `tail` pixels store only the lanes before the
+    task's end, so a task writes nothing past its own pixels."""
     K = xoff.shape[0]
-    fp = nb * LANES
     npix = oh_n * ow_n
-    q0 = U(0 * fp)
-    q1 = U(1 * fp)
-    q2 = U(2 * fp)
-    q3 = U(3 * fp)
-    q4 = U(4 * fp)
-    q5 = U(5 * fp)
-    q6 = U(6 * fp)
-    q7 = U(7 * fp)
-    full = p0 + (p1 - p0) // 8 * 8
+    q0 = U(0 * fo)
+    q1 = U(1 * fo)
+    q2 = U(2 * fo)
+    q3 = U(3 * fo)
+    q4 = U(4 * fo)
+    q5 = U(5 * fo)
+    q6 = U(6 * fo)
+    q7 = U(7 * fo)
+    tail = (LANES + fo - 1) // fo  # the pixels whose LANES stores would reach past the task's end
+    full = p0 + max(0, p1 - p0 - tail) // 8 * 8
     for b in range(nb):
         wb = b * K * LANES
         n = p0 // npix
@@ -389,7 +391,7 @@ def forward_pixels_8(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_
                 a7_13 += x7 * w13
                 a7_14 += x7 * w14
                 a7_15 += x7 * w15
-            o = U(pix * fp + b * LANES)
+            o = U(pix * fo + b * LANES)
             out[o + q0 + U(0)] = max(a0_0, floor)
             out[o + q0 + U(1)] = max(a0_1, floor)
             out[o + q0 + U(2)] = max(a0_2, floor)
@@ -579,39 +581,58 @@ def forward_pixels_8(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_
                 a0_13 += x0 * w13
                 a0_14 += x0 * w14
                 a0_15 += x0 * w15
-            o = U(pix * fp + b * LANES)
-            out[o + q0 + U(0)] = max(a0_0, floor)
-            out[o + q0 + U(1)] = max(a0_1, floor)
-            out[o + q0 + U(2)] = max(a0_2, floor)
-            out[o + q0 + U(3)] = max(a0_3, floor)
-            out[o + q0 + U(4)] = max(a0_4, floor)
-            out[o + q0 + U(5)] = max(a0_5, floor)
-            out[o + q0 + U(6)] = max(a0_6, floor)
-            out[o + q0 + U(7)] = max(a0_7, floor)
-            out[o + q0 + U(8)] = max(a0_8, floor)
-            out[o + q0 + U(9)] = max(a0_9, floor)
-            out[o + q0 + U(10)] = max(a0_10, floor)
-            out[o + q0 + U(11)] = max(a0_11, floor)
-            out[o + q0 + U(12)] = max(a0_12, floor)
-            out[o + q0 + U(13)] = max(a0_13, floor)
-            out[o + q0 + U(14)] = max(a0_14, floor)
-            out[o + q0 + U(15)] = max(a0_15, floor)
+            o = U(pix * fo + b * LANES)
+            last = min(LANES, (p1 - pix) * fo - b * LANES)
+            if 0 < last:
+                out[o + q0 + U(0)] = max(a0_0, floor)
+            if 1 < last:
+                out[o + q0 + U(1)] = max(a0_1, floor)
+            if 2 < last:
+                out[o + q0 + U(2)] = max(a0_2, floor)
+            if 3 < last:
+                out[o + q0 + U(3)] = max(a0_3, floor)
+            if 4 < last:
+                out[o + q0 + U(4)] = max(a0_4, floor)
+            if 5 < last:
+                out[o + q0 + U(5)] = max(a0_5, floor)
+            if 6 < last:
+                out[o + q0 + U(6)] = max(a0_6, floor)
+            if 7 < last:
+                out[o + q0 + U(7)] = max(a0_7, floor)
+            if 8 < last:
+                out[o + q0 + U(8)] = max(a0_8, floor)
+            if 9 < last:
+                out[o + q0 + U(9)] = max(a0_9, floor)
+            if 10 < last:
+                out[o + q0 + U(10)] = max(a0_10, floor)
+            if 11 < last:
+                out[o + q0 + U(11)] = max(a0_11, floor)
+            if 12 < last:
+                out[o + q0 + U(12)] = max(a0_12, floor)
+            if 13 < last:
+                out[o + q0 + U(13)] = max(a0_13, floor)
+            if 14 < last:
+                out[o + q0 + U(14)] = max(a0_14, floor)
+            if 15 < last:
+                out[o + q0 + U(15)] = max(a0_15, floor)
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_forward_8(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):
-    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task."""
+def direct_forward_8(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w, chunk):
+    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task. fo: the
+    length of out's rows, nb * LANES, or with one block the filter count F < LANES: each pixel's LANES values
+    then spill past its row into the next pixels', which are stored after it and overwrite them (stores in
+    pixel order: no copy to drop padding lanes)."""
     total = n_img * oh_n * ow_n
     for t in prange((total + chunk - 1) // chunk):
         forward_pixels_8(xf, xoff, wf, out, zero, floor, t * chunk, min(total, (t + 1) * chunk),
-                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)
+                       oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w)
 
 
 @njit(**OPTIONS)
-def filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip):
+def filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, strip):
     """One task of direct_filter_grad: images n0..n1-1 into partial sum g."""
     K = xoff.shape[0]
-    fp = nb * LANES
     for b in range(nb):
         for n in range(n0, n1):
             for r0 in range(0, oh_n, strip):
@@ -757,10 +778,10 @@ def filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n,
                     a7_15 = partial[pb + U(127)]
                     for oh in range(r0, r1):
                         xrow = n * sx_n + oh * sx_h
-                        drow = (n * oh_n + oh) * ow_n * fp + b * LANES
+                        drow = (n * oh_n + oh) * ow_n * fd + b * LANES
                         for ow in range(ow_n):
                             xb = U(xrow + ow * sx_w)
-                            d = U(drow + ow * fp)
+                            d = U(drow + ow * fd)
                             d0 = dyf[d + U(0)]
                             d1 = dyf[d + U(1)]
                             d2 = dyf[d + U(2)]
@@ -1062,10 +1083,10 @@ def filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n,
                     a0_15 = partial[pb + U(15)]
                     for oh in range(r0, r1):
                         xrow = n * sx_n + oh * sx_h
-                        drow = (n * oh_n + oh) * ow_n * fp + b * LANES
+                        drow = (n * oh_n + oh) * ow_n * fd + b * LANES
                         for ow in range(ow_n):
                             xb = U(xrow + ow * sx_w)
-                            d = U(drow + ow * fp)
+                            d = U(drow + ow * fd)
                             d0 = dyf[d + U(0)]
                             d1 = dyf[d + U(1)]
                             d2 = dyf[d + U(2)]
@@ -1118,26 +1139,31 @@ def filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n,
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_filter_grad_8(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group, strip):
-    """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group."""
+def direct_filter_grad_8(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, group, strip):
+    """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group. fd: the
+    length of dyf's rows, nb * LANES, or with one block F < LANES: a pixel's LANES loads then read into the
+    next pixel's row, and the lanes past F sum values the caller drops (the caller gives the last pixel's
+    loads LANES - F readable values after it)."""
     n_groups = (n_img + group - 1) // group
     for g in prange(n_groups):
         n0 = g * group
         n1 = min(n0 + group, n_img)
-        filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip)
+        filter_grad_group_8(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, strip)
 
 
 @njit(**OPTIONS)
-def forward_pixels_4(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_n, sx_h, sx_w):
-    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor."""
+def forward_pixels_4(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w):
+    """One task of direct_forward: output pixels p0..p1-1, every filter block, each value raised to floor;
+    fo: the output's row length (see direct_forward). The last `tail` pixels store only the lanes before the
+    task's end, so a task writes nothing past its own pixels."""
     K = xoff.shape[0]
-    fp = nb * LANES
     npix = oh_n * ow_n
-    q0 = U(0 * fp)
-    q1 = U(1 * fp)
-    q2 = U(2 * fp)
-    q3 = U(3 * fp)
-    full = p0 + (p1 - p0) // 4 * 4
+    q0 = U(0 * fo)
+    q1 = U(1 * fo)
+    q2 = U(2 * fo)
+    q3 = U(3 * fo)
+    tail = (LANES + fo - 1) // fo  # the pixels whose LANES stores would reach past the task's end
+    full = p0 + max(0, p1 - p0 - tail) // 4 * 4
     for b in range(nb):
         wb = b * K * LANES
         n = p0 // npix
@@ -1328,7 +1354,7 @@ def forward_pixels_4(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_
                 a3_13 += x3 * w13
                 a3_14 += x3 * w14
                 a3_15 += x3 * w15
-            o = U(pix * fp + b * LANES)
+            o = U(pix * fo + b * LANES)
             out[o + q0 + U(0)] = max(a0_0, floor)
             out[o + q0 + U(1)] = max(a0_1, floor)
             out[o + q0 + U(2)] = max(a0_2, floor)
@@ -1454,39 +1480,58 @@ def forward_pixels_4(xf, xoff, wf, out, zero, floor, p0, p1, oh_n, ow_n, nb, sx_
                 a0_13 += x0 * w13
                 a0_14 += x0 * w14
                 a0_15 += x0 * w15
-            o = U(pix * fp + b * LANES)
-            out[o + q0 + U(0)] = max(a0_0, floor)
-            out[o + q0 + U(1)] = max(a0_1, floor)
-            out[o + q0 + U(2)] = max(a0_2, floor)
-            out[o + q0 + U(3)] = max(a0_3, floor)
-            out[o + q0 + U(4)] = max(a0_4, floor)
-            out[o + q0 + U(5)] = max(a0_5, floor)
-            out[o + q0 + U(6)] = max(a0_6, floor)
-            out[o + q0 + U(7)] = max(a0_7, floor)
-            out[o + q0 + U(8)] = max(a0_8, floor)
-            out[o + q0 + U(9)] = max(a0_9, floor)
-            out[o + q0 + U(10)] = max(a0_10, floor)
-            out[o + q0 + U(11)] = max(a0_11, floor)
-            out[o + q0 + U(12)] = max(a0_12, floor)
-            out[o + q0 + U(13)] = max(a0_13, floor)
-            out[o + q0 + U(14)] = max(a0_14, floor)
-            out[o + q0 + U(15)] = max(a0_15, floor)
+            o = U(pix * fo + b * LANES)
+            last = min(LANES, (p1 - pix) * fo - b * LANES)
+            if 0 < last:
+                out[o + q0 + U(0)] = max(a0_0, floor)
+            if 1 < last:
+                out[o + q0 + U(1)] = max(a0_1, floor)
+            if 2 < last:
+                out[o + q0 + U(2)] = max(a0_2, floor)
+            if 3 < last:
+                out[o + q0 + U(3)] = max(a0_3, floor)
+            if 4 < last:
+                out[o + q0 + U(4)] = max(a0_4, floor)
+            if 5 < last:
+                out[o + q0 + U(5)] = max(a0_5, floor)
+            if 6 < last:
+                out[o + q0 + U(6)] = max(a0_6, floor)
+            if 7 < last:
+                out[o + q0 + U(7)] = max(a0_7, floor)
+            if 8 < last:
+                out[o + q0 + U(8)] = max(a0_8, floor)
+            if 9 < last:
+                out[o + q0 + U(9)] = max(a0_9, floor)
+            if 10 < last:
+                out[o + q0 + U(10)] = max(a0_10, floor)
+            if 11 < last:
+                out[o + q0 + U(11)] = max(a0_11, floor)
+            if 12 < last:
+                out[o + q0 + U(12)] = max(a0_12, floor)
+            if 13 < last:
+                out[o + q0 + U(13)] = max(a0_13, floor)
+            if 14 < last:
+                out[o + q0 + U(14)] = max(a0_14, floor)
+            if 15 < last:
+                out[o + q0 + U(15)] = max(a0_15, floor)
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_forward_4(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, chunk):
-    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task."""
+def direct_forward_4(xf, xoff, wf, out, zero, floor, n_img, oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w, chunk):
+    """out = max(floor, the convolution of the padded batch xf), `chunk` output pixels per task. fo: the
+    length of out's rows, nb * LANES, or with one block the filter count F < LANES: each pixel's LANES values
+    then spill past its row into the next pixels', which are stored after it and overwrite them (stores in
+    pixel order: no copy to drop padding lanes)."""
     total = n_img * oh_n * ow_n
     for t in prange((total + chunk - 1) // chunk):
         forward_pixels_4(xf, xoff, wf, out, zero, floor, t * chunk, min(total, (t + 1) * chunk),
-                       oh_n, ow_n, nb, sx_n, sx_h, sx_w)
+                       oh_n, ow_n, nb, fo, sx_n, sx_h, sx_w)
 
 
 @njit(**OPTIONS)
-def filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip):
+def filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, strip):
     """One task of direct_filter_grad: images n0..n1-1 into partial sum g."""
     K = xoff.shape[0]
-    fp = nb * LANES
     for b in range(nb):
         for n in range(n0, n1):
             for r0 in range(0, oh_n, strip):
@@ -1564,10 +1609,10 @@ def filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n,
                     a3_15 = partial[pb + U(63)]
                     for oh in range(r0, r1):
                         xrow = n * sx_n + oh * sx_h
-                        drow = (n * oh_n + oh) * ow_n * fp + b * LANES
+                        drow = (n * oh_n + oh) * ow_n * fd + b * LANES
                         for ow in range(ow_n):
                             xb = U(xrow + ow * sx_w)
-                            d = U(drow + ow * fp)
+                            d = U(drow + ow * fd)
                             d0 = dyf[d + U(0)]
                             d1 = dyf[d + U(1)]
                             d2 = dyf[d + U(2)]
@@ -1737,10 +1782,10 @@ def filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n,
                     a0_15 = partial[pb + U(15)]
                     for oh in range(r0, r1):
                         xrow = n * sx_n + oh * sx_h
-                        drow = (n * oh_n + oh) * ow_n * fp + b * LANES
+                        drow = (n * oh_n + oh) * ow_n * fd + b * LANES
                         for ow in range(ow_n):
                             xb = U(xrow + ow * sx_w)
-                            d = U(drow + ow * fp)
+                            d = U(drow + ow * fd)
                             d0 = dyf[d + U(0)]
                             d1 = dyf[d + U(1)]
                             d2 = dyf[d + U(2)]
@@ -1793,10 +1838,13 @@ def filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n,
 
 
 @njit(parallel=True, **OPTIONS)
-def direct_filter_grad_4(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, sx_n, sx_h, sx_w, group, strip):
-    """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group."""
+def direct_filter_grad_4(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, group, strip):
+    """partial[g] = the filter gradient of images g*group .. (g+1)*group - 1, one task per group. fd: the
+    length of dyf's rows, nb * LANES, or with one block F < LANES: a pixel's LANES loads then read into the
+    next pixel's row, and the lanes past F sum values the caller drops (the caller gives the last pixel's
+    loads LANES - F readable values after it)."""
     n_groups = (n_img + group - 1) // group
     for g in prange(n_groups):
         n0 = g * group
         n1 = min(n0 + group, n_img)
-        filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, sx_n, sx_h, sx_w, strip)
+        filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, strip)
