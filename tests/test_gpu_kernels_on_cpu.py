@@ -219,6 +219,22 @@ def test_a_1x1_convolution_needs_no_im2col_copy(gpu, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 4, 4, 10), (3, 5, 7, 3), (1, 1, 1, 2)])  # Week2's, odd, one pixel
+def test_global_average_pooling(gpu, dtype, shape):
+    """Forward against the reference's mean (summed in double here: to float round-off); backward,
+    dy / (H*W) at every pixel, to the bit."""
+    k = gpu.GPUKernels()
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    y = k.global_avgpool_forward(x)
+    assert y.dtype == dtype and y.shape == (shape[0], shape[3])
+    np.testing.assert_allclose(y, x.astype(np.float64).mean(axis=(1, 2)), rtol=1e-6 if dtype == np.float32 else 1e-14)
+    np.testing.assert_allclose(y, R.global_avgpool_forward(x), rtol=1e-5 if dtype == np.float32 else 1e-13)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_array_equal(k.global_avgpool_backward(dy, shape), R.global_avgpool_backward(dy, shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_backward_and_the_moving_statistics(gpu, dtype):
     """Both to the bit: ReLU's gradient (NaN and -0.0 in y pass nothing, as on the CPU) and
     BatchNorm's moving averages (the complement 1 - momentum from the host, as NumPy takes it)."""
@@ -288,7 +304,7 @@ def test_the_checks_above_cover_every_cuda_kernel(gpu):
         "tinycnn_dropout_forward", "tinycnn_dropout_backward", "tinycnn_adam", "tinycnn_bn_forward_partials",
         "tinycnn_bn_backward_partials", "tinycnn_bn_moments", "tinycnn_bn_normalize",
         "tinycnn_bn_backward_dx", "tinycnn_dropout_keys", "tinycnn_bn_moving_update", "tinycnn_relu_backward",
-        "tinycnn_softmax_ce"}
+        "tinycnn_softmax_ce", "tinycnn_global_avgpool_forward", "tinycnn_global_avgpool_backward"}
 
 
 def mutated(old, new):
@@ -368,6 +384,8 @@ def test_the_gpu_computes_what_the_cpu_played_kernels_compute_bit_for_bit(gpu, d
     played.dropout_keys(*keys, keys_played)
     np.testing.assert_array_equal(cupy.asnumpy(keys_real), keys_played)
     same("relu_backward", rng.standard_normal((5, 9)).astype(dtype), rng.standard_normal((5, 9)).astype(dtype))
+    same("global_avgpool_forward", rng.standard_normal((3, 5, 7, 4)).astype(dtype))
+    same("global_avgpool_backward", rng.standard_normal((3, 4)).astype(dtype), (3, 5, 7, 4))
     moving = [rng.random(16).astype(dtype) for _ in range(2)]
     stats = [rng.random(16).astype(dtype) for _ in range(2)]
     moving_real = [cupy.asarray(a) for a in moving]

@@ -185,6 +185,23 @@ extern "C" __global__ void tinycnn_maxpool_backward(const T* dy, const int* argm
     }
 }
 """,
+    # The mean over an image's hw pixels of one channel, summed in double in pixel order, one (image,
+    # channel) per work item; and its gradient, dy / hw at each pixel (the reference's division).
+    "tinycnn_global_avgpool_forward": r"""
+extern "C" __global__ void tinycnn_global_avgpool_forward(const T* x, T* y, I n, int hw, int c) {
+    TINYCNN_FOR_EACH(i, n) {
+        const T* p = x + (i / c) * hw * c + i % c;
+        double total = 0.0;
+        for (int k = 0; k < hw; ++k) total += (double)p[(I)k * c];
+        y[i] = (T)(total / hw);
+    }
+}
+""",
+    "tinycnn_global_avgpool_backward": r"""
+extern "C" __global__ void tinycnn_global_avgpool_backward(const T* dy, T* dx, I n, int hw, int c) {
+    TINYCNN_FOR_EACH(i, n) dx[i] = dy[i / ((I)hw * c) * c + i % c] / (T)hw;
+}
+""",
     "tinycnn_dropout_forward": r"""
 extern "C" __global__ void tinycnn_dropout_forward(const T* x, T* y, unsigned char* keep, I n,
                                                    const unsigned int* key, unsigned int key_value,

@@ -44,7 +44,8 @@ class GPUKernels(ReferenceKernels):
 
     name = "gpu"
     fuses_relu_batchnorm = True  # the BatchNorm kernels read a ReLU's input (relu=1): see ReferenceKernels
-    overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "relu_backward",
+    overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
+                 "global_avgpool_backward", "relu_backward",
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
                  "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
                  "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward", "dropout_keys",
@@ -125,6 +126,21 @@ class GPUKernels(ReferenceKernels):
         self._launch("tinycnn_maxpool_backward", dy.dtype, dx.size, cp.ascontiguousarray(dy),
                      cp.ascontiguousarray(argmax), dx, _Index(dx.size),
                      *_ints(h, w, c, *pool, *stride, pads[0], pads[2], dy.shape[1], dy.shape[2]), biggest=dy.size)
+        return dx
+
+    # -- global average pooling: one launch each way (CuPy's mean and broadcast copy took four) --------
+    def global_avgpool_forward(self, x):
+        n, h, w, c = x.shape
+        y = cp.empty((n, c), dtype=x.dtype)
+        self._launch("tinycnn_global_avgpool_forward", x.dtype, y.size, cp.ascontiguousarray(x), y, _Index(y.size),
+                     *_ints(h * w, c), biggest=x.size)
+        return y
+
+    def global_avgpool_backward(self, dy, x_shape):
+        n, h, w, c = x_shape
+        dx = cp.empty(x_shape, dtype=dy.dtype)
+        self._launch("tinycnn_global_avgpool_backward", dy.dtype, dx.size, cp.ascontiguousarray(dy), dx,
+                     _Index(dx.size), *_ints(h * w, c))
         return dx
 
     # -- ReLU ---------------------------------------------------------------------------------------------

@@ -236,6 +236,17 @@ class ReferenceKernels:
         share = dy / self._window_counts(x_shape, pool, stride, pads, xp, dy.dtype)
         return self._scatter_windows(lambda k: share, x_shape, pool, stride, pads, xp, dy.dtype)
 
+    def global_avgpool_forward(self, x):
+        """Mean over height and width: (N, H, W, C) -> (N, C)."""
+        return x.mean(axis=(1, 2))
+
+    def global_avgpool_backward(self, dy, x_shape):
+        """Each of an image's H*W pixels gets dy / (H*W)."""
+        n, h, w, c = x_shape
+        dx = get_array_module(dy).empty(x_shape, dtype=dy.dtype)
+        dx[...] = (dy / (h * w))[:, None, None, :]
+        return dx
+
     # -- activations --------------------------------------------------------------------------
     def relu_forward(self, x):
         return get_array_module(x).maximum(x, 0)
