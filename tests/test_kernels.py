@@ -97,7 +97,7 @@ def test_a_forward_task_writes_its_own_pixels_and_nothing_else(filters):
             assert (out[untouched] == 7.5).all(), (height, p0, p1)
 
 
-@pytest.mark.parametrize("images", [1, 4, 9, 13])  # one partial sum, one full, several with a short last one
+@pytest.mark.parametrize("images", [0, 1, 4, 9, 13])  # none (a rank's empty share), one partial sum, one full, several
 @pytest.mark.parametrize("filters", [1, 10, 15])
 def test_filter_gradient_from_rows_shorter_than_a_block(filters, images):
     """With F < 16 filters the filter gradient reads the output gradient's own F-long rows (a pixel's

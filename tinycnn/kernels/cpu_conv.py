@@ -168,7 +168,7 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None):
     args = (_offsets(kh, kw, wp, c),)
     more = (oh, ow, nb, f if nb == 1 else nb * LANES, *_strides(xpad, stride), group,
             _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
-    if nb == 1 and f < LANES:
+    if nb == 1 and f < LANES and n:  # (no images: the general call, which sums nothing)
         # The output gradient's own rows, f long (no copy padded to LANES: Week2's 1x1 16 -> 10
         # convolution over 64 images on a Zen 3, 0.60 -> 0.30 ms). A pixel's LANES loads reach into
         # the next rows, so the last group's rows alone are copied, with LANES readable values after
