@@ -83,13 +83,10 @@ def test_a_forward_task_writes_its_own_pixels_and_nothing_else(filters):
     expected = R.im2col(x, 2, 2, (1, 1), (0, 0, 0, 0)) @ kernel2d  # (40 pixels, filters)
     nb = -(-filters // 16)
     fo = filters if nb == 1 else nb * 16
-    weights = cpu_conv._pack_weights(kernel2d).reshape(-1)
     for height in cpu_conv_generated.HEIGHTS:
-        task = getattr(cpu_conv_generated, f"forward_pixels_{height}")
         for p0, p1 in [(0, 40), (0, 1), (3, 4), (5, 12), (1, 39), (33, 40), (7, 26)]:
             out = np.full((40 * fo + 64,), 7.5, np.float32)  # 64 floats past the end: none may change
-            task(x.reshape(-1), cpu_conv._offsets(2, 2, 6, 3), weights, out, np.float32(0), np.float32(-np.inf),
-                 p0, p1, oh, ow, nb, fo, *cpu_conv._strides(x, (1, 1)))
+            cpu_conv.forward_task(x, kernel2d, 2, 2, (1, 1), oh, ow, p0, p1, out, fo, height=height)
             rows = out[: 40 * fo].reshape(40, fo)[:, :filters]
             np.testing.assert_allclose(rows[p0:p1], expected[p0:p1], rtol=1e-5, atol=1e-5)
             untouched = np.ones(40 * fo + 64, bool)
@@ -112,12 +109,9 @@ def test_filter_gradient_from_rows_shorter_than_a_block(filters, images):
     dk = np.empty((3 * 3 * 3, filters), np.float32)
     cpu_conv.filter_grad(x, dz, 3, 3, (1, 1), oh, ow, dk)
     _same(dk, R.im2col(x, 3, 3, (1, 1), (0, 0, 0, 0)).T @ dz, np.float32)
-    group = cpu_conv.images_per_partial(images, 27 * 16 * 4)
-    partial = np.zeros((-(-images // group), 1, 27, 16), np.float32)
-    cpu_conv._direct_filter_grad[cpu_conv.HEIGHT](
-        x.reshape(-1), cpu_conv._offsets(3, 3, 7, 3), cpu_conv._padded_filters(dz).reshape(-1), partial.reshape(-1),
-        images, oh, ow, 1, 16, *cpu_conv._strides(x, (1, 1)), group, cpu_conv._strip_rows(ow, 1, 7, 3, 3, 4))
-    np.testing.assert_array_equal(dk, partial.sum(axis=0)[0][:, :filters])
+    padded = np.empty_like(dk)
+    cpu_conv.filter_grad(x, dz, 3, 3, (1, 1), oh, ow, padded, own_rows=False)
+    np.testing.assert_array_equal(dk, padded)
 
 
 @pytest.mark.parametrize("dtype", [np.float32])  # float64 compiles every height again (a minute of CI) for the same loops

@@ -134,6 +134,16 @@ def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False, height=None):
     return out if f == fo else np.ascontiguousarray(out[:, :f])
 
 
+def forward_task(xpad, kernel2d, kh, kw, stride, oh, ow, p0, p1, out, fo, height=None):
+    """One task of forward's parallel loop on its own: output pixels p0..p1-1 of the (unrelu'd)
+    convolution into the flat array `out`, whose rows are `fo` long (forward's choice: F, or whole
+    blocks of LANES). A task must write its pixels and nothing else; the tests hold it to that."""
+    n, _, wp, c = xpad.shape
+    task = getattr(generated, f"forward_pixels_{height or HEIGHT}")
+    task(xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1), out, xpad.dtype.type(0),
+         xpad.dtype.type(-np.inf), p0, p1, oh, ow, _blocks(kernel2d.shape[1]), fo, *_strides(xpad, stride))
+
+
 def _padded_filters(dz2d):
     """(rows, F) -> (rows, blocks*LANES) with zero columns: the layout the kernels read."""
     f = dz2d.shape[1]
@@ -151,9 +161,10 @@ def _strip_rows(ow, nb, wp, c, kh, itemsize):
     return max(1, L1_BYTES // per_row - (kh - 1))
 
 
-def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None):
+def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None, own_rows=True):
     """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input; height
-    as forward's."""
+    as forward's. own_rows=False: dz2d's rows padded to LANES by a copy even where F < LANES (what
+    wider layers take; the tests compare the two)."""
     height = height or HEIGHT
     if numba.get_num_threads() == 1:  # the serial twin: a first run's helper may be compiling it (kernels.precompile)
         precompile.wait_for_helper(xpad.dtype.name)
@@ -166,9 +177,9 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None):
     partial = np.zeros((groups, nb, k, LANES), dtype=xpad.dtype)
     kernel = _direct_filter_grad[height]
     args = (_offsets(kh, kw, wp, c),)
-    more = (oh, ow, nb, f if nb == 1 else nb * LANES, *_strides(xpad, stride), group,
-            _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
-    if nb == 1 and f < LANES and n:  # (no images: the general call, which sums nothing)
+    strips = (*_strides(xpad, stride), group, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
+    if own_rows and nb == 1 and f < LANES and n:  # (no images: the general call, which sums nothing)
+        more = (oh, ow, nb, f, *strips)
         # The output gradient's own rows, f long (no copy padded to LANES: Week2's 1x1 16 -> 10
         # convolution over 64 images on a Zen 3, 0.60 -> 0.30 ms). A pixel's LANES loads reach into
         # the next rows, so the last group's rows alone are copied, with LANES readable values after
@@ -181,7 +192,8 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None):
         tail[:-LANES] = dz2d[head * rows :].reshape(-1)
         kernel(xpad[head:].reshape(-1), *args, tail, partial[groups - 1 :].reshape(-1), n - head, *more)
     else:
-        kernel(xpad.reshape(-1), *args, _padded_filters(dz2d).reshape(-1), partial.reshape(-1), n, *more)
+        kernel(xpad.reshape(-1), *args, _padded_filters(dz2d).reshape(-1), partial.reshape(-1), n, oh, ow, nb,
+               nb * LANES, *strips)
     total = partial.sum(axis=0)  # (nb, K, LANES): fixed order, so no dependence on the thread count
     dkernel2d[...] = total.transpose(1, 0, 2).reshape(k, nb * LANES)[:, :f]
 
