@@ -27,10 +27,10 @@ U = np.uint64  # an index cast unsigned: numba then checks no negative index (a 
 # An empty array takes the reference kernel (the numba ones index its first row): `size == 0` in the
 # entries below. Until 2026-12-06 every array under 2**15 elements did, on the grounds that waking
 # the thread pool costs more than so short a loop; measured then on a 2-vCPU Zen 3 guest the numba
-# kernels were as fast or faster at every size: a split Week2 step 24.8 -> 23.6 ms (medians, 30 rounds alternating in one process; the
-# reference's many small NumPy operations hold the GIL, which the other share waits for after each
-# BatchNorm barrier), an unsplit batch of 24 on two threads 8.8 -> 8.4 ms, predict over 10,000
-# images 0.481 -> 0.462 s.
+# kernels were as fast or faster at every size: a split Week2 step 24.8 -> 23.6 ms (medians, 30
+# rounds alternating in one process; the reference's many small NumPy operations hold the GIL,
+# which the other share waits for after each BatchNorm barrier), an unsplit batch of 24 on two
+# threads 8.8 -> 8.4 ms, predict over 10,000 images 0.481 -> 0.462 s.
 
 
 # -- process tuning --------------------------------------------------------------------------------
@@ -742,7 +742,8 @@ class CPUKernels(ReferenceKernels):
             mean64, var64 = _bn_stats(x2d, relu)
         else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
             c = x2d.shape[1]
-            sums = _bn_block_sums(x2d, _floor(x2d.dtype, relu), np.zeros(c)).sum(axis=0)  # unshifted: the ranks' sums must add up
+            # unshifted: the ranks' sums must add up
+            sums = _bn_block_sums(x2d, _floor(x2d.dtype, relu), np.zeros(c)).sum(axis=0)
             totals = reduce(np.concatenate([sums.reshape(-1), [float(x2d.shape[0])]]))
             mean64, var64 = moments_from_sums(totals, c, np.float64)
         dtype = x2d.dtype
@@ -753,8 +754,8 @@ class CPUKernels(ReferenceKernels):
         keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
         scale = dtype.type(1.0 / (1.0 - rate))
         key = np.uint64(mask_key(seed) if use_dropout else 0)
-        _bn_normalize(x2d, _floor(dtype, relu), mean, inv_std, gamma, beta, key, np.uint64(dropout_keep_threshold(rate)), scale,
-                      use_dropout, np.int64(offset), y, keep)
+        _bn_normalize(x2d, _floor(dtype, relu), mean, inv_std, gamma, beta, key,
+                      np.uint64(dropout_keep_threshold(rate)), scale, use_dropout, np.int64(offset), y, keep)
         saved = (x2d, relu, mean, keep if use_dropout else None, scale)
         if moving is not None:
             self.batchnorm_moving_update(moving[0], moving[1], mean, var, moving[2])
@@ -775,8 +776,8 @@ class CPUKernels(ReferenceKernels):
             sums = (total_beta, total_gamma)
         dx = np.empty_like(dy2d)
         # dx = gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy after the dropout mask
-        _bn_backward_dx(dy2d, x2d, _floor(dtype, relu), mean, inv_std, keep, scale, use_mask, (gamma * inv_std).astype(dtype),
-                        (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
+        _bn_backward_dx(dy2d, x2d, _floor(dtype, relu), mean, inv_std, keep, scale, use_mask,
+                        (gamma * inv_std).astype(dtype), (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
         return dx, dgamma, dbeta
 
     def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None, moving=None):

@@ -116,8 +116,8 @@ def _pixel_chunk(total, height):
 
 def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False, height=None):
     """Convolution of an already padded NHWC input: (N*OH*OW, F); relu: max(., 0) of it (NaN stays
-    NaN, -0.0 stays -0.0), applied to each value as it is stored (no second pass over the output). height: the
-    register block's (None: this machine's, HEIGHT)."""
+    NaN, -0.0 stays -0.0), applied to each value as it is stored (no second pass over the output).
+    height: the register block's (None: this machine's, HEIGHT)."""
     height = height or HEIGHT
     n, _, wp, c = xpad.shape
     f = kernel2d.shape[1]
