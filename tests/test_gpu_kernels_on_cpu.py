@@ -269,6 +269,34 @@ def test_softmax_cross_entropy(gpu, dtype, eps):
     for a, b in zip(ours, ref):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(a, b, **tol)
+    # a training step's form: the gradient times 1/batch and the losses' sum, in the kernel's own pass
+    k = gpu.GPUKernels()
+    for rows in (37, 1, 0):  # twice with the same counters (the last row resets them), and an empty batch
+        total, scale = np.full((), np.nan, dtype), dtype(1.0 / 37)
+        ours = k.softmax_cross_entropy(logits[:rows], targets[:rows], eps, scale, total)
+        ref_total = np.zeros((), dtype)
+        ref = R.softmax_cross_entropy(logits[:rows], targets[:rows], eps, scale, ref_total)
+        np.testing.assert_allclose(ours[2], ref[2], **tol)
+        np.testing.assert_allclose(total, ref_total, **tol)
+        assert rows == 0 or total != 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_categorical_matches(gpu, dtype):
+    """The accuracy's count against argmax == argmax: ties to the first maximum, NaN as the largest."""
+    k = gpu.GPUKernels()
+    rng = np.random.default_rng(14)
+    predictions = rng.random((41, 10)).astype(dtype)
+    targets = np.eye(10, dtype=dtype)[rng.integers(0, 10, 41)]
+    predictions[:12] = targets[:12]  # hits
+    predictions[12, :] = 0.5  # a tie: the first column wins
+    predictions[13, 4] = np.nan  # NaN: column 4 wins
+    targets[13] = np.eye(10, dtype=dtype)[4]
+    for rows in (41, 41, 1, 0):  # twice with the same counters, one row, none
+        count = k.categorical_matches(predictions[:rows], targets[:rows])
+        expected = R.categorical_matches(predictions[:rows], targets[:rows])
+        assert count.dtype == np.int64 and int(count) == int(expected), (rows, count, expected)
+    assert int(R.categorical_matches(predictions, targets)) >= 13
 
 
 def test_dropout_keys_and_masks_from_device_keys(gpu):
@@ -304,7 +332,8 @@ def test_the_checks_above_cover_every_cuda_kernel(gpu):
         "tinycnn_dropout_forward", "tinycnn_dropout_backward", "tinycnn_adam", "tinycnn_bn_forward_partials",
         "tinycnn_bn_backward_partials", "tinycnn_bn_moments", "tinycnn_bn_normalize",
         "tinycnn_bn_backward_dx", "tinycnn_dropout_keys", "tinycnn_bn_moving_update", "tinycnn_relu_backward",
-        "tinycnn_softmax_ce", "tinycnn_global_avgpool_forward", "tinycnn_global_avgpool_backward"}
+        "tinycnn_softmax_ce", "tinycnn_global_avgpool_forward", "tinycnn_global_avgpool_backward",
+        "tinycnn_categorical_matches"}
 
 
 def mutated(old, new):
@@ -386,6 +415,8 @@ def test_the_gpu_computes_what_the_cpu_played_kernels_compute_bit_for_bit(gpu, d
     same("relu_backward", rng.standard_normal((5, 9)).astype(dtype), rng.standard_normal((5, 9)).astype(dtype))
     same("global_avgpool_forward", rng.standard_normal((3, 5, 7, 4)).astype(dtype))
     same("global_avgpool_backward", rng.standard_normal((3, 4)).astype(dtype), (3, 5, 7, 4))
+    predictions, targets = rng.random((9, 10)).astype(dtype), np.eye(10, dtype=dtype)[rng.integers(0, 10, 9)]
+    same("categorical_matches", predictions, targets)
     moving = [rng.random(16).astype(dtype) for _ in range(2)]
     stats = [rng.random(16).astype(dtype) for _ in range(2)]
     moving_real = [cupy.asarray(a) for a in moving]

@@ -469,7 +469,8 @@ OVERRIDES = {  # what each backend's set computes itself; everything else is the
             "global_avgpool_backward", "relu_backward", "batchnorm_forward_train",
             "batchnorm_backward_train", "batchnorm_moving_update", "batchnorm_dropout_forward_train",
             "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train", "relu_batchnorm_backward_train",
-            "dropout_forward", "dropout_backward", "dropout_keys", "softmax_cross_entropy", "adam_update"},
+            "dropout_forward", "dropout_backward", "dropout_keys", "softmax_cross_entropy", "categorical_matches",
+            "adam_update"},
 }
 
 

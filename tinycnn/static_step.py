@@ -299,7 +299,8 @@ class StaticTraining:
     def accumulate(self, batch_sum, predictions, targets):
         """Adds the step's loss sum and metric sums into the device accumulators, in the order and
         the dtypes of the eager step's running sums (training.EpochMetrics.add)."""
-        values = [batch_sum] + [metric.values(predictions, targets).sum() for metric in self.metrics.metrics]
+        kernels = self.trainer.backend.kernels
+        values = [batch_sum] + [metric.total(predictions, targets, kernels) for metric in self.metrics.metrics]
         if self.sums is None:  # the first run: accumulators of the eager sums' dtypes
             self.sums = [self.xp.zeros((), dtype=(0 + value).dtype) for value in values]
             self.metrics.bind_device_sums(self.sums[0], self.sums[1:])

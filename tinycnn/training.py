@@ -42,9 +42,10 @@ class EpochMetrics:
     """Sums of the loss and of each metric, kept on the device; synced only when read. Sample
     weights weight the metrics whose `weighted` flag is set (compile's weighted_metrics)."""
 
-    def __init__(self, metrics, weighted):
+    def __init__(self, metrics, weighted, kernels=None):
         self.metrics = metrics
         self.weighted = weighted
+        self.kernels = kernels  # the model's kernel set, for metrics with a kernel of their own
         self.loss_sum = 0.0
         self.seen = 0
         self.sums = [0] * len(metrics)
@@ -55,11 +56,11 @@ class EpochMetrics:
         self.loss_sum = self.loss_sum + batch_loss_sum
         self.seen += n
         for i, (metric, weighted) in enumerate(zip(self.metrics, self.weighted)):
-            values = metric.values(predictions, targets)
             if sample_weight is None or not weighted:
-                self.sums[i] = self.sums[i] + values.sum()
+                self.sums[i] = self.sums[i] + metric.total(predictions, targets, self.kernels)
                 self.weights[i] = self.weights[i] + n
             else:
+                values = metric.values(predictions, targets)
                 self.sums[i] = self.sums[i] + (values * sample_weight).sum()
                 self.weights[i] = self.weights[i] + sample_weight.sum()
 
@@ -258,7 +259,7 @@ class Trainer:
             raise ValueError(f"metric names must be unique, got {names}")
 
     def epoch_metrics(self):
-        return EpochMetrics(self.metrics, self.metric_weighted)
+        return EpochMetrics(self.metrics, self.metric_weighted, self.backend.kernels)
 
     def _loss_plan(self):
         strip = None if self.loss.from_logits else self.loss.fuses_activation
@@ -402,11 +403,10 @@ class Trainer:
         the loss gradient scaled by 1/n (n: the whole batch). Returns (predictions, loss sum)."""
         (out,), tape = plan.forward(inputs, training=True, keep_for_backward=True)
         logits = plan.emits_logits or self.loss.from_logits
-        predictions, per_sample, dout = self.loss.compute(out, targets, logits, self.backend.kernels)
-        if sample_weight is None:
-            dout *= dout.dtype.type(1.0 / n)  # the loss is the batch mean
-            batch_sum = per_sample.sum()
+        if sample_weight is None:  # the loss is the batch mean
+            predictions, batch_sum, dout = self.loss.compute_scaled(out, targets, logits, self.backend.kernels, 1.0 / n)
         else:
+            predictions, per_sample, dout = self.loss.compute(out, targets, logits, self.backend.kernels)
             scale = (sample_weight / n).reshape((targets.shape[0],) + (1,) * (dout.ndim - 1))
             dout *= scale.astype(dout.dtype)
             batch_sum = (per_sample * sample_weight).sum()

@@ -92,6 +92,19 @@ __device__ __forceinline__ T tinycnn_bn_input(const T* x, long long e, int relu)
     return (!relu || v >= (T)0 || v != v) ? v : (T)0;
 }
 
+// The index of v's largest entry as argmax gives it: the first maximum, or the first NaN.
+__device__ __forceinline__ int tinycnn_argmax(const T* v, int n) {
+    int best = 0;
+    T top = v[0];
+    if (top != top) return 0;
+    for (int j = 1; j < n; ++j) {
+        const T x = v[j];
+        if (x != x) return j;
+        if (x > top) { top = x; best = j; }
+    }
+    return best;
+}
+
 // Dropout's counter-based hash, as tinycnn.randomness.lowbias32 on the 64-bit element index:
 // element `index` is kept when hash(index ^ key) >> 8 >= threshold.
 __device__ __forceinline__ bool tinycnn_keep(unsigned long long index, unsigned int key, unsigned int threshold) {
@@ -241,7 +254,8 @@ extern "C" __global__ void tinycnn_relu_backward(const T* dy, const T* y, T* dx,
     # probabilities clipped to [lo, hi] when `clip`), and its gradient probs - targets.
     "tinycnn_softmax_ce": r"""
 extern "C" __global__ void tinycnn_softmax_ce(const T* logits, const T* targets, T* probs, T* loss, T* grad, I rows,
-                                              int classes, int clip, T lo, T hi) {
+                                              int classes, int clip, T lo, T hi, T scale, T* loss_sum,
+                                              unsigned int* arrivals) {
     TINYCNN_FOR_EACH(r, rows) {
         const T* z = logits + r * classes;
         const T* t = targets + r * classes;
@@ -258,9 +272,30 @@ extern "C" __global__ void tinycnn_softmax_ce(const T* logits, const T* targets,
             if (clip) log_p = log_p < lo ? lo : (log_p > hi ? hi : log_p);
             sum += t[j] * log_p;
             probs[r * classes + j] = p;
-            grad[r * classes + j] = p - t[j];
+            grad[r * classes + j] = (p - t[j]) * scale;
         }
         loss[r] = -sum;
+        if (loss_sum && tinycnn_last_arrival(arrivals, 0, (int)rows)) {
+            double total = 0.0;
+            for (I k = 0; k < rows; ++k) total += (double)__ldcg(loss + k);
+            *loss_sum = (T)total;
+        }
+    }
+}
+""",
+    # The categorical accuracy's count: rows whose prediction's argmax is the target's (first maxima, NaN
+    # largest, as argmax), each row's hit counted by the last row to finish.
+    "tinycnn_categorical_matches": r"""
+extern "C" __global__ void tinycnn_categorical_matches(const T* predictions, const T* targets, unsigned char* hits,
+                                                       I rows, int classes, long long* total,
+                                                       unsigned int* arrivals) {
+    TINYCNN_FOR_EACH(r, rows) {
+        hits[r] = tinycnn_argmax(predictions + r * classes, classes) == tinycnn_argmax(targets + r * classes, classes);
+        if (tinycnn_last_arrival(arrivals, 0, (int)rows)) {
+            long long count = 0;
+            for (I k = 0; k < rows; ++k) count += __ldcg(hits + k);
+            *total = count;
+        }
     }
 }
 """,

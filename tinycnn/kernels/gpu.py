@@ -49,7 +49,7 @@ class GPUKernels(ReferenceKernels):
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
                  "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
                  "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward", "dropout_keys",
-                 "softmax_cross_entropy", "adam_update")
+                 "softmax_cross_entropy", "categorical_matches", "adam_update")
 
     def __init__(self, source=cuda_source.module_source):
         self._source = source
@@ -254,16 +254,33 @@ class GPUKernels(ReferenceKernels):
         self._launch("tinycnn_dropout_keys", np.float32, out.size, bases, offsets, calls, step, out,
                      _Index(out.size))
 
-    def softmax_cross_entropy(self, logits, targets, eps=None):
+    def softmax_cross_entropy(self, logits, targets, eps=None, scale=None, loss_sum=None):
+        """One launch: the scaled gradient, and the loss sum added up by the last row to finish."""
         logits = cp.ascontiguousarray(logits)
         rows, classes = logits.shape
         probs, grad = cp.empty_like(logits), cp.empty_like(logits)
         loss = cp.empty(rows, dtype=logits.dtype)
         t = logits.dtype.type
         lo, hi = (np.log(t(eps)), np.log1p(t(-eps))) if eps is not None else (t(0), t(0))
+        if loss_sum is not None and rows == 0:
+            loss_sum[...] = 0
         self._launch("tinycnn_softmax_ce", logits.dtype, rows, logits, _as(targets, logits.dtype), probs, loss, grad,
-                     _Index(rows), np.int32(classes), np.int32(eps is not None), t(lo), t(hi), biggest=logits.size)
+                     _Index(rows), np.int32(classes), np.int32(eps is not None), t(lo), t(hi),
+                     t(1 if scale is None else scale), NULL if loss_sum is None else loss_sum, self._arrivals(1),
+                     biggest=logits.size)
         return probs, loss, grad
+
+    def categorical_matches(self, predictions, targets):
+        """One launch: each row's hit, counted by the last row to finish."""
+        predictions = cp.ascontiguousarray(predictions)
+        rows, classes = predictions.shape
+        total = cp.zeros((), dtype=cp.int64)
+        if rows:
+            hits = cp.empty(rows, dtype=cp.uint8)
+            self._launch("tinycnn_categorical_matches", predictions.dtype, rows, predictions,
+                         _as(targets, predictions.dtype), hits, _Index(rows), np.int32(classes), total,
+                         self._arrivals(1), biggest=predictions.size)
+        return total
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         t = param.dtype.type  # the complements in float64, then rounded to T, as the reference's

@@ -366,13 +366,15 @@ class ReferenceKernels:
         out[...] = (lowbias32(seed & u(HASH_MASK)) ^ (seed >> u(32))).astype(xp.uint32)
 
     # -- loss and optimizer ----------------------------------------------------------------------
-    def softmax_cross_entropy(self, logits, targets, eps=None):
+    def softmax_cross_entropy(self, logits, targets, eps=None, scale=None, loss_sum=None):
         """Softmax and categorical cross-entropy from logits, numerically stable.
 
         Returns (probs, per-sample loss, gradient of the per-sample loss w.r.t. the logits).
         With `eps` the loss clips probabilities to [eps, 1 - eps] as Keras does on a softmax
         output, so the printed loss matches; the gradient is the exact softmax-CE gradient p - t
-        either way (it differs from Keras's clipped gradient only where a target class has p < eps)."""
+        either way (it differs from Keras's clipped gradient only where a target class has p < eps).
+        `scale`: the gradient times it (a training step's 1 / batch); `loss_sum`: a 0-d array that
+        receives the per-sample losses' sum (a set may compute both in its own pass)."""
         xp = get_array_module(logits)
         shifted = logits - logits.max(axis=1, keepdims=True)
         exp = xp.exp(shifted)
@@ -384,7 +386,18 @@ class ReferenceKernels:
             t = logits.dtype.type
             log_probs = xp.clip(log_probs, np.log(t(eps)), np.log1p(t(-eps)))
         loss = -(targets * log_probs).sum(axis=1)
-        return probs, loss, probs - targets
+        grad = probs - targets
+        if scale is not None:
+            grad *= grad.dtype.type(scale)
+        if loss_sum is not None:
+            loss_sum[...] = loss.sum()
+        return probs, loss, grad
+
+    def categorical_matches(self, predictions, targets):
+        """How many rows' largest prediction is their target's largest entry (first maxima, NaN
+        counting as largest, as argmax has it): the categorical accuracy's sum, a 0-d int64."""
+        xp = get_array_module(predictions)
+        return (xp.argmax(predictions, axis=-1) == xp.argmax(targets, axis=-1)).sum()
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         """In-place Keras Adam step with the bias correction folded into lr_t (epsilon-hat form):
