@@ -395,3 +395,18 @@ def test_the_relu_batchnorm_step_gives_the_gradients_of_the_layers_apart(rate):
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
     assert np.count_nonzero(results[0][1]) > 0.9 * results[0][1].size  # and the gradients are there
+
+
+def test_a_metric_subclass_is_summed_from_its_own_values():
+    """CategoricalAccuracy sums through the kernel set's count; a subclass that redefines `values`
+    must be summed from those values, not from the count."""
+    class Never(tc.metrics.CategoricalAccuracy):
+        name = "never"
+
+        def values(self, predictions, targets):
+            return super().values(predictions, targets) & False
+
+    k = tc.backend.get_backend("cpu").kernels
+    predictions = np.eye(4, dtype=np.float32)
+    assert int(tc.metrics.CategoricalAccuracy().total(predictions, predictions, k)) == 4
+    assert int(Never().total(predictions, predictions, k)) == 0

@@ -80,8 +80,9 @@ class CategoricalAccuracy(Metric):
         return xp.argmax(predictions, axis=-1) == xp.argmax(targets, axis=-1)
 
     def total(self, predictions, targets, kernels=None):
-        """The kernel set's count (one launch on the GPU instead of four), for (rows, classes) arrays."""
-        if kernels is None or predictions.ndim != 2:
+        """The kernel set's count (one launch on the GPU instead of four), for (rows, classes) arrays;
+        a subclass that redefines `values` is summed from its values."""
+        if kernels is None or predictions.ndim != 2 or type(self).values is not CategoricalAccuracy.values:
             return super().total(predictions, targets)
         return kernels.categorical_matches(predictions, targets)
 
