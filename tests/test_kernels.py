@@ -318,7 +318,7 @@ def test_depthwise_conv(device, dtype, shape, kshape, stride, pads):
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.1])
-@pytest.mark.parametrize("rows", [40, 128 * 26 * 26])  # below and above the small-array cut-over
+@pytest.mark.parametrize("rows", [40, 128 * 26 * 26])  # a few rows (the reference ran these until 2026-12-06), Week2's
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_batchnorm_alone_and_fused_with_dropout(device, rows, dtype, rate):
     k, be = fast_kernels(device), B.get_backend(device)
@@ -356,7 +356,7 @@ def test_batchnorm_alone_and_fused_with_dropout(device, rows, dtype, rate):
 
 @pytest.mark.parametrize("reduce", [None, lambda totals: totals])  # alone, and as a share of a split batch
 @pytest.mark.parametrize("rate", [0.0, 0.1])
-@pytest.mark.parametrize("rows", [40, 64 * 24 * 24])  # below and above the small-array cut-over
+@pytest.mark.parametrize("rows", [40, 64 * 24 * 24])  # a few rows, and a Week2 share's
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_read_inside_batchnorm_is_relu_then_batchnorm(device, rows, dtype, rate, reduce):
     """The relu_batchnorm entries (the plan's Conv(relu) -> BatchNorm (-> Dropout) step) against the
