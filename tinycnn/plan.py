@@ -8,8 +8,8 @@ from the graph alone; the layers know nothing about it:
   kernel (the normalization and the mask in one pass over the activations, forward and backward;
   the same masks as the Dropout alone). Only in training; in inference the two run as they are.
 - Where the kernel set reads a ReLU inside its BatchNorm kernels (`fuses_relu_batchnorm`: the
-  GPU's and the CPU's), a layer ending in ReLU whose only reader is a BatchNormalization joins it (and the
-  Dropout after it) in one step: the layer's linear part, then one kernel. Training only.
+  GPU's and the CPU's), a layer ending in ReLU whose only reader is a BatchNormalization joins it
+  (and the Dropout after it) in one step: the layer's linear part, then one kernel. Training only.
 - When the loss applies the output layer's activation itself (a softmax fused with cross-entropy,
   a sigmoid with binary cross-entropy: gradient p - t, no division by a probability that may
   underflow), that activation is left out of the step: it emits logits. Only plans made with

@@ -464,14 +464,13 @@ def _bn_block_sums(x2d, floor, shift):
     return partial
 
 
-def _bn_stats(x2d, relu=False):
-    """Mean and biased variance per column (float64) of x2d (of max(x2d, 0) where relu), from sums
-    shifted by the first row (less cancellation); the blocks' sums are added in block order."""
+def _bn_stats(x2d, floor):
+    """Mean and biased variance per column (float64) of x2d raised to `floor` (see _floor), from
+    sums shifted by the first row (less cancellation); the blocks' sums are added in block order."""
     m = x2d.shape[0]
     shift = x2d[0].astype(np.float64)
-    if relu:  # the kernels' max(x, 0): NaN and -0.0 stay
-        shift = np.where(shift < 0, 0.0, shift)
-    s1, s2 = _bn_block_sums(x2d, _floor(x2d.dtype, relu), shift).sum(axis=0)
+    shift = np.where(shift < floor, floor, shift)  # the first row as the kernels read it (_raised)
+    s1, s2 = _bn_block_sums(x2d, floor, shift).sum(axis=0)
     d = s1 / m
     return shift + d, np.maximum(s2 / m - d * d, 0.0)
 
@@ -733,17 +732,18 @@ class CPUKernels(ReferenceKernels):
         _relu_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y), dx)
         return dx
 
-    # -- BatchNormalization (small inputs take the reference path, forward and backward alike) ----------
+    # -- BatchNormalization (empty inputs take the reference path, forward and backward alike) ----------
     def _bn_forward(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None, relu=False):
         """BatchNorm of x2d (of max(x2d, 0), read as each kernel reads x2d, when `relu`), then the
         dropout mask when rate > 0."""
         x2d = np.ascontiguousarray(x2d)
+        floor = _floor(x2d.dtype, relu)
         if reduce is None:
-            mean64, var64 = _bn_stats(x2d, relu)
+            mean64, var64 = _bn_stats(x2d, floor)
         else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
             c = x2d.shape[1]
             # unshifted: the ranks' sums must add up
-            sums = _bn_block_sums(x2d, _floor(x2d.dtype, relu), np.zeros(c)).sum(axis=0)
+            sums = _bn_block_sums(x2d, floor, np.zeros(c)).sum(axis=0)
             totals = reduce(np.concatenate([sums.reshape(-1), [float(x2d.shape[0])]]))
             mean64, var64 = moments_from_sums(totals, c, np.float64)
         dtype = x2d.dtype
@@ -754,20 +754,20 @@ class CPUKernels(ReferenceKernels):
         keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
         scale = dtype.type(1.0 / (1.0 - rate))
         key = np.uint64(mask_key(seed) if use_dropout else 0)
-        _bn_normalize(x2d, _floor(dtype, relu), mean, inv_std, gamma, beta, key,
+        _bn_normalize(x2d, floor, mean, inv_std, gamma, beta, key,
                       np.uint64(dropout_keep_threshold(rate)), scale, use_dropout, np.int64(offset), y, keep)
-        saved = (x2d, relu, mean, keep if use_dropout else None, scale)
+        saved = (x2d, floor, mean, keep if use_dropout else None, scale)
         if moving is not None:
             self.batchnorm_moving_update(moving[0], moving[1], mean, var, moving[2])
         return y, saved, mean, var, inv_std
 
     def _bn_backward(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
-        x2d, relu, mean, keep, scale = saved
+        x2d, floor, mean, keep, scale = saved
         dy2d = np.ascontiguousarray(dy2d)
         m = dy2d.shape[0]
         use_mask = keep is not None
         keep = keep if use_mask else np.empty((1, 1), dtype=np.uint8)
-        sums = _bn_backward_sums(dy2d, x2d, _floor(dy2d.dtype, relu), mean, inv_std, keep, scale, use_mask)
+        sums = _bn_backward_sums(dy2d, x2d, floor, mean, inv_std, keep, scale, use_mask)
         dtype = dy2d.dtype
         # this rank's, under data parallelism
         dgamma, dbeta = written_into(out, sums[1].astype(dtype), sums[0].astype(dtype))
@@ -776,7 +776,7 @@ class CPUKernels(ReferenceKernels):
             sums = (total_beta, total_gamma)
         dx = np.empty_like(dy2d)
         # dx = gamma * inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = dy after the dropout mask
-        _bn_backward_dx(dy2d, x2d, _floor(dtype, relu), mean, inv_std, keep, scale, use_mask,
+        _bn_backward_dx(dy2d, x2d, floor, mean, inv_std, keep, scale, use_mask,
                         (gamma * inv_std).astype(dtype), (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
         return dx, dgamma, dbeta
 

@@ -176,10 +176,9 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None, own_
     groups = -(-n // group)
     partial = np.zeros((groups, nb, k, LANES), dtype=xpad.dtype)
     kernel = _direct_filter_grad[height]
-    args = (_offsets(kh, kw, wp, c),)
+    xoff = _offsets(kh, kw, wp, c)
     strips = (*_strides(xpad, stride), group, _strip_rows(ow, nb, wp, c, kh, xpad.itemsize))
     if own_rows and nb == 1 and f < LANES and n:  # (no images: the general call, which sums nothing)
-        more = (oh, ow, nb, f, *strips)
         # The output gradient's own rows, f long (no copy padded to LANES: Week2's 1x1 16 -> 10
         # convolution over 64 images on a Zen 3, 0.60 -> 0.30 ms). A pixel's LANES loads reach into
         # the next rows, so the last group's rows alone are copied, with LANES readable values after
@@ -187,12 +186,13 @@ def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None, own_
         head = (groups - 1) * group  # images whose loads stay inside dz2d
         rows = oh * ow
         if head:
-            kernel(xpad.reshape(-1), *args, dz2d.reshape(-1), partial.reshape(-1), head, *more)
+            kernel(xpad.reshape(-1), xoff, dz2d.reshape(-1), partial.reshape(-1), head, oh, ow, nb, f, *strips)
         tail = np.zeros((n - head) * rows * f + LANES, dtype=dz2d.dtype)
         tail[:-LANES] = dz2d[head * rows :].reshape(-1)
-        kernel(xpad[head:].reshape(-1), *args, tail, partial[groups - 1 :].reshape(-1), n - head, *more)
+        kernel(xpad[head:].reshape(-1), xoff, tail, partial[groups - 1 :].reshape(-1), n - head, oh, ow, nb, f,
+               *strips)
     else:
-        kernel(xpad.reshape(-1), *args, _padded_filters(dz2d).reshape(-1), partial.reshape(-1), n, oh, ow, nb,
+        kernel(xpad.reshape(-1), xoff, _padded_filters(dz2d).reshape(-1), partial.reshape(-1), n, oh, ow, nb,
                nb * LANES, *strips)
     total = partial.sum(axis=0)  # (nb, K, LANES): fixed order, so no dependence on the thread count
     dkernel2d[...] = total.transpose(1, 0, 2).reshape(k, nb * LANES)[:, :f]
