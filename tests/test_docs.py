@@ -26,7 +26,7 @@ GUIDE = {  # page -> its title: one per topic the documentation promises
     "distributed": "Distributed training",
 }
 # Public beyond tinycnn.__all__: the ONNX export (python -m tinycnn.onnx) and the error types' home.
-EXTRA_MODULES = ("tinycnn.onnx", "tinycnn.errors")
+EXTRA_MODULES = ("tinycnn.onnx", "tinycnn.errors", "tinycnn.precompile")
 
 pytest.importorskip("sphinx", reason="the docs need Sphinx (pip install -e '.[docs]')")
 pytest.importorskip("myst_parser", reason="the docs need myst-parser (pip install -e '.[docs]')")

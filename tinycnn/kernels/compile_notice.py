@@ -1,5 +1,5 @@
 """One line on stderr when numba starts compiling tinycnn's CPU kernels, so that a first run's
-long pause (about 10 s for a Week2 training step on a slow 2-core machine, with
+long pause (about 6 s for a Week2 training step on a 2-core Zen 3 guest, with
 tinycnn.kernels.precompile's helper; the generated convolution loops are large) is explained
 while it happens instead of looking like a hang.
 
@@ -14,8 +14,8 @@ from numba.core import event
 
 from . import precompile
 
-MESSAGE = ("tinycnn: compiling the CPU kernels for this machine (the first run only: about 10 s on 2 cores; "
-           "numba caches them, and later runs load them in under a second)")
+MESSAGE = ("tinycnn: compiling the CPU kernels for this machine (the first run only; numba caches them, and later "
+           "runs load them in under a second; `python -m tinycnn.precompile` compiles them all ahead)")
 
 _lock = threading.Lock()
 _installed = False
