@@ -100,15 +100,7 @@ def shared_seed(layer, draw):
     """Inside a split, the k-th seed a share asks of `layer` is the layer's k-th draw in this step,
     whichever share asks first, so every share masks with the same seed; outside, draw()."""
     split = _state.split
-    if split is None:
-        return draw()
-    k = _state.calls.get(id(layer), 0)
-    _state.calls[id(layer)] = k + 1
-    with split.lock:
-        key = (id(layer), k)
-        if key not in split.seeds:
-            split.seeds[key] = draw()
-        return split.seeds[key]
+    return draw() if split is None else split.seed(layer, draw)
 
 
 class _Split:
@@ -134,6 +126,18 @@ class _Split:
         array[...] = total
         return array
 
+    def seed(self, layer, draw):
+        k = _state.calls.get(id(layer), 0)
+        _state.calls[id(layer)] = k + 1
+        with self.lock:
+            key = (id(layer), k)
+            if key not in self.seeds:
+                self.seeds[key] = draw()
+            return self.seeds[key]
+
+    def abort(self):
+        self.barrier.abort()  # a share waiting for this one's sums raises instead of hanging
+
 
 _pool = None
 _pool_lock = threading.Lock()
@@ -147,6 +151,22 @@ def _workers():
         return _pool
 
 
+def run_share(split, index, start, stop, threads, work):
+    """work(index, start, stop) on this thread as share `index` of `split` (a _Split, or
+    tinycnn.share_process's ProcessSplit: what its reduce and seed go through), on `threads` numba
+    threads. If it fails, the split is aborted first, so no other share waits for it forever."""
+    _state.split, _state.index, _state.first_sample = split, index, start
+    _state.reductions, _state.calls = 0, {}
+    try:
+        with numba_threads(threads):
+            return work(index, start, stop)
+    except BaseException:
+        split.abort()
+        raise
+    finally:
+        _state.split = None
+
+
 def run(share_bounds, work):
     """Run work(index, start, stop) for every share at once: the first on this thread, the others
     on worker threads, each with its part of this thread's numba threads. Returns the results in
@@ -158,16 +178,7 @@ def run(share_bounds, work):
     split = _Split(len(share_bounds))
 
     def one(index, start, stop):
-        _state.split, _state.index, _state.first_sample = split, index, start
-        _state.reductions, _state.calls = 0, {}
-        try:
-            with numba_threads(threads):
-                return work(index, start, stop)
-        except BaseException:
-            split.barrier.abort()  # a share waiting for this one's sums raises instead of hanging
-            raise
-        finally:
-            _state.split = None
+        return run_share(split, index, start, stop, threads, work)
 
     futures = [_workers().submit(one, k, *b) for k, b in enumerate(share_bounds) if k > 0]
     results, errors = [], []

@@ -8,6 +8,7 @@
     | `numba_threads` | `TINYCNN_NUMBA_THREADS` | a positive integer       | numba's default: every core      |
     | `malloc_tuning` | `TINYCNN_MALLOC_TUNING` | 1, 0                     | 1                                |
     | `batch_split`   | `TINYCNN_BATCH_SPLIT`   | 1, 0                     | 1 (CPU: see tinycnn.batch_split)|
+    | `share_processes` | `TINYCNN_SHARE_PROCESSES` | 1, 0                 | 1 (fit: see tinycnn.share_process) |
     | `step`          | `TINYCNN_STEP`          | eager, static, graphs    | eager (see tinycnn.static_step)  |
     | `spin`          | `GOMP_SPINCOUNT`, `OMP_WAIT_POLICY` | OpenMP's own | GOMP_SPINCOUNT=1000 if neither is set |
 
@@ -17,7 +18,7 @@ naming the variable and the values it accepts. Tests and benchmarks switch paths
 `using(conv="gemm")` instead of patching module globals.
 
 `device`, `kernels` and `conv` choose the backend a model gets when it is made; `batch_split` is
-read at every CPU training step and inference batch, `step` when `fit` starts. `numba_threads`,
+read at every CPU training step and inference batch, `step` and `share_processes` when `fit` starts. `numba_threads`,
 `malloc_tuning` and `spin` tune the whole process, so they are applied once, when the first CPU
 backend is created (see `tinycnn.kernels.cpu.tune_process`); later changes do not take effect.
 """
@@ -42,6 +43,7 @@ class Settings:
     numba_threads: int = None  # None: numba's default (every core)
     malloc_tuning: bool = True
     batch_split: bool = True  # CPU training splits a batch between threads (tinycnn.batch_split)
+    share_processes: bool = True  # fit runs a split batch's second share in a process (tinycnn.share_process)
     step: str = "eager"  # fit's training step: eager, static, or static captured as CUDA graphs
 
 
@@ -85,6 +87,7 @@ _FIELDS = {
     "numba_threads": ("TINYCNN_NUMBA_THREADS", _threads),
     "malloc_tuning": ("TINYCNN_MALLOC_TUNING", _flag),
     "batch_split": ("TINYCNN_BATCH_SPLIT", _flag),
+    "share_processes": ("TINYCNN_SHARE_PROCESSES", _flag),
     "step": ("TINYCNN_STEP", _choice(STEP_CHOICES)),
 }
 

@@ -39,3 +39,8 @@ class DistributedError(RuntimeError):
 class RankFailure(DistributedError):
     """Another rank of a data-parallel job failed; this rank stops too instead of waiting for it
     forever in a collective. The message names the rank and its error."""
+
+
+class ShareProcessError(RuntimeError):
+    """The worker process that trains a split batch's second share during `fit` failed or vanished
+    (tinycnn.share_process). The message holds the worker's traceback."""

@@ -115,6 +115,11 @@ class ParameterBuffer(_GradientSink):
             shares[k] = _GradientShare(self)
         return shares[k]
 
+    def gradient_share_into(self, grads):
+        """A gradient buffer for another share that writes into `grads` (this buffer's layout; the
+        memory a share process hands back, tinycnn.share_process)."""
+        return _GradientShare(self, grads)
+
     # -- regularizers: their penalty joins the loss and their gradient the weights' gradients ------
     def regularization_penalty(self):
         """The sum of the regularizers' penalties (a device scalar), or None without regularizers."""
@@ -133,10 +138,10 @@ class ParameterBuffer(_GradientSink):
 
 
 class _GradientShare(_GradientSink):
-    def __init__(self, buffer):
+    def __init__(self, buffer, grads=None):
         self.index = buffer.index
         self.xp = buffer.xp
-        self.grads = buffer.xp.zeros_like(buffer.grads)
+        self.grads = buffer.xp.zeros_like(buffer.grads) if grads is None else grads
         self.grad_views, offset = [], 0
         for view in buffer.grad_views:
             self.grad_views.append(self.grads[offset : offset + view.size].reshape(view.shape))

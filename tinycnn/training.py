@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import arguments, batch_split, config, static_step
+from . import arguments, batch_split, config, share_process, static_step
 from . import callbacks as callbacks_module
 from . import losses as losses_module
 from . import metrics as metrics_module
@@ -172,6 +172,7 @@ class Trainer:
         self._optimizer_buffer = None  # the flat parameter array the optimizer's state was built for
         self._growth_warned = False  # one weight-growth warning per fit
         self.distribution = None  # a tinycnn.distributed.DataParallel, set by compile
+        self._fit_shares = None  # during fit: its share processes (tinycnn.share_process)
 
     @property
     def metrics_names(self):
@@ -377,9 +378,15 @@ class Trainer:
             return self._share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
 
         with precompile.training(self._compile_helper_helps):  # tinycnn.kernels.precompile
-            results = self._run_rows(plan, rows, work)
-        for k in range(1, len(results)):  # in share order: the same sum on every machine
-            self.params.grads += self.params.gradient_share(k).grads
+            shares = self._batch_shares(plan, rows)
+            if shares is not None and self._fit_shares is not None:  # during fit (tinycnn.share_process)
+                results, share_grads = self._fit_shares.run(self, plan, shares, inputs, targets, sample_weight, n,
+                                                            work)
+            else:
+                results = self._run_rows(plan, rows, work, shares)
+                share_grads = [self.params.gradient_share(k).grads for k in range(1, len(results))]
+        for grads in share_grads:  # in share order: the same sum on every machine
+            self.params.grads += grads
         predictions = self._joined([p for p, _ in results])
         batch_sum = results[0][1]
         for _, part in results[1:]:
@@ -429,10 +436,12 @@ class Trainer:
             return contextlib.nullcontext()
         return batch_split.serial_if_small(rows)
 
-    def _run_rows(self, plan, rows, work):
+    def _run_rows(self, plan, rows, work, shares=False):
         """[work(k, start, stop)] for the shares of a batch of `rows` samples: several in threads
-        where the batch splits (tinycnn.batch_split), else one, the whole batch, on this thread."""
-        shares = self._batch_shares(plan, rows)
+        where the batch splits (tinycnn.batch_split), else one, the whole batch, on this thread.
+        `shares`: the batch's shares if the caller knows them already."""
+        if shares is False:
+            shares = self._batch_shares(plan, rows)
         if shares is None:
             with self.cpu_threads(rows):
                 return [work(0, 0, rows)]
@@ -614,14 +623,30 @@ class Trainer:
         dist = self.distribution
         self.refresh_parameters()
         if dist is None:
-            return self._fit_epochs(xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose,
-                                    callbacks)
+            with self._share_processes():
+                return self._fit_epochs(xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose,
+                                        callbacks)
         self.build_optimizer()
         dist.check_same(self._distributed_facts(xs, t, weights, val, batch_size, epochs, initial_epoch, shuffle))
         dist.synchronize(self)
         with dist.training(self):
             return self._fit_epochs(xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose,
                                     callbacks)
+
+    @contextlib.contextmanager
+    def _share_processes(self):
+        """Inside the block (a fit without data parallelism), split CPU training batches run their
+        second share in a worker process where that works (tinycnn.share_process)."""
+        if (self.backend.kernels.name != "cpu" or not config.settings().share_processes
+                or share_process.usable() is not None):
+            yield
+            return
+        self._fit_shares = share_process.FitShares()
+        try:
+            yield
+        finally:
+            self._fit_shares.close()
+            self._fit_shares = None
 
     def _fit_epochs(self, xs, t, weights, val, n, batch_size, epochs, initial_epoch, shuffle, verbose, callbacks):
         dist = self.distribution
