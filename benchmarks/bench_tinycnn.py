@@ -73,16 +73,24 @@ def main():
     xb, yb = be.asarray(xb_np), be.asarray(C.one_hot(yb_np))
 
     C.log("step: first step + warm-up")
+    xs_steps, ys_steps = x_train[: counts.steps * C.BATCH], y_train1[: counts.steps * C.BATCH]
+
+    def steps_in_fit():
+        model.fit(xs_steps, ys_steps, batch_size=C.BATCH, epochs=1, verbose=0, shuffle=True)
+
     if STEP == "eager":
         def one_step():
             step(model, xb, yb)
         first_s = C.time_once(one_step, sync=sync)
         runs = C.time_per_call(one_step, counts.steps, counts.repeats, warmup=counts.warmup_steps, sync=sync)
+        if be.name == "cpu":  # fit runs a split batch's second half in a process (tinycnn.share_process)
+            result["train_step_ms"] = C.stats(runs)
+            C.time_once(steps_in_fit, sync=sync)  # warm-up
+            runs = [C.time_once(steps_in_fit, sync=sync) * 1e3 / counts.steps for _ in range(counts.repeats)]
+            notes.append(f"step: model.fit over {counts.steps} batches of {C.BATCH} (one epoch, shuffled, no "
+                         "validation) per run, divided by the batches, what a user's fit takes per batch (its "
+                         "second half in a share process); train_step_ms: model.train_step on one batch (threads)")
     else:  # static steps run inside fit: time fit over `steps` full batches, per batch
-        xs_steps, ys_steps = x_train[: counts.steps * C.BATCH], y_train1[: counts.steps * C.BATCH]
-
-        def steps_in_fit():
-            model.fit(xs_steps, ys_steps, batch_size=C.BATCH, epochs=1, verbose=0, shuffle=True)
         first_s = C.time_once(steps_in_fit, sync=sync) / counts.steps
         runs = [C.time_once(steps_in_fit, sync=sync) * 1e3 / counts.steps for _ in range(counts.repeats)]
         notes.append(f"step ({STEP}): model.fit over {counts.steps} batches of {C.BATCH} (one epoch, "

@@ -1,10 +1,13 @@
 """Time one training step (forward, backward, Adam) of the Week2 model at batch 128.
 
-    python benchmarks/step_time.py [--device cpu] [--repeats 3] [--steps 50] [--layers]
+    python benchmarks/step_time.py [--device cpu] [--repeats 3] [--steps 50] [--fit] [--layers]
 
 Median over `repeats` runs of `steps` steps each, after a warm-up that also pays numba's
-compile (or cache load) cost, which is reported separately. `--layers` adds a per-layer
-forward/backward breakdown; `--share` takes it on what one thread of a split batch runs.
+compile (or cache load) cost, which is reported separately. A step is `model.train_step` on one
+batch; with `--fit`, `model.fit` over `steps` batches (one epoch, not shuffled, no validation:
+what fit adds per batch, and on the CPU its share processes, tinycnn.share_process) divided by
+the batches. `--layers` adds a per-layer forward/backward breakdown; `--share` takes it on what
+one thread of a split batch runs.
 """
 import argparse
 import os
@@ -40,6 +43,20 @@ def sync(model):
 
 def step(model, x, y):
     model.train_step([x], y)
+
+
+def time_fit(model, x, y, repeats, steps):
+    """ms per batch of model.fit over `steps` batches like (x, y), `repeats` times."""
+    xs = model.xp.concatenate([x] * steps)
+    ys = model.xp.concatenate([y] * steps)
+    runs = []
+    for _ in range(repeats):
+        sync(model)
+        start = time.perf_counter()
+        model.fit(xs, ys, batch_size=x.shape[0], epochs=1, shuffle=False, verbose=0)
+        sync(model)
+        runs.append((time.perf_counter() - start) / steps * 1e3)
+    return runs
 
 
 def time_steps(model, x, y, repeats, steps):
@@ -96,6 +113,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--fit", action="store_true", help="time model.fit over the steps' batches, per batch")
     parser.add_argument("--layers", action="store_true")
     parser.add_argument("--share", action="store_true",
                         help="with --layers: time each layer on one share of a split batch (half of it) on one numba "
@@ -114,10 +132,10 @@ def main():
     first = time.perf_counter() - start
     for _ in range(3):
         step(model, x, y)
-    runs = time_steps(model, x, y, args.repeats, args.steps)
+    runs = (time_fit if args.fit else time_steps)(model, x, y, args.repeats, args.steps)
     median = statistics.median(runs)
     print(f"backend: {model.backend.describe()}")
-    print(f"Week2 training step, batch 128: median {median:.1f} ms (runs: {', '.join(f'{r:.1f}' for r in runs)}); "
+    print(f"Week2 training step{' in fit' if args.fit else ''}, batch 128: median {median:.1f} ms (runs: {', '.join(f'{r:.1f}' for r in runs)}); "
           f"first step incl. build and compile/cache load: {first:.2f} s")
     if args.layers and args.share:
         import numba

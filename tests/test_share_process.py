@@ -118,14 +118,14 @@ def test_the_setting_and_a_small_batch_keep_threads(forks):
 
 def test_a_failing_worker_raises_its_traceback_in_the_parent(forks, monkeypatch):
     parent = os.getpid()
-    share_step = Trainer._share_step
+    share_step = Trainer.share_step
 
     def failing_in_the_worker(self, *args):
         if os.getpid() != parent:
             raise ArithmeticError("injected in the worker")
         return share_step(self, *args)
 
-    monkeypatch.setattr(Trainer, "_share_step", failing_in_the_worker)
+    monkeypatch.setattr(Trainer, "share_step", failing_in_the_worker)
     with pytest.raises(ShareProcessError, match="injected in the worker"):
         fit(True)
     assert len(forks) == 1 and gone(forks[0])
@@ -133,7 +133,7 @@ def test_a_failing_worker_raises_its_traceback_in_the_parent(forks, monkeypatch)
 
 def test_an_interrupted_parent_kills_its_worker(forks, monkeypatch):
     parent = os.getpid()
-    share_step = Trainer._share_step
+    share_step = Trainer.share_step
     steps = []
 
     def interrupted(self, *args):
@@ -143,7 +143,7 @@ def test_an_interrupted_parent_kills_its_worker(forks, monkeypatch):
                 raise KeyboardInterrupt
         return share_step(self, *args)
 
-    monkeypatch.setattr(Trainer, "_share_step", interrupted)
+    monkeypatch.setattr(Trainer, "share_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fit(True)
     assert len(forks) == 1 and gone(forks[0])

@@ -3,7 +3,7 @@ from . import (activations, arguments, backend, callbacks, config, datasets, dis
                layers, losses, metrics, models, optimizers, regularizers, saving, schedules, utils)
 from .backend import get_backend
 from .errors import (ConfigError, DatasetError, DeviceError, DistributedError, GraphError, ModelBusyError, RankFailure,
-                     ShapeError, WeightsFileError)
+                     ShapeError, ShareProcessError, WeightsFileError)
 from .layers import Input
 from .model import Model, Sequential
 
@@ -12,5 +12,5 @@ __all__ = [
     "Model", "Sequential", "Input", "layers", "losses", "metrics", "models", "optimizers", "schedules", "callbacks",
     "activations", "initializers", "regularizers", "utils", "backend", "config", "datasets", "files", "gradcheck",
     "saving", "get_backend", "ConfigError", "DeviceError", "GraphError", "ShapeError", "WeightsFileError",
-    "ModelBusyError", "DatasetError", "DistributedError", "RankFailure", "distributed", "arguments", "__version__",
+    "ModelBusyError", "DatasetError", "DistributedError", "RankFailure", "ShareProcessError", "distributed", "arguments", "__version__",
 ]

@@ -1,16 +1,16 @@
 """tinycnn's settings, read in one place::
 
-    | setting         | environment variable    | values                   | default                          |
-    |-----------------|-------------------------|--------------------------|----------------------------------|
-    | `device`        | `TINYCNN_DEVICE`        | auto, cpu, gpu           | auto (the GPU if one works)      |
-    | `kernels`       | `TINYCNN_KERNELS`       | fast, reference          | fast (numba / CUDA kernels)      |
-    | `conv`          | `TINYCNN_CONV`          | direct, gemm             | direct (CPU, every float layer) |
-    | `numba_threads` | `TINYCNN_NUMBA_THREADS` | a positive integer       | numba's default: every core      |
-    | `malloc_tuning` | `TINYCNN_MALLOC_TUNING` | 1, 0                     | 1                                |
-    | `batch_split`   | `TINYCNN_BATCH_SPLIT`   | 1, 0                     | 1 (CPU: see tinycnn.batch_split)|
-    | `share_processes` | `TINYCNN_SHARE_PROCESSES` | 1, 0                 | 1 (fit: see tinycnn.share_process) |
-    | `step`          | `TINYCNN_STEP`          | eager, static, graphs    | eager (see tinycnn.static_step)  |
-    | `spin`          | `GOMP_SPINCOUNT`, `OMP_WAIT_POLICY` | OpenMP's own | GOMP_SPINCOUNT=1000 if neither is set |
+    | setting           | environment variable                | values                | default                               |
+    |-------------------|-------------------------------------|-----------------------|---------------------------------------|
+    | `device`          | `TINYCNN_DEVICE`                    | auto, cpu, gpu        | auto (the GPU if one works)           |
+    | `kernels`         | `TINYCNN_KERNELS`                   | fast, reference       | fast (numba / CUDA kernels)           |
+    | `conv`            | `TINYCNN_CONV`                      | direct, gemm          | direct (CPU, every float layer)       |
+    | `numba_threads`   | `TINYCNN_NUMBA_THREADS`             | a positive integer    | numba's default: every core           |
+    | `malloc_tuning`   | `TINYCNN_MALLOC_TUNING`             | 1, 0                  | 1                                     |
+    | `batch_split`     | `TINYCNN_BATCH_SPLIT`               | 1, 0                  | 1 (CPU: see tinycnn.batch_split)      |
+    | `share_processes` | `TINYCNN_SHARE_PROCESSES`           | 1, 0                  | 1 (fit: see tinycnn.share_process)    |
+    | `step`            | `TINYCNN_STEP`                      | eager, static, graphs | eager (see tinycnn.static_step)       |
+    | `spin`            | `GOMP_SPINCOUNT`, `OMP_WAIT_POLICY` | OpenMP's own          | GOMP_SPINCOUNT=1000 if neither is set |
 
 `settings()` reads the environment every time it is called (a few dictionary lookups) and lays
 the overrides of any enclosing `using(...)` block over it; a bad value raises `ConfigError`

@@ -11,7 +11,7 @@ How: when `fit` has run one training step with threads (so every kernel the shar
 compiled and is inherited), it forks a worker that lives until `fit` ends. For each training
 step the parent copies the worker's share of the batch and the current weights into memory both
 processes map (an anonymous shared mmap made before the fork) and runs its own share; the worker
-runs the second share exactly as the second thread would (`Model._share_step`, one numba thread),
+runs the second share exactly as the second thread would (`Model.share_step`, on one numba thread),
 and leaves its predictions, loss sum and weight gradients in the shared memory. Their meetings
 are batch_split's (`ProcessSplit` stands in for its thread split): BatchNormalization's sums go
 through slots in the shared memory and are added in share order, and the Dropout seeds are
@@ -37,6 +37,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 
 import numpy as np
 
@@ -46,12 +47,12 @@ from .errors import ShareProcessError
 # The control words (int64) at the start of the shared memory.
 CMD, DONE, RED_0, RED_1, SEEDS, STATUS, ROWS, START, TOTAL, LOSS_KIND = range(10)
 CONTROL_WORDS = 16
-EXIT = -1  # a CMD value: the worker exits
 SLOT_BYTES = 1 << 20  # one share's part of one reduction (BatchNorm sums: a few values per channel)
 SEED_SLOTS = 4096  # Dropout seeds a step may draw
 ERROR_BYTES = 1 << 16
-SPIN = 20_000  # polls before a wait starts sleeping (~ a few ms of a busy peer)
-NAP = 50e-6  # seconds between polls after that
+# A wait polls SPIN times (1-2 ms: a meeting inside a step is shorter), then sleeps NAP between
+# polls, and after NAPS of those (a worker waiting while the parent validates) LONG_NAP.
+SPIN, NAP, NAPS, LONG_NAP = 20_000, 50e-6, 2_000, 1e-3
 
 
 def usable():
@@ -125,8 +126,8 @@ class ProcessSplit:
         while control[word] < target:
             polls += 1
             if polls > SPIN:
-                time.sleep(NAP)
-                if polls % 2000 == 0:
+                time.sleep(NAP if polls < SPIN + NAPS else LONG_NAP)
+                if polls % 200 == 0:
                     self.check_peer()
         if control[STATUS] != 0:
             self.check_peer()
@@ -188,9 +189,15 @@ class ShareProcess:
         self.key = self._key(model, plan, inputs, targets, weights)
         self.memory = _Memory(self.params.params, inputs, targets, weights, predictions, rows)
         self.sequence = 0
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
+        for stream in (sys.stdout, sys.stderr):  # else the worker holds a copy of what is unwritten
+            if stream is not None:
+                stream.flush()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns that forking a process with threads may deadlock the child: a lock
+            # another thread held at the fork stays held there. The worker takes none of the other
+            # threads' locks: it runs kernels that are compiled, NumPy, and this module.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the worker: never returns
             _serve(model, plan, self.memory, os.getppid())
         self.pid = pid
@@ -262,7 +269,7 @@ class ShareProcess:
 
 
 def _serve(model, plan, memory, parent):
-    """The worker's loop: a step per command until EXIT or the parent's end. Exits, never returns."""
+    """The worker's loop: a step per command, until the parent kills it or is gone. Exits, never returns."""
     status = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it kills us
@@ -276,9 +283,7 @@ def _serve(model, plan, memory, parent):
         split = ProcessSplit(memory, 1, lambda: os.getppid() == parent)
         done = 0
         while True:
-            split.wait(CMD, done + 1)  # raises when the parent is gone
-            if control[CMD] == EXIT:
-                break
+            split.wait(CMD, done + 1)  # raises when the parent is gone; the parent ends us with SIGKILL
             done = int(control[CMD])
             rows, start, n = int(control[ROWS]), int(control[START]), int(control[TOTAL])
             params.params[...] = memory.params
@@ -288,7 +293,7 @@ def _serve(model, plan, memory, parent):
             split.reductions = split.draws = 0
 
             def work(k, a, b):
-                return model._share_step(plan, inputs, targets, weights, n, sink)
+                return model.share_step(plan, inputs, targets, weights, n, sink)
 
             predictions, total = batch_split.run_share(split, 1, start, start + rows, 1, work)
             memory.predictions[:rows] = predictions

@@ -375,7 +375,7 @@ class Trainer:
         def work(k, start, stop):
             weights = None if sample_weight is None else sample_weight[start:stop]
             sink = self.params if k == 0 else self.params.gradient_share(k)
-            return self._share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
+            return self.share_step(plan, [x[start:stop] for x in inputs], targets[start:stop], weights, n, sink)
 
         with precompile.training(self._compile_helper_helps):  # tinycnn.kernels.precompile
             shares = self._batch_shares(plan, rows)
@@ -405,7 +405,7 @@ class Trainer:
                 and self.backend.settings.conv == "direct"
                 and any(isinstance(layer, (Conv2D, SeparableConv2D)) for layer in self.compute_layers))
 
-    def _share_step(self, plan, inputs, targets, sample_weight, n, gradients):
+    def share_step(self, plan, inputs, targets, sample_weight, n, gradients):
         """Forward, loss and backward of `inputs` (the batch, or one share of it) into `gradients`,
         the loss gradient scaled by 1/n (n: the whole batch). Returns (predictions, loss sum)."""
         (out,), tape = plan.forward(inputs, training=True, keep_for_backward=True)
@@ -637,8 +637,9 @@ class Trainer:
     def _share_processes(self):
         """Inside the block (a fit without data parallelism), split CPU training batches run their
         second share in a worker process where that works (tinycnn.share_process)."""
-        if (self.backend.kernels.name != "cpu" or not config.settings().share_processes
-                or share_process.usable() is not None):
+        settings = config.settings()
+        if (self.backend.kernels.name != "cpu" or not settings.share_processes or settings.step != "eager"
+                or share_process.usable() is not None):  # a static step's buffers and keys stay in threads
             yield
             return
         self._fit_shares = share_process.FitShares()
