@@ -121,7 +121,9 @@ class Layer:
     # Whether two threads may run forward and backward at once, on two shares of one batch
     # (tinycnn.batch_split): true of tinycnn's layers, which keep what a call needs in `saved`
     # and coordinate the rest (Dropout's seeds, BatchNormalization's statistics). A custom layer
-    # that does the same may set it; otherwise a graph holding it trains unsplit.
+    # that does the same may set it; otherwise a graph holding it trains unsplit. In `fit` the
+    # second share runs in a forked process (tinycnn.share_process): what such a layer changes on
+    # itself there stays in that process; only the first share's changes reach the model.
     thread_safe = False
 
     def __init__(self, name=None, input_shape=None, trainable=True, **unknown):
