@@ -85,11 +85,14 @@ def main():
         runs = C.time_per_call(one_step, counts.steps, counts.repeats, warmup=counts.warmup_steps, sync=sync)
         if be.name == "cpu":  # fit runs a split batch's second half in a process (tinycnn.share_process)
             result["train_step_ms"] = C.stats(runs)
-            C.time_once(steps_in_fit, sync=sync)  # warm-up
-            runs = [C.time_once(steps_in_fit, sync=sync) * 1e3 / counts.steps for _ in range(counts.repeats)]
-            notes.append(f"step: model.fit over {counts.steps} batches of {C.BATCH} (one epoch, shuffled, no "
-                         "validation) per run, divided by the batches, what a user's fit takes per batch (its "
-                         "second half in a share process); train_step_ms: model.train_step on one batch (threads)")
+            runs = C.fit_batch_ms(model, x_train, y_train1, C.BATCH, counts.warmup_steps, counts.steps,
+                                  counts.repeats)
+            notes.append(f"step: the steady state of model.fit, as the peers' step loops: one fit (shuffled, no "
+                         f"validation) over {counts.warmup_steps} + {counts.repeats} x {counts.steps} batches of "
+                         f"{C.BATCH}, each run the mean batch time (between on_train_batch_end calls) of "
+                         f"{counts.steps} consecutive batches after the first {counts.warmup_steps} (which include "
+                         "the fork of fit's share process, tinycnn.share_process); train_step_ms: model.train_step "
+                         "on one batch in a loop (both halves in threads)")
     else:  # static steps run inside fit: time fit over `steps` full batches, per batch
         first_s = C.time_once(steps_in_fit, sync=sync) / counts.steps
         runs = [C.time_once(steps_in_fit, sync=sync) * 1e3 / counts.steps for _ in range(counts.repeats)]

@@ -275,6 +275,34 @@ def time_per_call(fn, calls, repeats, warmup=0, sync=None, scale=1e3):
     return runs
 
 
+def fit_batch_ms(model, x, y, batch, warmup, steps, repeats):
+    """tinycnn: ms per batch in the steady state of one long `model.fit` (shuffled, no validation),
+    as a peer's step loop after its warm-up: `repeats` windows of `steps` consecutive batches after
+    the first `warmup` (fit's first batch runs in threads and the second forks its share process,
+    tinycnn.share_process: a one-off cost per fit), timed between on_train_batch_end calls. x and y
+    are repeated as needed."""
+    import numpy as np
+
+    import tinycnn as tc
+
+    rows = (warmup + repeats * steps) * batch
+    x, y = x[:rows], y[:rows]
+    reps = -(-rows // x.shape[0])
+    xs, ys = np.concatenate([x] * reps)[:rows], np.concatenate([y] * reps)[:rows]
+
+    class Clock(tc.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.times = [time.perf_counter()]
+
+        def on_train_batch_end(self, batch_index, logs=None):
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    model.fit(xs, ys, batch_size=batch, epochs=1, verbose=0, shuffle=True, callbacks=[clock])
+    ends = clock.times[warmup:]  # [k]: the end of batch warmup + k
+    return [(ends[(k + 1) * steps] - ends[k * steps]) / steps * 1e3 for k in range(repeats)]
+
+
 def time_once(fn, sync=None):
     """Seconds taken by one call of ``fn()``."""
     start = time.perf_counter()

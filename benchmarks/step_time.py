@@ -4,9 +4,8 @@
 
 Median over `repeats` runs of `steps` steps each, after a warm-up that also pays numba's
 compile (or cache load) cost, which is reported separately. A step is `model.train_step` on one
-batch; with `--fit`, `model.fit` over `steps` batches (one epoch, not shuffled, no validation:
-what fit adds per batch, and on the CPU its share processes, tinycnn.share_process) divided by
-the batches. `--layers` adds a per-layer forward/backward breakdown; `--share` takes it on what
+batch; with `--fit`, a batch in the steady state of one long `model.fit` (what fit adds per
+batch, and on the CPU its share process, tinycnn.share_process; benchmarks/common.fit_batch_ms). `--layers` adds a per-layer forward/backward breakdown; `--share` takes it on what
 one thread of a split batch runs.
 """
 import argparse
@@ -19,6 +18,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from week2_model import build_week2_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402  (beside this script)
 
 import tinycnn as tc  # noqa: E402
 
@@ -46,17 +48,8 @@ def step(model, x, y):
 
 
 def time_fit(model, x, y, repeats, steps):
-    """ms per batch of model.fit over `steps` batches like (x, y), `repeats` times."""
-    xs = model.xp.concatenate([x] * steps)
-    ys = model.xp.concatenate([y] * steps)
-    runs = []
-    for _ in range(repeats):
-        sync(model)
-        start = time.perf_counter()
-        model.fit(xs, ys, batch_size=x.shape[0], epochs=1, shuffle=False, verbose=0)
-        sync(model)
-        runs.append((time.perf_counter() - start) / steps * 1e3)
-    return runs
+    """ms per batch in the steady state of one long model.fit (benchmarks/common.fit_batch_ms)."""
+    return C.fit_batch_ms(model, model.xp.asarray(x), model.xp.asarray(y), x.shape[0], 5, steps, repeats)
 
 
 def time_steps(model, x, y, repeats, steps):
