@@ -202,6 +202,8 @@ def roofline_rows(work, times, peak, bandwidth, in_step=lambda name: True):
 
 
 def step_ms(threads, steps=50):
+    """The Week2 training step at batch 128: a batch in the steady state of one long model.fit
+    (common.fit_batch_ms, its share process included), median of 3 windows of `steps` batches."""
     import numpy as np
 
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
@@ -212,17 +214,8 @@ def step_ms(threads, steps=50):
     model.compile(tc.optimizers.Adam(0.003), "categorical_crossentropy", ["acc"])
     rng = np.random.default_rng(0)
     x = rng.random((128, 28, 28, 1), dtype=np.float32)
-    y = model.check_targets(np.eye(10, dtype=np.float32)[rng.integers(0, 10, 128)], 128)
-    xs = model.check_inputs(x)
-    for _ in range(5):
-        model.train_step(xs, y)
-    runs = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(steps):
-            model.train_step(xs, y)
-        runs.append((time.perf_counter() - t) / steps * 1e3)
-    return sorted(runs)[1]
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 128)]
+    return sorted(C.fit_batch_ms(model, x, y, 128, 5, steps, 3))[1]
 
 
 def main():
