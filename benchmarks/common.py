@@ -286,9 +286,10 @@ def fit_batch_ms(model, x, y, batch, warmup, steps, repeats):
     import tinycnn as tc
 
     rows = (warmup + repeats * steps) * batch
-    x, y = x[:rows], y[:rows]
-    reps = -(-rows // x.shape[0])
-    xs, ys = np.concatenate([x] * reps)[:rows], np.concatenate([y] * reps)[:rows]
+    xs, ys = x[:rows], y[:rows]  # views: no copy of a data set that is long enough
+    if xs.shape[0] < rows:
+        reps = -(-rows // xs.shape[0])
+        xs, ys = np.concatenate([xs] * reps)[:rows], np.concatenate([ys] * reps)[:rows]
 
     class Clock(tc.callbacks.Callback):
         def on_train_begin(self, logs=None):
