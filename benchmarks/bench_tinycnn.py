@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import common as C  # noqa: E402
@@ -31,7 +33,14 @@ def cold_compile_seconds():
     with tempfile.TemporaryDirectory() as cache:
         cold = run({**os.environ, "NUMBA_CACHE_DIR": cache})
         warm = run({**os.environ, "NUMBA_CACHE_DIR": cache})
-    return cold, warm
+    with tempfile.TemporaryDirectory() as cache:  # python -m tinycnn.precompile first, as the README's install does
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "tinycnn.precompile"], cwd=ROOT, env=env, capture_output=True,
+                       check=True, timeout=900)
+        precompile = time.perf_counter() - start
+        after = run(env)
+    return cold, warm, precompile, after
 
 
 def main():
@@ -57,8 +66,9 @@ def main():
     result["params"] = model.count_params()
     notes = [f"backend {be.describe()}", "float32 NHWC; numba on OpenMP threads on all cores, idle threads spin 1000 rounds then sleep (GOMP_SPINCOUNT=1000); no BLAS in the step",
              "step = forward + fused softmax-CE + backward + one fused Adam update over the flat parameter buffer",
-             "on the CPU the step's batch and inference's sub-batches run as two halves in two threads, each on one "
-             "numba thread (tinycnn.batch_split; kernel timings below use all threads on the whole batch)",
+             "on the CPU the step's batch and inference's sub-batches run as two halves, each on one numba thread "
+             "(tinycnn.batch_split): in fit the second half in a forked process (tinycnn.share_process), elsewhere "
+             "in a second thread (kernel timings below use all threads on the whole batch)",
              "numba kernels load from the on-disk cache; compile_s = first step - steady step with a warm cache, "
              "compile_cold_s = the same in a fresh process with an empty cache"]
 
@@ -135,9 +145,12 @@ def main():
         result["kernels"] = kernels(np, be, counts, notes, sync)
     if be.name == "cpu" and not args.quick:
         C.log("numba compile: cold cache vs warm cache")
-        cold, warm = cold_compile_seconds()
+        cold, warm, precompile, after = cold_compile_seconds()
         result["compile_cold_s"] = C.rounded(cold - warm)
-        notes.append(f"first step in a fresh process: {cold:.1f} s with an empty numba cache, {warm:.1f} s with it warm")
+        result["precompile_s"], result["first_step_after_precompile_s"] = C.rounded(precompile), C.rounded(after)
+        notes.append(f"first step in a fresh process: {cold:.1f} s with an empty numba cache, {warm:.1f} s with it "
+                     f"warm; `python -m tinycnn.precompile` into an empty cache {precompile:.1f} s, and the first step "
+                     f"after it {after:.1f} s")
     result["notes"] = "; ".join(notes)
     C.emit(result)
 
