@@ -330,6 +330,94 @@ def _depthwise1_forward(xpad, kernel, sh, sw, z):
                             zf[U(zo + ch)] += xf[U(xo + ch)] * kf[U(ko + ch)]
 
 
+# A 3x3 kernel with one filter per channel (MobileNet's case) runs on the unpadded input: an output
+# whose nine taps all fall inside the image sums them in registers, in the (a, d) order of the
+# padded loops above (one store per output instead of a read-modify-write per tap), and one on the
+# border skips the taps outside (what padding adds there is 0). So the results are the padded
+# loops' bits (a zero's sign aside), without the padded copy of the input (forward and backward)
+# and the padded input gradient's zeroing and cropping (backward). 32 images of 28x28x64, 'same',
+# 2 threads of a Zen 3 guest, through the kernel entries, 3 interleaved rounds against the padded
+# loops: forward 1.84-2.52 -> 0.68-0.79 ms, backward (dx and dw) 2.25-3.14 -> 1.53-2.31 ms. (The
+# registers alone, on a padded input: 0.95 -> 0.68 ms; the padded copy cost about 0.6 ms more.)
+@njit(inline="always")
+def _tap_rows(i, sh, top, h):
+    """The first and last+1 of the kernel rows a (0..2) whose input row i*sh + a - top is inside."""
+    r = i * sh - top
+    return max(0, -r), min(3, h - r)
+
+
+@with_serial_twin
+@njit(**_JIT)
+def _depthwise3x3_forward(x, kernel, sh, sw, top, left, z):
+    n, oh, ow, c = z.shape
+    h, w = x.shape[1], x.shape[2]
+    xf, kf, zf = x.reshape(-1), kernel.reshape(-1), z.reshape(-1)
+    r = w * c  # one input row
+    for b in prange(n):
+        for i in range(oh):
+            a0, a1 = _tap_rows(i, sh, top, h)
+            for j in range(ow):
+                d0, d1 = _tap_rows(j, sw, left, w)
+                zo = ((b * oh + i) * ow + j) * c
+                if a0 == 0 and a1 == 3 and d0 == 0 and d1 == 3:
+                    x0 = ((b * h + i * sh - top) * w + j * sw - left) * c
+                    x1, x2 = x0 + r, x0 + 2 * r
+                    for ch in range(c):
+                        s = xf[U(x0 + ch)] * kf[U(ch)]
+                        s += xf[U(x0 + c + ch)] * kf[U(c + ch)]
+                        s += xf[U(x0 + 2 * c + ch)] * kf[U(2 * c + ch)]
+                        s += xf[U(x1 + ch)] * kf[U(3 * c + ch)]
+                        s += xf[U(x1 + c + ch)] * kf[U(4 * c + ch)]
+                        s += xf[U(x1 + 2 * c + ch)] * kf[U(5 * c + ch)]
+                        s += xf[U(x2 + ch)] * kf[U(6 * c + ch)]
+                        s += xf[U(x2 + c + ch)] * kf[U(7 * c + ch)]
+                        s += xf[U(x2 + 2 * c + ch)] * kf[U(8 * c + ch)]
+                        zf[U(zo + ch)] = s
+                else:
+                    for ch in range(c):
+                        zf[U(zo + ch)] = 0.0
+                    for a in range(a0, a1):
+                        for d in range(d0, d1):
+                            xo = ((b * h + i * sh + a - top) * w + j * sw + d - left) * c
+                            ko = (a * 3 + d) * c
+                            for ch in range(c):
+                                zf[U(zo + ch)] += xf[U(xo + ch)] * kf[U(ko + ch)]
+
+
+@with_serial_twin
+@njit(**_JIT)
+def _depthwise3x3_backward(x, dz, kernel, sh, sw, top, left, need_dx, partial, dx):
+    """_depthwise1_backward for a 3x3 kernel on the unpadded input: partial[b] and dx[b] (unpadded).
+    Each tap's products stay a loop of their own (two arrays each: it vectorizes; the nine taps in
+    one loop body touch 20 arrays that may overlap, and ran scalar, 3.5x slower)."""
+    n, oh, ow, c = dz.shape
+    h, w = x.shape[1], x.shape[2]
+    xf, dzf, kf = x.reshape(-1), dz.reshape(-1), kernel.reshape(-1)
+    pf, dxf = partial.reshape(-1), dx.reshape(-1)
+    for b in prange(n):
+        po = b * 9 * c
+        for e in range(9 * c):
+            pf[U(po + e)] = 0.0
+        if need_dx:
+            for e in range(h * w * c):
+                dxf[U(b * h * w * c + e)] = 0.0
+        for i in range(oh):
+            a0, a1 = _tap_rows(i, sh, top, h)
+            for j in range(ow):
+                d0, d1 = _tap_rows(j, sw, left, w)
+                go = ((b * oh + i) * ow + j) * c
+                for a in range(a0, a1):
+                    for d in range(d0, d1):
+                        xo = ((b * h + i * sh + a - top) * w + j * sw + d - left) * c
+                        to = po + (a * 3 + d) * c
+                        for ch in range(c):
+                            pf[U(to + ch)] += xf[U(xo + ch)] * dzf[U(go + ch)]
+                        if need_dx:
+                            ko = (a * 3 + d) * c
+                            for ch in range(c):
+                                dxf[U(xo + ch)] += dzf[U(go + ch)] * kf[U(ko + ch)]
+
+
 @with_serial_twin
 @njit(**_JIT)
 def _depthwise1_backward(xpad, dz, kernel, sh, sw, need_dx, partial, dxpad):
@@ -671,20 +759,32 @@ class CPUKernels(ReferenceKernels):
         return dx
 
     def depthwise_conv2d_forward(self, x, kernel, stride, pads):
+        """`saved` is (input, padded?): a 3x3 kernel with one filter per channel runs on the input
+        as it is (the borders skip the taps outside), other kernels on a padded copy."""
         n, h, w, c = x.shape
         kh, kw, _, m = kernel.shape
         oh, ow = output_hw(h, w, kh, kw, stride, pads)
-        xpad = np.ascontiguousarray(pad_nhwc(x, pads))
         z = np.empty((n, oh, ow, c * m), dtype=x.dtype)
+        if (kh, kw, m) == (3, 3, 1):
+            x = np.ascontiguousarray(x)
+            _depthwise3x3_forward(x, np.ascontiguousarray(kernel), stride[0], stride[1], pads[0], pads[2], z)
+            return z, (x, False)
+        xpad = np.ascontiguousarray(pad_nhwc(x, pads))
         forward = _depthwise1_forward if m == 1 else _depthwise_forward
         forward(xpad, np.ascontiguousarray(kernel), stride[0], stride[1], z)
-        return z, xpad
+        return z, (xpad, True)
 
     def depthwise_conv2d_backward(self, dz, saved, x_shape, kernel, stride, pads, dkernel, need_dx):
-        xpad = saved
+        xpad, padded = saved
         n, h, w, c = x_shape
         top, _, left, _ = pads
         partial = np.empty((n,) + kernel.shape, dtype=dz.dtype)
+        if not padded:
+            dx = np.empty(x_shape if need_dx else (1, 1, 1, 1), dtype=dz.dtype)
+            _depthwise3x3_backward(xpad, np.ascontiguousarray(dz), np.ascontiguousarray(kernel), stride[0], stride[1],
+                                   top, left, need_dx, partial, dx)
+            dkernel[...] = partial.sum(axis=0)  # a fixed order: no dependence on the thread count
+            return dx if need_dx else None
         dxpad = np.empty(xpad.shape if need_dx else (1, 1, 1, 1), dtype=dz.dtype)
         backward = _depthwise1_backward if kernel.shape[3] == 1 else _depthwise_backward
         backward(xpad, np.ascontiguousarray(dz), np.ascontiguousarray(kernel), stride[0], stride[1], need_dx, partial,
