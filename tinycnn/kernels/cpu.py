@@ -337,8 +337,9 @@ def _depthwise1_forward(xpad, kernel, sh, sw, z):
 # loops (_depthwise1_forward and _backward; a zero's sign aside), without the padded copy of the
 # input (forward and backward) and the padded input gradient's zeroing and cropping (backward).
 # 32 images of 28x28x64, 'same', 2 threads of a Zen 3 guest, through the kernel entries, 3
-# interleaved rounds against the padded loops: forward 1.84-2.52 -> 0.68-0.79 ms, backward (dx and dw) 2.25-3.14 -> 1.53-2.31 ms. (The
-# registers alone, on a padded input: 0.95 -> 0.68 ms; the padded copy cost about 0.6 ms more.)
+# interleaved rounds against the padded loops: forward 1.84-2.52 -> 0.68-0.79 ms, backward (dx and
+# dw) 2.25-3.14 -> 1.53-2.31 ms. (The registers alone, on a padded input: 0.95 -> 0.68 ms; the
+# padded copy cost about 0.6 ms more.)
 @njit(inline="always")
 def _tap_rows(i, sh, top, h):
     """The first and last+1 of the kernel rows a (0..2) whose input row i*sh + a - top is inside."""
