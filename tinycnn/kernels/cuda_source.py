@@ -153,6 +153,34 @@ extern "C" __global__ void tinycnn_col2im(const T* cols, T* dx, I n, int h, int 
     }
 }
 """,
+    # A convolution's input gradient in one launch: col2im's gather, with each window column it
+    # reads, (dz @ kernel2d.T)[row, (a, d, ch)], computed in place over the F filters (f in order),
+    # instead of a GEMM that writes the (N*OH*OW, K) columns and a col2im that reads them back.
+    "tinycnn_conv_input_grad": r"""
+extern "C" __global__ void tinycnn_conv_input_grad(const T* dz, const T* kernel2d, T* dx, I n, int h, int w, int c,
+                                                   int kh, int kw, int sh, int sw, int top, int left, int oh,
+                                                   int ow, int f) {
+    TINYCNN_FOR_EACH(i, n) {
+        const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
+        const I b = i / ((I)c * w * h);
+        T total = 0;
+        for (int a = 0; a < kh; ++a) {
+            const int sy = y + top - a;
+            if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
+            for (int d = 0; d < kw; ++d) {
+                const int sx = xx + left - d;
+                if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
+                const T* g = dz + ((b * oh + sy / sh) * ow + sx / sw) * (I)f;
+                const T* k = kernel2d + (I)((a * kw + d) * c + ch) * f;
+                T column = 0;
+                for (int q = 0; q < f; ++q) column += g[q] * k[q];
+                total += column;
+            }
+        }
+        dx[i] = total;
+    }
+}
+""",
     # Windows are clipped to the image, so 'same' padding never wins a maximum (as the reference's -inf).
     "tinycnn_maxpool_forward": r"""
 extern "C" __global__ void tinycnn_maxpool_forward(const T* x, T* y, int* argmax, I n, int h, int w, int c,

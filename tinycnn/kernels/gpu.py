@@ -44,7 +44,7 @@ class GPUKernels(ReferenceKernels):
 
     name = "gpu"
     fuses_relu_batchnorm = True  # the BatchNorm kernels read a ReLU's input (relu=1): see ReferenceKernels
-    overrides = ("im2col", "col2im", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
+    overrides = ("im2col", "col2im", "conv2d_backward", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
                  "global_avgpool_backward", "relu_backward",
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
                  "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
@@ -108,6 +108,29 @@ class GPUKernels(ReferenceKernels):
         dx = cp.empty(x_shape, dtype=cols.dtype)
         self._launch("tinycnn_col2im", cols.dtype, dx.size, cp.ascontiguousarray(cols), dx, _Index(dx.size),
                      *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow), biggest=cols.size)
+        return dx
+
+    def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
+        """As the reference (the kernel gradient: one GEMM of the saved window columns), but the
+        input gradient of a window larger than a pixel in one launch (tinycnn_conv_input_grad) instead of a
+        GEMM and col2im: 6 launches fewer per Week2 step, and no (N*OH*OW, K) columns written."""
+        cols = saved
+        cp.matmul(cols.T, dz, out=dkernel2d)
+        if not need_dx:
+            return None
+        if (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads):
+            return (dz @ kernel2d.T).reshape(x_shape)  # a 1x1 window: the GEMM is the whole gradient
+        return self._conv_input_grad(dz, kernel2d, x_shape, kh, kw, stride, pads)
+
+    def _conv_input_grad(self, dz, kernel2d, x_shape, kh, kw, stride, pads):
+        """col2im(dz @ kernel2d.T) in one kernel: dz (N*OH*OW, F), kernel2d (K, F)."""
+        n, h, w, c = x_shape
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        dx = cp.empty(x_shape, dtype=dz.dtype)
+        self._launch("tinycnn_conv_input_grad", dz.dtype, dx.size, cp.ascontiguousarray(dz),
+                     cp.ascontiguousarray(kernel2d), dx, _Index(dx.size),
+                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, kernel2d.shape[1]),
+                     biggest=max(dz.size, kernel2d.size))
         return dx
 
     # -- max pooling --------------------------------------------------------------------------------
