@@ -45,11 +45,12 @@ def forks(monkeypatch):
 
 
 def gone(pid):
+    """The process has exited (a zombie no one has reaped yet counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
         return True
-    return False
 
 
 def fit(processes, callbacks=(), **kwargs):
@@ -158,3 +159,39 @@ def test_a_vanished_worker_is_an_error_not_a_hang(forks):
     with pytest.raises(ShareProcessError, match="other share is gone"):
         fit(True, [Kill()])
     assert gone(forks[0])
+
+
+def test_a_worker_whose_parent_dies_exits(tmp_path):
+    """No orphan: a parent killed mid-fit (os._exit, as by SIGKILL: no cleanup) leaves a worker that
+    notices and exits within seconds."""
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    script = f"""
+import os
+import numpy as np
+import tinycnn as tc
+from tinycnn import layers as L
+layers = [L.Conv2D(8, 3, activation="relu", input_shape=(10, 10, 2)), L.BatchNormalization(),
+          L.GlobalAveragePooling2D(), L.Dense(5, activation="softmax")]
+model = tc.Sequential(layers, device="cpu", seed=3)
+model.compile("adam", "categorical_crossentropy")
+rng = np.random.default_rng(1)
+x = rng.standard_normal((640, 10, 10, 2)).astype(np.float32)
+y = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 640)]
+class Die(tc.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 3:
+            open({str(pid_file)!r}, "w").write(str(self.model._fit_shares.worker.pid))
+            os._exit(0)
+model.fit(x, y, batch_size=64, epochs=1, verbose=0, callbacks=[Die()])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 20
+    while not gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(worker)
