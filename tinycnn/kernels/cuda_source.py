@@ -37,6 +37,15 @@ _PRELUDE = r"""
 #define TINYCNN_FOR_EACH(i, n) \
     for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (I)blockDim.x * gridDim.x)
 
+// For input pixel (y, x): each offset (a, d) of a kh x kw window at stride (sh, sw) whose output
+// (oy, ox) covers it, in (a, d) order; the statement after it runs once per such window. What
+// col2im, the convolution's input gradient and max-pool's gradient gather over.
+#define TINYCNN_FOR_EACH_COVERING_WINDOW(a, d, oy, ox, y, x, kh, kw, sh, sw, top, left, oh, ow)              \
+    for (int a = 0, oy = 0; a < (kh); ++a)                                                                  \
+        if ((oy = (y) + (top) - a) >= 0 && oy % (sh) == 0 && (oy /= (sh)) < (oh))                            \
+            for (int d = 0, ox = 0; d < (kw); ++d)                                                          \
+                if ((ox = (x) + (left) - d) >= 0 && ox % (sw) == 0 && (ox /= (sw)) < (ow))
+
 __device__ __forceinline__ int tinycnn_max(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int tinycnn_min(int a, int b) { return a < b ? a : b; }
 
@@ -139,16 +148,8 @@ extern "C" __global__ void tinycnn_col2im(const T* cols, T* dx, I n, int h, int 
         const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
         const I b = i / ((I)c * w * h);
         T total = 0;
-        for (int a = 0; a < kh; ++a) {
-            const int sy = y + top - a;
-            if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
-            for (int d = 0; d < kw; ++d) {
-                const int sx = xx + left - d;
-                if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
-                const I row = (b * oh + sy / sh) * ow + sx / sw;
-                total += cols[row * ((I)kh * kw * c) + (a * kw + d) * c + ch];
-            }
-        }
+        TINYCNN_FOR_EACH_COVERING_WINDOW(a, d, oy, ox, y, xx, kh, kw, sh, sw, top, left, oh, ow)
+            total += cols[((b * oh + oy) * ow + ox) * ((I)kh * kw * c) + (a * kw + d) * c + ch];
         dx[i] = total;
     }
 }
@@ -164,18 +165,12 @@ extern "C" __global__ void tinycnn_conv_input_grad(const T* dz, const T* kernel2
         const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
         const I b = i / ((I)c * w * h);
         T total = 0;
-        for (int a = 0; a < kh; ++a) {
-            const int sy = y + top - a;
-            if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
-            for (int d = 0; d < kw; ++d) {
-                const int sx = xx + left - d;
-                if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
-                const T* g = dz + ((b * oh + sy / sh) * ow + sx / sw) * (I)f;
-                const T* k = kernel2d + (I)((a * kw + d) * c + ch) * f;
-                T column = 0;
-                for (int q = 0; q < f; ++q) column += g[q] * k[q];
-                total += column;
-            }
+        TINYCNN_FOR_EACH_COVERING_WINDOW(a, d, oy, ox, y, xx, kh, kw, sh, sw, top, left, oh, ow) {
+            const T* g = dz + ((b * oh + oy) * ow + ox) * (I)f;
+            const T* k = kernel2d + (I)((a * kw + d) * c + ch) * f;
+            T column = 0;
+            for (int q = 0; q < f; ++q) column += g[q] * k[q];
+            total += column;
         }
         dx[i] = total;
     }
@@ -212,15 +207,9 @@ extern "C" __global__ void tinycnn_maxpool_backward(const T* dy, const int* argm
         const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
         const I b = i / ((I)c * w * h);
         T total = 0;
-        for (int a = 0; a < ph; ++a) {
-            const int sy = y + top - a;
-            if (sy < 0 || sy % sh != 0 || sy / sh >= oh) continue;
-            for (int d = 0; d < pw; ++d) {
-                const int sx = xx + left - d;
-                if (sx < 0 || sx % sw != 0 || sx / sw >= ow) continue;
-                const I o = ((b * oh + sy / sh) * ow + sx / sw) * c + ch;
-                if (argmax[o] == a * pw + d) total += dy[o];
-            }
+        TINYCNN_FOR_EACH_COVERING_WINDOW(a, d, oy, ox, y, xx, ph, pw, sh, sw, top, left, oh, ow) {
+            const I o = ((b * oh + oy) * ow + ox) * c + ch;
+            if (argmax[o] == a * pw + d) total += dy[o];
         }
         dx[i] = total;
     }
