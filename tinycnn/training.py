@@ -159,6 +159,7 @@ class Trainer:
     # of 7: 0.88 s in sub-batches of 128, 0.93 of 256; split between two threads
     # (tinycnn.batch_split), 0.66 s for sub-batches of 128 (64 rows a thread), 0.65 of 256, 0.67 of 512.
     CPU_INFERENCE_BATCH = 128
+    _fit_shares = None  # during fit: its share processes (tinycnn.share_process)
 
     def __init__(self):
         self.optimizer = None
@@ -172,7 +173,6 @@ class Trainer:
         self._optimizer_buffer = None  # the flat parameter array the optimizer's state was built for
         self._growth_warned = False  # one weight-growth warning per fit
         self.distribution = None  # a tinycnn.distributed.DataParallel, set by compile
-        self._fit_shares = None  # during fit: its share processes (tinycnn.share_process)
 
     @property
     def metrics_names(self):
