@@ -75,28 +75,35 @@ def test_im2col_and_col2im(gpu, dtype, shape, kh, kw, stride, pads):
     check_im2col_col2im(gpu.GPUKernels(), dtype, shape, kh, kw, stride, pads)
 
 
-def check_conv_backward(k, dtype, shape, kh, kw, stride, pads, filters=5):
-    """The convolution's backward pass: the kernel gradient and the input gradient (one kernel,
-    tinycnn_conv_input_grad, where the window is larger than a pixel) against the reference's."""
+def check_conv(k, dtype, shape, kh, kw, stride, pads, filters=5):
+    """The convolution, forward and backward (one kernel each for the output, the kernel gradient
+    and the input gradient where the window is larger than a pixel), against the reference's."""
     x = _no_ties(shape, dtype, 4)
     rng = np.random.default_rng(5)
     kernel2d = rng.standard_normal((kh * kw * shape[3], filters)).astype(dtype)
-    z, cols = R.conv2d_forward(x, kernel2d, kh, kw, stride, pads)
+    z, saved = k.conv2d_forward(x, kernel2d, kh, kw, stride, pads)
+    z_ref, cols = R.conv2d_forward(x, kernel2d, kh, kw, stride, pads)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(z, z_ref, **tol)
     dz = rng.standard_normal(z.shape).astype(dtype)
     dk, dk_ref = np.empty_like(kernel2d), np.empty_like(kernel2d)
-    dx = k.conv2d_backward(dz, cols, shape, kernel2d, kh, kw, stride, pads, dk, True)
+    dx = k.conv2d_backward(dz, saved, shape, kernel2d, kh, kw, stride, pads, dk, True)
     dx_ref = R.conv2d_backward(dz, cols, shape, kernel2d, kh, kw, stride, pads, dk_ref, True)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx, dx_ref, **tol)
     np.testing.assert_allclose(dk, dk_ref, **tol)
-    assert k.conv2d_backward(dz, cols, shape, kernel2d, kh, kw, stride, pads, dk, False) is None
+    dk_alone = np.empty_like(kernel2d)
+    assert k.conv2d_backward(dz, saved, shape, kernel2d, kh, kw, stride, pads, dk_alone, False) is None
+    np.testing.assert_array_equal(dk_alone, dk)
+    strided = np.empty((kernel2d.shape[1], kernel2d.shape[0]), dtype=dtype).T  # a gradient slot not C-contiguous
+    k.conv2d_backward(dz, saved, shape, kernel2d, kh, kw, stride, pads, strided, False)
+    np.testing.assert_allclose(strided, dk, **tol)  # a 1x1's GEMM into a strided array may round otherwise
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS + [((2, 5, 6, 4), 1, 1, (1, 1), (0, 0, 0, 0)),
                                                                    ((2, 5, 6, 4), 1, 1, (2, 2), (0, 0, 0, 0))])
-def test_conv_backward(gpu, dtype, shape, kh, kw, stride, pads):
-    check_conv_backward(gpu.GPUKernels(), dtype, shape, kh, kw, stride, pads)
+def test_conv(gpu, dtype, shape, kh, kw, stride, pads):
+    check_conv(gpu.GPUKernels(), dtype, shape, kh, kw, stride, pads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -352,7 +359,8 @@ def test_the_checks_above_cover_every_cuda_kernel(gpu):
     from tinycnn.kernels import cuda_source
 
     assert set(cuda_source.KERNELS) == {
-        "tinycnn_im2col", "tinycnn_col2im", "tinycnn_conv_input_grad", "tinycnn_maxpool_forward",
+        "tinycnn_im2col", "tinycnn_col2im", "tinycnn_conv_forward", "tinycnn_conv_filter_grad",
+        "tinycnn_conv_input_grad", "tinycnn_maxpool_forward",
         "tinycnn_maxpool_backward", "tinycnn_dropout_forward", "tinycnn_dropout_backward", "tinycnn_adam", "tinycnn_bn_forward_partials",
         "tinycnn_bn_backward_partials", "tinycnn_bn_moments", "tinycnn_bn_normalize",
         "tinycnn_bn_backward_dx", "tinycnn_dropout_keys", "tinycnn_bn_moving_update", "tinycnn_relu_backward",
@@ -372,14 +380,22 @@ def mutated(old, new):
 
 
 def test_an_injected_off_by_one_fails_these_checks(gpu):
-    """The checks above would see a wrong index: one each in im2col, the input gradient, max-pool and
-    BatchNorm's sums."""
+    """The checks above would see a wrong index: in im2col, the convolution's three kernels, max-pool
+    and BatchNorm's sums."""
     with pytest.raises(AssertionError):
         check_im2col_col2im(gpu.GPUKernels(mutated("oy * sh + a - top", "oy * sh + a - top + 1")), np.float32,
                             *CONVS[1])
     with pytest.raises(AssertionError):  # the input gradient's filter sum one short
-        check_conv_backward(gpu.GPUKernels(mutated("for (int q = 0; q < f; ++q)", "for (int q = 1; q < f; ++q)")),
-                            np.float32, *CONVS[0])
+        check_conv(gpu.GPUKernels(mutated("for (int q = 0; q < f; ++q)", "for (int q = 1; q < f; ++q)")),
+                   np.float32, *CONVS[0])
+    with pytest.raises(AssertionError):  # the forward's window one row off
+        check_conv(gpu.GPUKernels(mutated("const int y = oy * sh + a - top;\n            if (y < 0 || y >= h)",
+                                          "const int y = oy * sh + a - top + 1;\n            if (y < 0 || y >= h)")),
+                   np.float32, *CONVS[1])
+    with pytest.raises(AssertionError):  # the kernel gradient's last partial sum left out
+        check_conv(gpu.GPUKernels(mutated("for (int p = 0; p < parts; ++p) total +=",
+                                          "for (int p = 1; p < parts; ++p) total +=")), np.float32,
+                   (2, 30, 30, 2), 3, 3, (1, 1), (1, 1, 1, 1))  # 1,800 rows: 2 parts
     with pytest.raises(AssertionError):
         check_maxpool(gpu.GPUKernels(mutated("k = a * pw + d;", "k = a * pw + d + 1;")), np.float32, *POOLS[0])
     with pytest.raises(AssertionError):  # a ReLU that passes negative inputs into the BatchNorm
@@ -422,9 +438,14 @@ def test_the_gpu_computes_what_the_cpu_played_kernels_compute_bit_for_bit(gpu, d
     cols = same("im2col", x, kh, kw, stride, pads)[1]
     same("col2im", cols, shape, kh, kw, stride, pads)
     kernel2d = rng.standard_normal((cols.shape[1], 5)).astype(dtype)
-    dz = rng.standard_normal((cols.shape[0], 5)).astype(dtype)
-    # the input gradient (tinycnn_conv_input_grad); the kernel gradient, a GEMM into the out array, is not compared
-    same("conv2d_backward", dz, cols, shape, kernel2d, kh, kw, stride, pads, np.empty_like(kernel2d), True)
+    z, saved = same("conv2d_forward", x, kernel2d, kh, kw, stride, pads)[1]
+    dz = rng.standard_normal(z.shape).astype(dtype)
+    dk_real, dk_played = cupy.empty(kernel2d.shape, dtype=dtype), np.empty_like(kernel2d)
+    dx_real = real.conv2d_backward(cupy.asarray(dz), cupy.asarray(saved), shape, cupy.asarray(kernel2d), kh, kw, stride,
+                                   pads, dk_real, True)
+    dx_played = played.conv2d_backward(dz, saved, shape, kernel2d, kh, kw, stride, pads, dk_played, True)
+    np.testing.assert_array_equal(cupy.asnumpy(dx_real), dx_played)
+    np.testing.assert_array_equal(cupy.asnumpy(dk_real), dk_played)
     shape, pool, stride, pads = POOLS[1]
     x = _no_ties(shape, dtype, 13)
     y, argmax = same("maxpool_forward", x, pool, stride, pads)[1]

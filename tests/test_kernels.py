@@ -491,7 +491,7 @@ OVERRIDES = {  # what each backend's set computes itself; everything else is the
             "relu_backward", "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_forward_infer",
             "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
             "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward"},
-    "gpu": {"im2col", "col2im", "conv2d_backward", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
+    "gpu": {"im2col", "col2im", "conv2d_forward", "conv2d_backward", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
             "global_avgpool_backward", "relu_backward", "batchnorm_forward_train",
             "batchnorm_backward_train", "batchnorm_moving_update", "batchnorm_dropout_forward_train",
             "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train", "relu_batchnorm_backward_train",

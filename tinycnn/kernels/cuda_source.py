@@ -154,6 +154,64 @@ extern "C" __global__ void tinycnn_col2im(const T* cols, T* dx, I n, int h, int 
     }
 }
 """,
+    # A convolution in one launch: z[row, q] sums x * kernel2d[(a, d, ch), q] over the window's
+    # positions inside the image, in (a, d, ch) order (im2col's column order; the padding adds
+    # nothing): no (N*OH*OW, K) window columns written and read back by a GEMM.
+    "tinycnn_conv_forward": r"""
+extern "C" __global__ void tinycnn_conv_forward(const T* x, const T* kernel2d, T* z, I n, int h, int w, int c,
+                                                int kh, int kw, int sh, int sw, int top, int left, int oh, int ow,
+                                                int f) {
+    TINYCNN_FOR_EACH(i, n) {
+        const int q = (int)(i % f);
+        const I row = i / f;
+        const int ox = (int)(row % ow), oy = (int)((row / ow) % oh);
+        const I b = row / ((I)ow * oh);
+        T total = 0;
+        for (int a = 0; a < kh; ++a) {
+            const int y = oy * sh + a - top;
+            if (y < 0 || y >= h) continue;
+            for (int d = 0; d < kw; ++d) {
+                const int xx = ox * sw + d - left;
+                if (xx < 0 || xx >= w) continue;
+                const T* p = x + ((b * h + y) * w + xx) * (I)c;
+                const T* k = kernel2d + (I)(a * kw + d) * c * f + q;
+                for (int ch = 0; ch < c; ++ch) total += p[ch] * k[(I)ch * f];
+            }
+        }
+        z[i] = total;
+    }
+}
+""",
+    # A convolution's kernel gradient dk[k, q], k = (a, d, ch): the sum over rows of the window
+    # column im2col would write, gathered from x, times dz[row, q]. `parts` partial sums per (k, q),
+    # over rows part, part + parts, ...; the work item that finishes a column's last one adds them
+    # up in part order (as BatchNorm's sums: the result does not depend on which finishes last).
+    "tinycnn_conv_filter_grad": r"""
+extern "C" __global__ void tinycnn_conv_filter_grad(const T* x, const T* dz, T* partials, T* dk,
+                                                    unsigned int* arrivals, I m, int h, int w, int c, int kh, int kw,
+                                                    int sh, int sw, int top, int left, int oh, int ow, int f,
+                                                    int parts) {
+    const int kf = kh * kw * c * f;
+    TINYCNN_FOR_EACH(j, (I)parts * kf) {
+        const int col = (int)(j % kf), part = (int)(j / kf);
+        const int q = col % f, k = col / f;
+        const int ch = k % c, d = (k / c) % kw, a = k / (c * kw);
+        T s = 0;
+        for (I r = part; r < m; r += parts) {
+            const int ox = (int)(r % ow), oy = (int)((r / ow) % oh);
+            const int y = oy * sh + a - top, xx = ox * sw + d - left;
+            if (y < 0 || y >= h || xx < 0 || xx >= w) continue;
+            const I b = r / ((I)ow * oh);
+            s += x[((b * h + y) * w + xx) * c + ch] * dz[r * f + q];
+        }
+        partials[(I)part * kf + col] = s;
+        if (!tinycnn_last_arrival(arrivals, col, parts)) continue;
+        T total = 0;
+        for (int p = 0; p < parts; ++p) total += __ldcg(partials + (I)p * kf + col);
+        dk[col] = total;
+    }
+}
+""",
     # A convolution's input gradient in one launch: col2im's gather, with each window column it
     # reads, (dz @ kernel2d.T)[row, (a, d, ch)], computed in place over the F filters (f in order),
     # instead of a GEMM that writes the (N*OH*OW, K) columns and a col2im that reads them back.

@@ -23,6 +23,9 @@ THREADS = 256  # per block
 MAX_BLOCKS = 4096  # grid-stride loops cover the rest; 8 blocks of 256 per SM on a 132-SM H100 is ~1k
 WIDE = 2**31 - MAX_BLOCKS * THREADS  # from here on, indices are 64-bit (the loop's i + stride must fit)
 BN_PARTS = 256  # partial sums per BatchNorm column (fixed: results must not depend on the device)
+# A convolution's kernel gradient: a partial sum per this many rows, at most CONV_PARTS per (k, q)
+# (a function of the shapes alone, as BN_PARTS). Week2's conv2 at batch 128: 72 parts of 1,024 rows.
+CONV_ROWS_PER_PART, CONV_PARTS = 1024, 256
 NULL = np.uint64(0)  # a null pointer argument: CuPy passes a NumPy scalar by value, 8 bytes as a pointer
 
 
@@ -44,7 +47,7 @@ class GPUKernels(ReferenceKernels):
 
     name = "gpu"
     fuses_relu_batchnorm = True  # the BatchNorm kernels read a ReLU's input (relu=1): see ReferenceKernels
-    overrides = ("im2col", "col2im", "conv2d_backward", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
+    overrides = ("im2col", "col2im", "conv2d_forward", "conv2d_backward", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
                  "global_avgpool_backward", "relu_backward",
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
                  "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
@@ -110,26 +113,53 @@ class GPUKernels(ReferenceKernels):
                      *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow), biggest=cols.size)
         return dx
 
-    def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
-        """As the reference (the kernel gradient: one GEMM of the saved window columns), but the
-        input gradient of a window larger than a pixel in one launch (tinycnn_conv_input_grad) instead of a
-        GEMM and col2im: 6 launches fewer per Week2 step, and no (N*OH*OW, K) columns written."""
-        cols = saved
-        cp.matmul(cols.T, dz, out=dkernel2d)
-        if not need_dx:
-            return None
-        if (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads):
-            return (dz @ kernel2d.T).reshape(x_shape)  # a 1x1 window: the GEMM is the whole gradient
-        return self._conv_input_grad(dz, kernel2d, x_shape, kh, kw, stride, pads)
+    @staticmethod
+    def _is_pixel(kh, kw, stride, pads):
+        return (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads)
 
-    def _conv_input_grad(self, dz, kernel2d, x_shape, kh, kw, stride, pads):
-        """col2im(dz @ kernel2d.T) in one kernel: dz (N*OH*OW, F), kernel2d (K, F)."""
+    def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):
+        """A 1x1 window: one GEMM of the pixels (saved: them). A larger one: one launch
+        (tinycnn_conv_forward) that gathers each window as it multiplies, instead of im2col and a
+        GEMM (saved: the input, which the backward gathers from again)."""
+        if self._is_pixel(kh, kw, stride, pads):
+            cols = self.im2col(x, kh, kw, stride, pads)
+            return cols @ kernel2d, cols
+        n, h, w, c = x.shape
+        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        x = cp.ascontiguousarray(x)
+        f = kernel2d.shape[1]
+        z = cp.empty((n * oh * ow, f), dtype=x.dtype)
+        self._launch("tinycnn_conv_forward", x.dtype, z.size, x, cp.ascontiguousarray(kernel2d), z, _Index(z.size),
+                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, f), biggest=max(x.size, kernel2d.size))
+        return z, x
+
+    def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
+        """A 1x1 window: two GEMMs, as the reference. A larger one: the kernel gradient in one launch
+        (tinycnn_conv_filter_grad, from the saved input) and the input gradient in another
+        (tinycnn_conv_input_grad), instead of three GEMMs and col2im: no window columns at all."""
+        dz = cp.ascontiguousarray(dz)
+        if self._is_pixel(kh, kw, stride, pads):
+            cols = saved
+            cp.matmul(cols.T, dz, out=dkernel2d)
+            return (dz @ kernel2d.T).reshape(x_shape) if need_dx else None
+        x = saved
         n, h, w, c = x_shape
         oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        m, f = dz.shape
+        k = kh * kw * c
+        parts = int(min(CONV_PARTS, max(1, -(-m // CONV_ROWS_PER_PART))))
+        partials = cp.empty((parts, k, f), dtype=dz.dtype)
+        dk = dkernel2d if dkernel2d.flags.c_contiguous else cp.empty((k, f), dtype=dz.dtype)
+        self._launch("tinycnn_conv_filter_grad", dz.dtype, parts * k * f, x, dz, partials, dk,
+                     self._arrivals(k * f), _Index(m), *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, f,
+                                                               parts), biggest=max(x.size, dz.size, partials.size))
+        if dk is not dkernel2d:
+            dkernel2d[...] = dk
+        if not need_dx:
+            return None
         dx = cp.empty(x_shape, dtype=dz.dtype)
-        self._launch("tinycnn_conv_input_grad", dz.dtype, dx.size, cp.ascontiguousarray(dz),
-                     cp.ascontiguousarray(kernel2d), dx, _Index(dx.size),
-                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, kernel2d.shape[1]),
+        self._launch("tinycnn_conv_input_grad", dz.dtype, dx.size, dz, cp.ascontiguousarray(kernel2d), dx,
+                     _Index(dx.size), *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, f),
                      biggest=max(dz.size, kernel2d.size))
         return dx
 
