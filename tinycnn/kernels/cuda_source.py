@@ -12,10 +12,10 @@ Rules that keep all three possible:
   grid it is launched with (the shim launches a deliberately small one);
 - no shared memory, no __syncthreads, no atomics on data: each work item *gathers* what it needs,
   so the results are deterministic and independent of thread order. A column reduction
-  (BatchNorm) is one launch: a fixed number of partial sums per column (set by the shapes alone),
-  and the work item that finishes a column's last partial sum (an atomic count of arrivals per
-  column, the one atomic here) adds that column's partials up in part order, so the sum's order
-  does not depend on which thread finishes last;
+  (BatchNorm's sums, a convolution's kernel gradient) is one launch: a fixed number of partial
+  sums per column (set by the shapes alone), and the work item that finishes a column's last
+  partial sum (an atomic count of arrivals per column, the one atomic here) adds that column's
+  partials up in part order, so the sum's order does not depend on which thread finishes last;
 - a value that a static step computes on the device (a dropout key, the learning rate) comes as
   a pointer, or, in an eager step, by value with the pointer null (no fill launch for it);
 - --fmad=false: no fused multiply-adds, so a kernel rounds on the GPU exactly as the same source
