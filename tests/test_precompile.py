@@ -59,3 +59,11 @@ def test_precompile_reports_a_failed_part(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "part 'no such part' failed" in err and "unknown part" in err
     assert "compiled in" not in err
+
+
+def test_precompile_takes_no_arguments_but_help():
+    done = subprocess.run([sys.executable, "-m", "tinycnn.precompile", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: python -m tinycnn.precompile" in done.stdout
+    assert "compiling" not in done.stderr  # --help compiles nothing
+    done = subprocess.run([sys.executable, "-m", "tinycnn.precompile", "--fast"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unrecognized arguments: --fast" in done.stderr

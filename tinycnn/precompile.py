@@ -89,7 +89,13 @@ def run_part(name):
 
 def main(argv=None):
     """Run every part in its own process at once; exit status 1 if one fails (its stderr shown)."""
+    import argparse
+
     from .kernels import precompile as helper
+
+    argparse.ArgumentParser(prog="python -m tinycnn.precompile",
+                            description="Compile tinycnn's CPU kernels into numba's disk cache now, on every core, "
+                                        "so that a first training run does not wait for the compiler.").parse_args(argv)
 
     print("tinycnn: compiling the CPU kernels for this machine into numba's cache "
           f"({len(PARTS)} processes at once; about 10 s on a 2-core machine)...", file=sys.stderr, flush=True)
