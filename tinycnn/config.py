@@ -18,9 +18,10 @@ naming the variable and the values it accepts. Tests and benchmarks switch paths
 `using(conv="gemm")` instead of patching module globals.
 
 `device`, `kernels` and `conv` choose the backend a model gets when it is made; `batch_split` is
-read at every CPU training step and inference batch, `step` and `share_processes` when `fit` starts. `numba_threads`,
-`malloc_tuning` and `spin` tune the whole process, so they are applied once, when the first CPU
-backend is created (see `tinycnn.kernels.cpu.tune_process`); later changes do not take effect.
+read at every CPU training step and inference batch, `step` and `share_processes` when `fit`
+starts. `numba_threads`, `malloc_tuning` and `spin` tune the whole process, so they are applied
+once, when the first CPU backend is created (see `tinycnn.kernels.cpu.tune_process`); later
+changes do not take effect.
 """
 import contextlib
 import contextvars

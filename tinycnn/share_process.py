@@ -184,7 +184,6 @@ class ShareProcess:
         """Fork the worker for batches whose second share has at most `rows` rows and the shapes
         and dtypes of `inputs`, `targets` and `weights` (a batch's arrays); `predictions`: (shape of
         a row, dtype) of the plan's output."""
-        self.model, self.plan = model, plan
         self.params = model.params
         self.key = self._key(model, plan, inputs, targets, weights)
         self.memory = _Memory(self.params.params, inputs, targets, weights, predictions, rows)

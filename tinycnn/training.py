@@ -383,7 +383,7 @@ class Trainer:
                 results, share_grads = self._fit_shares.run(self, plan, shares, inputs, targets, sample_weight, n,
                                                             work)
             else:
-                results = self._run_rows(plan, rows, work, shares)
+                results = self._run_shares(shares, rows, work)
                 share_grads = [self.params.gradient_share(k).grads for k in range(1, len(results))]
         for grads in share_grads:  # in share order: the same sum on every machine
             self.params.grads += grads
@@ -436,12 +436,13 @@ class Trainer:
             return contextlib.nullcontext()
         return batch_split.serial_if_small(rows)
 
-    def _run_rows(self, plan, rows, work, shares=False):
+    def _run_rows(self, plan, rows, work):
         """[work(k, start, stop)] for the shares of a batch of `rows` samples: several in threads
-        where the batch splits (tinycnn.batch_split), else one, the whole batch, on this thread.
-        `shares`: the batch's shares if the caller knows them already."""
-        if shares is False:
-            shares = self._batch_shares(plan, rows)
+        where the batch splits (tinycnn.batch_split), else one, the whole batch, on this thread."""
+        return self._run_shares(self._batch_shares(plan, rows), rows, work)
+
+    def _run_shares(self, shares, rows, work):
+        """As _run_rows, for the batch's shares (_batch_shares) known already."""
         if shares is None:
             with self.cpu_threads(rows):
                 return [work(0, 0, rows)]

@@ -9,6 +9,7 @@ cached on disk (cache=True): the compile cost is paid once per machine, not per 
 glibc's allocator); the backend calls it once, when the first CPU backend is created.
 """
 import ctypes
+import functools
 import os
 
 import numpy as np
@@ -24,13 +25,23 @@ from ..randomness import dropout_keep_threshold, mask_key
 _JIT = dict(parallel=True, cache=True, nogil=True, fastmath=False)
 U = np.uint64  # an index cast unsigned: numba then checks no negative index (a wraparound) in the loop
 
-# An empty array takes the reference kernel (the numba ones index its first row): `size == 0` in the
-# entries below. Until 2026-12-06 every array under 2**15 elements did, on the grounds that waking
-# the thread pool costs more than so short a loop; measured then on a 2-vCPU Zen 3 guest the numba
-# kernels were as fast or faster at every size: a split Week2 step 24.8 -> 23.6 ms (medians, 30
-# rounds alternating in one process; the reference's many small NumPy operations hold the GIL,
-# which the other share waits for after each BatchNorm barrier), an unsplit batch of 24 on two
-# threads 8.8 -> 8.4 ms, predict over 10,000 images 0.481 -> 0.462 s.
+# An empty array takes the reference kernel (the numba ones index its first row): the entries
+# marked _reference_when_empty. Until 2026-12-06 every array under 2**15 elements did, on the
+# grounds that waking the thread pool costs more than so short a loop; measured then on a 2-vCPU
+# Zen 3 guest the numba kernels were as fast or faster at every size: a split Week2 step 24.8 ->
+# 23.6 ms (medians, 30 rounds alternating in one process; the reference's many small NumPy
+# operations hold the GIL, which the other share waits for after each BatchNorm barrier), an
+# unsplit batch of 24 on two threads 8.8 -> 8.4 ms, predict over 10,000 images 0.481 -> 0.462 s.
+
+
+def _reference_when_empty(entry):
+    """A kernel entry that hands an empty first array to the reference set's entry of that name."""
+    @functools.wraps(entry)
+    def checked(self, array, *args, **kwargs):
+        if array.size == 0:
+            return getattr(ReferenceKernels, entry.__name__)(self, array, *args, **kwargs)
+        return entry(self, array, *args, **kwargs)
+    return checked
 
 
 # -- process tuning --------------------------------------------------------------------------------
@@ -530,11 +541,6 @@ def _raised(v, floor):
     return floor if v < floor else v
 
 
-def _floor(dtype, relu):
-    """The `floor` the BatchNorm kernels raise their input to: 0 reads max(x, 0), -inf reads x."""
-    return np.dtype(dtype).type(0 if relu else -np.inf)
-
-
 @with_serial_twin
 @njit(**_JIT)
 def _bn_block_sums(x2d, floor, shift):
@@ -554,8 +560,8 @@ def _bn_block_sums(x2d, floor, shift):
 
 
 def _bn_stats(x2d, floor):
-    """Mean and biased variance per column (float64) of x2d raised to `floor` (see _floor), from
-    sums shifted by the first row (less cancellation); the blocks' sums are added in block order."""
+    """Mean and biased variance per column (float64) of x2d raised to `floor` (cpu_conv.relu_floor),
+    from sums shifted by the first row (less cancellation); the blocks' sums are added in block order."""
     m = x2d.shape[0]
     shift = x2d[0].astype(np.float64)
     shift = np.where(shift < floor, floor, shift)  # the first row as the kernels read it (_raised)
@@ -825,10 +831,9 @@ class CPUKernels(ReferenceKernels):
         return dx
 
     # -- ReLU -----------------------------------------------------------------------------------------
+    @_reference_when_empty
     def relu_backward(self, dy, y):
         """One pass instead of NumPy's two (a boolean temporary, then the product)."""
-        if dy.size == 0:
-            return super().relu_backward(dy, y)
         dx = np.empty(dy.shape, dtype=dy.dtype)
         _relu_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y), dx)
         return dx
@@ -838,7 +843,7 @@ class CPUKernels(ReferenceKernels):
         """BatchNorm of x2d (of max(x2d, 0), read as each kernel reads x2d, when `relu`), then the
         dropout mask when rate > 0."""
         x2d = np.ascontiguousarray(x2d)
-        floor = _floor(x2d.dtype, relu)
+        floor = cpu_conv.relu_floor(x2d.dtype, relu)
         if reduce is None:
             mean64, var64 = _bn_stats(x2d, floor)
         else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
@@ -881,40 +886,33 @@ class CPUKernels(ReferenceKernels):
                         (gamma * inv_std).astype(dtype), (sums[0] / m).astype(dtype), (sums[1] / m).astype(dtype), dx)
         return dx, dgamma, dbeta
 
+    @_reference_when_empty
     def batchnorm_forward_train(self, x2d, gamma, beta, eps, reduce=None, moving=None):
-        if x2d.size == 0:
-            return super().batchnorm_forward_train(x2d, gamma, beta, eps, reduce, moving)
         return self._bn_forward(x2d, gamma, beta, eps, 0.0, 0, 0, reduce, moving)
 
+    @_reference_when_empty
     def batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
-        if dy2d.size == 0:
-            return super().batchnorm_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
+    @_reference_when_empty
     def batchnorm_dropout_forward_train(self, x2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
-        if x2d.size == 0:
-            return super().batchnorm_dropout_forward_train(x2d, gamma, beta, eps, rate, seed, offset, reduce, moving)
         return self._bn_forward(x2d, gamma, beta, eps, rate, seed, offset, reduce, moving)
 
+    @_reference_when_empty
     def batchnorm_dropout_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
-        if dy2d.size == 0:
-            return super().batchnorm_dropout_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
+    @_reference_when_empty
     def relu_batchnorm_forward_train(self, z2d, gamma, beta, eps, rate, seed, offset=0, reduce=None, moving=None):
-        if z2d.size == 0:
-            return super().relu_batchnorm_forward_train(z2d, gamma, beta, eps, rate, seed, offset, reduce, moving)
         return self._bn_forward(z2d, gamma, beta, eps, rate, seed, offset, reduce, moving, relu=True)
 
+    @_reference_when_empty
     def relu_batchnorm_backward_train(self, dy2d, saved, gamma, inv_std, reduce=None, out=(None, None)):
-        if dy2d.size == 0:
-            return super().relu_batchnorm_backward_train(dy2d, saved, gamma, inv_std, reduce, out)
         return self._bn_backward(dy2d, saved, gamma, inv_std, reduce, out)
 
+    @_reference_when_empty
     def batchnorm_forward_infer(self, x2d, gamma, beta, moving_mean, moving_var, eps):
         """Inference: one pass of x * scale + shift (NumPy's version makes two, with a temporary)."""
-        if x2d.size == 0:
-            return super().batchnorm_forward_infer(x2d, gamma, beta, moving_mean, moving_var, eps)
         scale = (gamma / np.sqrt(moving_var + eps)).astype(x2d.dtype)
         shift = (beta - moving_mean * scale).astype(x2d.dtype)
         y = np.empty(x2d.shape, dtype=x2d.dtype)
@@ -922,9 +920,8 @@ class CPUKernels(ReferenceKernels):
         return y, scale
 
     # -- Dropout ---------------------------------------------------------------------------------------
+    @_reference_when_empty
     def dropout_forward(self, x, rate, seed, offset=0):
-        if x.size == 0:
-            return super().dropout_forward(x, rate, seed, offset)
         x = np.ascontiguousarray(x)
         scale = x.dtype.type(1.0 / (1.0 - rate))
         y = np.empty_like(x)
@@ -933,9 +930,8 @@ class CPUKernels(ReferenceKernels):
                          np.int64(offset), y, keep)
         return y, (keep, scale)
 
+    @_reference_when_empty
     def dropout_backward(self, dy, saved):
-        if dy.size == 0:
-            return super().dropout_backward(dy, saved)
         keep, scale = saved
         dy = np.ascontiguousarray(dy)
         dx = np.empty_like(dy)

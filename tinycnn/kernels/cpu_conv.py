@@ -114,12 +114,26 @@ def _pixel_chunk(total, height):
     return max(height, -(-total // (TASKS * height)) * height)
 
 
+def relu_floor(dtype, relu):
+    """What the kernels raise a value to as they store or read it: 0 applies a ReLU (max(v, 0)),
+    -inf changes nothing (the direct forward's stores here; the BatchNorm kernels' reads in
+    tinycnn.kernels.cpu)."""
+    return np.dtype(dtype).type(0 if relu else -np.inf)
+
+
+def _forward_operands(xpad, kernel2d, kh, kw, stride):
+    """The generated forward's leading and trailing operands: (xf, xoff, wf, zero) and the strides."""
+    _, _, wp, c = xpad.shape
+    return ((xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1), xpad.dtype.type(0)),
+            _strides(xpad, stride))
+
+
 def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False, height=None):
     """Convolution of an already padded NHWC input: (N*OH*OW, F); relu: max(., 0) of it (NaN stays
     NaN, -0.0 stays -0.0), applied to each value as it is stored (no second pass over the output).
     height: the register block's (None: this machine's, HEIGHT)."""
     height = height or HEIGHT
-    n, _, wp, c = xpad.shape
+    n = xpad.shape[0]
     f = kernel2d.shape[1]
     nb = _blocks(f)
     # Rows of f values where one block holds every filter (the loops' stores spill into the next
@@ -127,10 +141,9 @@ def forward(xpad, kernel2d, kh, kw, stride, oh, ow, relu=False, height=None):
     # 0.30 ms), else of nb * LANES, whose padding columns are then dropped by a copy.
     fo = f if nb == 1 else nb * LANES
     out = np.empty((n * oh * ow, fo), dtype=xpad.dtype)
-    floor = xpad.dtype.type(0 if relu else -np.inf)  # the generated loops store max(floor, value)
-    _direct_forward[height](xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1),
-                            out.reshape(-1), xpad.dtype.type(0), floor, n, oh, ow, nb, fo, *_strides(xpad, stride),
-                            _pixel_chunk(n * oh * ow, height))
+    (xf, xoff, wf, zero), strides = _forward_operands(xpad, kernel2d, kh, kw, stride)
+    _direct_forward[height](xf, xoff, wf, out.reshape(-1), zero, relu_floor(xpad.dtype, relu), n, oh, ow, nb, fo,
+                            *strides, _pixel_chunk(n * oh * ow, height))
     return out if f == fo else np.ascontiguousarray(out[:, :f])
 
 
@@ -138,10 +151,10 @@ def forward_task(xpad, kernel2d, kh, kw, stride, oh, ow, p0, p1, out, fo, height
     """One task of forward's parallel loop on its own: output pixels p0..p1-1 of the (unrelu'd)
     convolution into the flat array `out`, whose rows are `fo` long (forward's choice: F, or whole
     blocks of LANES). A task must write its pixels and nothing else; the tests hold it to that."""
-    n, _, wp, c = xpad.shape
     task = getattr(generated, f"forward_pixels_{height or HEIGHT}")
-    task(xpad.reshape(-1), _offsets(kh, kw, wp, c), _pack_weights(kernel2d).reshape(-1), out, xpad.dtype.type(0),
-         xpad.dtype.type(-np.inf), p0, p1, oh, ow, _blocks(kernel2d.shape[1]), fo, *_strides(xpad, stride))
+    (xf, xoff, wf, zero), strides = _forward_operands(xpad, kernel2d, kh, kw, stride)
+    task(xf, xoff, wf, out, zero, relu_floor(xpad.dtype, False), p0, p1, oh, ow, _blocks(kernel2d.shape[1]), fo,
+         *strides)
 
 
 def _padded_filters(dz2d):

@@ -95,8 +95,9 @@ def forward_source(pixels_per_block):
         out.append(s + "o = U(pix * fo + b * LANES)")
         # Each value leaves the registers as max(a, floor): floor = 0 is ReLU (numba's max keeps a
         # NaN, and of two equal zeros the first: -0.0 stays, where NumPy's vector maximum gives
-        # +0.0), floor = -inf changes nothing. One vmaxps, no branch. As a loop over the block just stored, ReLU cost
-        # 20 % of Week2's conv2 forward on AVX2; as `floor if a < floor else a`, 1.2 s of compile.
+        # +0.0), floor = -inf changes nothing. One vmaxps, no branch. As a loop over the block
+        # just stored, ReLU cost 20 % of Week2's conv2 forward on AVX2; as `floor if a < floor
+        # else a`, 1.2 s of compile.
         if guarded:  # only the lanes before the task's end: the last pixels' stores may not spill
             out.append(s + "last = min(LANES, (p1 - pix) * fo - b * LANES)")
             out += [s + f"if {f} < last:\n{s}    out[o + q{p} + U({f})] = max(a{p}_{f}, floor)"

@@ -47,8 +47,8 @@ class GPUKernels(ReferenceKernels):
 
     name = "gpu"
     fuses_relu_batchnorm = True  # the BatchNorm kernels read a ReLU's input (relu=1): see ReferenceKernels
-    overrides = ("im2col", "col2im", "conv2d_forward", "conv2d_backward", "maxpool_forward", "maxpool_backward", "global_avgpool_forward",
-                 "global_avgpool_backward", "relu_backward",
+    overrides = ("im2col", "col2im", "conv2d_forward", "conv2d_backward", "maxpool_forward", "maxpool_backward",
+                 "global_avgpool_forward", "global_avgpool_backward", "relu_backward",
                  "batchnorm_forward_train", "batchnorm_backward_train", "batchnorm_moving_update",
                  "batchnorm_dropout_forward_train", "batchnorm_dropout_backward_train", "relu_batchnorm_forward_train",
                  "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward", "dropout_keys",
@@ -93,74 +93,72 @@ class GPUKernels(ReferenceKernels):
         return counts
 
     # -- convolution windows ----------------------------------------------------------------------
-    def im2col(self, x, kh, kw, stride, pads):
-        n, h, w, c = x.shape
-        if (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads):
-            return cp.ascontiguousarray(x).reshape(n * h * w, c)  # a 1x1 window is the pixel itself
+    @staticmethod
+    def _is_pixel(kh, kw, stride, pads):
+        """A 1x1 window at stride 1 without padding: the window is the pixel itself."""
+        return (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads)
+
+    @staticmethod
+    def _window(x_shape, kh, kw, stride, pads):
+        """(oh, ow) and the window kernels' int arguments h, w, c, kh, kw, sh, sw, top, left, oh, ow."""
+        _, h, w, c = x_shape
         oh, ow = output_hw(h, w, kh, kw, stride, pads)
-        cols = cp.empty((n * oh * ow, kh * kw * c), dtype=x.dtype)
-        self._launch("tinycnn_im2col", x.dtype, cols.size, cp.ascontiguousarray(x), cols, _Index(cols.size),
-                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow), biggest=x.size)
+        return oh, ow, _ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow)
+
+    def im2col(self, x, kh, kw, stride, pads):
+        if self._is_pixel(kh, kw, stride, pads):
+            return cp.ascontiguousarray(x).reshape(-1, x.shape[3])
+        oh, ow, window = self._window(x.shape, kh, kw, stride, pads)
+        cols = cp.empty((x.shape[0] * oh * ow, kh * kw * x.shape[3]), dtype=x.dtype)
+        self._launch("tinycnn_im2col", x.dtype, cols.size, cp.ascontiguousarray(x), cols, _Index(cols.size), *window,
+                     biggest=x.size)
         return cols
 
     def col2im(self, cols, x_shape, kh, kw, stride, pads):
-        n, h, w, c = x_shape
-        if (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads):
+        if self._is_pixel(kh, kw, stride, pads):
             return cp.ascontiguousarray(cols).reshape(x_shape)
-        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+        _, _, window = self._window(x_shape, kh, kw, stride, pads)
         dx = cp.empty(x_shape, dtype=cols.dtype)
-        self._launch("tinycnn_col2im", cols.dtype, dx.size, cp.ascontiguousarray(cols), dx, _Index(dx.size),
-                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow), biggest=cols.size)
+        self._launch("tinycnn_col2im", cols.dtype, dx.size, cp.ascontiguousarray(cols), dx, _Index(dx.size), *window,
+                     biggest=cols.size)
         return dx
 
-    @staticmethod
-    def _is_pixel(kh, kw, stride, pads):
-        return (kh, kw, *stride) == (1, 1, 1, 1) and not any(pads)
-
     def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):
-        """A 1x1 window: one GEMM of the pixels (saved: them). A larger one: one launch
+        """A 1x1 window: the reference's GEMM of the pixels. A larger one: one launch
         (tinycnn_conv_forward) that gathers each window as it multiplies, instead of im2col and a
         GEMM (saved: the input, which the backward gathers from again)."""
         if self._is_pixel(kh, kw, stride, pads):
-            cols = self.im2col(x, kh, kw, stride, pads)
-            return cols @ kernel2d, cols
-        n, h, w, c = x.shape
-        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+            return super().conv2d_forward(x, kernel2d, kh, kw, stride, pads)
         x = cp.ascontiguousarray(x)
+        oh, ow, window = self._window(x.shape, kh, kw, stride, pads)
         f = kernel2d.shape[1]
-        z = cp.empty((n * oh * ow, f), dtype=x.dtype)
+        z = cp.empty((x.shape[0] * oh * ow, f), dtype=x.dtype)
         self._launch("tinycnn_conv_forward", x.dtype, z.size, x, cp.ascontiguousarray(kernel2d), z, _Index(z.size),
-                     *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, f), biggest=max(x.size, kernel2d.size))
+                     *window, np.int32(f), biggest=max(x.size, kernel2d.size))
         return z, x
 
     def conv2d_backward(self, dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx):
-        """A 1x1 window: two GEMMs, as the reference. A larger one: the kernel gradient in one launch
+        """A 1x1 window: the reference's two GEMMs. A larger one: the kernel gradient in one launch
         (tinycnn_conv_filter_grad, from the saved input) and the input gradient in another
         (tinycnn_conv_input_grad), instead of three GEMMs and col2im: no window columns at all."""
-        dz = cp.ascontiguousarray(dz)
         if self._is_pixel(kh, kw, stride, pads):
-            cols = saved
-            cp.matmul(cols.T, dz, out=dkernel2d)
-            return (dz @ kernel2d.T).reshape(x_shape) if need_dx else None
-        x = saved
-        n, h, w, c = x_shape
-        oh, ow = output_hw(h, w, kh, kw, stride, pads)
+            return super().conv2d_backward(dz, saved, x_shape, kernel2d, kh, kw, stride, pads, dkernel2d, need_dx)
+        x, dz = saved, cp.ascontiguousarray(dz)
+        _, _, window = self._window(x_shape, kh, kw, stride, pads)
         m, f = dz.shape
-        k = kh * kw * c
+        k = kh * kw * x_shape[3]
         parts = int(min(CONV_PARTS, max(1, -(-m // CONV_ROWS_PER_PART))))
         partials = cp.empty((parts, k, f), dtype=dz.dtype)
         dk = dkernel2d if dkernel2d.flags.c_contiguous else cp.empty((k, f), dtype=dz.dtype)
-        self._launch("tinycnn_conv_filter_grad", dz.dtype, parts * k * f, x, dz, partials, dk,
-                     self._arrivals(k * f), _Index(m), *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, f,
-                                                               parts), biggest=max(x.size, dz.size, partials.size))
+        self._launch("tinycnn_conv_filter_grad", dz.dtype, parts * k * f, x, dz, partials, dk, self._arrivals(k * f),
+                     _Index(m), *window, *_ints(f, parts), biggest=max(x.size, dz.size, partials.size))
         if dk is not dkernel2d:
             dkernel2d[...] = dk
         if not need_dx:
             return None
         dx = cp.empty(x_shape, dtype=dz.dtype)
         self._launch("tinycnn_conv_input_grad", dz.dtype, dx.size, dz, cp.ascontiguousarray(kernel2d), dx,
-                     _Index(dx.size), *_ints(h, w, c, kh, kw, *stride, pads[0], pads[2], oh, ow, f),
-                     biggest=max(dz.size, kernel2d.size))
+                     _Index(dx.size), *window, np.int32(f), biggest=max(dz.size, kernel2d.size))
         return dx
 
     # -- max pooling --------------------------------------------------------------------------------
