@@ -127,6 +127,9 @@ class LaunchCounter:
                 counter.add("copy into")
                 super().__setitem__(key, value)
 
+            def get(self):  # CuPy's copy to the host
+                return np.array(self.view(np.ndarray))
+
             def astype(self, dtype, *args, **kw):
                 if np.dtype(dtype) != self.dtype or kw.get("copy", True):
                     counter.add("astype")
@@ -146,6 +149,14 @@ class LaunchCounter:
 
     def add(self, name):
         self.counts[name] = self.counts.get(name, 0) + 1
+
+    def array_module(self, module):
+        """What tinycnn.arrays takes for `cupy` so that its get_array_module answers `module` (the
+        installed stand-in) for counted arrays and NumPy for the rest; to_numpy copies them back."""
+        counted = self.array_type
+        return types.SimpleNamespace(
+            ndarray=counted,
+            get_array_module=lambda *arrays: module if any(isinstance(a, counted) for a in arrays) else np)
 
     def total(self):
         return sum(self.counts.values())

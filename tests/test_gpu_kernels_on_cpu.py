@@ -328,6 +328,9 @@ def test_categorical_matches(gpu, dtype):
         expected = R.categorical_matches(predictions[:rows], targets[:rows])
         assert count.dtype == np.int64 and int(count) == int(expected), (rows, count, expected)
     assert int(R.categorical_matches(predictions, targets)) >= 13
+    running = np.array(5, dtype=np.int64)  # an epoch's count: the kernel adds into it and returns it
+    assert k.categorical_matches(predictions, targets, running) is running
+    assert int(running) == 5 + int(R.categorical_matches(predictions, targets))
 
 
 def test_dropout_keys_and_masks_from_device_keys(gpu):

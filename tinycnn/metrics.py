@@ -35,10 +35,15 @@ class Metric:
     def values(self, predictions, targets):
         raise NotImplementedError
 
-    def total(self, predictions, targets, kernels=None):
+    def total(self, predictions, targets, kernels=None, into=None):
         """The sum of `values` over the batch, on the device; a metric with a kernel of its own
-        (`kernels`: the model's kernel set) overrides this."""
-        return self.values(predictions, targets).sum()
+        (`kernels`: the model's kernel set) overrides this. `into`: a 0-d device array the sum is
+        added into (and returned), as a kernel that counts in place does it without a launch more."""
+        batch_total = self.values(predictions, targets).sum()
+        if into is None:
+            return batch_total
+        into += batch_total
+        return into
 
     # -- Keras's stateful API, for direct use -------------------------------------------------
     def reset_state(self):
@@ -79,12 +84,12 @@ class CategoricalAccuracy(Metric):
         xp = get_array_module(predictions)
         return xp.argmax(predictions, axis=-1) == xp.argmax(targets, axis=-1)
 
-    def total(self, predictions, targets, kernels=None):
-        """The kernel set's count (one launch on the GPU instead of four), for (rows, classes) arrays;
-        a subclass that redefines `values` is summed from its values."""
+    def total(self, predictions, targets, kernels=None, into=None):
+        """The kernel set's count (one launch on the GPU instead of four, adding into `into` itself),
+        for (rows, classes) arrays; a subclass that redefines `values` is summed from its values."""
         if kernels is None or predictions.ndim != 2 or type(self).values is not CategoricalAccuracy.values:
-            return super().total(predictions, targets)
-        return kernels.categorical_matches(predictions, targets)
+            return super().total(predictions, targets, into=into)
+        return kernels.categorical_matches(predictions, targets, into)
 
 
 class SparseCategoricalAccuracy(CategoricalAccuracy):

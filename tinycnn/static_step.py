@@ -299,13 +299,17 @@ class StaticTraining:
     def accumulate(self, batch_sum, predictions, targets):
         """Adds the step's loss sum and metric sums into the device accumulators, in the order and
         the dtypes of the eager step's running sums (training.EpochMetrics.add)."""
-        kernels = self.trainer.backend.kernels
-        values = [batch_sum] + [metric.total(predictions, targets, kernels) for metric in self.metrics.metrics]
+        kernels, metrics = self.trainer.backend.kernels, self.metrics.metrics
         if self.sums is None:  # the first run: accumulators of the eager sums' dtypes
+            values = [batch_sum] + [metric.total(predictions, targets, kernels) for metric in metrics]
             self.sums = [self.xp.zeros((), dtype=(0 + value).dtype) for value in values]
             self.metrics.bind_device_sums(self.sums[0], self.sums[1:])
-        for total, value in zip(self.sums, values):
-            total += value
+            for total, value in zip(self.sums, values):
+                total += value
+            return
+        self.sums[0] += batch_sum
+        for total, metric in zip(self.sums[1:], metrics):
+            metric.total(predictions, targets, kernels, into=total)  # the accuracy kernel adds into it
 
 
 def notice(reason):

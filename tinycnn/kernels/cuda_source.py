@@ -359,7 +359,8 @@ extern "C" __global__ void tinycnn_softmax_ce(const T* logits, const T* targets,
 }
 """,
     # The categorical accuracy's count: rows whose prediction's argmax is the target's (first maxima, NaN
-    # largest, as argmax), each row's hit counted by the last row to finish.
+    # largest, as argmax), each row's hit counted by the last row to finish and added into *total (an
+    # epoch's running count, or a fresh zero).
     "tinycnn_categorical_matches": r"""
 extern "C" __global__ void tinycnn_categorical_matches(const T* predictions, const T* targets, unsigned char* hits,
                                                        I rows, int classes, long long* total,
@@ -369,7 +370,7 @@ extern "C" __global__ void tinycnn_categorical_matches(const T* predictions, con
         if (tinycnn_last_arrival(arrivals, 0, (int)rows)) {
             long long count = 0;
             for (I k = 0; k < rows; ++k) count += __ldcg(hits + k);
-            *total = count;
+            *total += count;
         }
     }
 }

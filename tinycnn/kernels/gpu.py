@@ -321,11 +321,12 @@ class GPUKernels(ReferenceKernels):
                      biggest=logits.size)
         return probs, loss, grad
 
-    def categorical_matches(self, predictions, targets):
-        """One launch: each row's hit, counted by the last row to finish."""
+    def categorical_matches(self, predictions, targets, into=None):
+        """One launch: each row's hit, counted by the last row to finish into `into` (an epoch's
+        running count: no add after it) or a new zero."""
         predictions = cp.ascontiguousarray(predictions)
         rows, classes = predictions.shape
-        total = cp.zeros((), dtype=cp.int64)
+        total = cp.zeros((), dtype=cp.int64) if into is None else into
         if rows:
             hits = cp.empty(rows, dtype=cp.uint8)
             self._launch("tinycnn_categorical_matches", predictions.dtype, rows, predictions,

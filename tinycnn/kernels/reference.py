@@ -393,11 +393,16 @@ class ReferenceKernels:
             loss_sum[...] = loss.sum()
         return probs, loss, grad
 
-    def categorical_matches(self, predictions, targets):
+    def categorical_matches(self, predictions, targets, into=None):
         """How many rows' largest prediction is their target's largest entry (first maxima, NaN
-        counting as largest, as argmax has it): the categorical accuracy's sum, a 0-d int64."""
+        counting as largest, as argmax has it): the categorical accuracy's sum, a 0-d int64, or
+        added into `into` (a 0-d int64 array: an epoch's running count), which is returned."""
         xp = get_array_module(predictions)
-        return (xp.argmax(predictions, axis=-1) == xp.argmax(targets, axis=-1)).sum()
+        count = (xp.argmax(predictions, axis=-1) == xp.argmax(targets, axis=-1)).sum()
+        if into is None:
+            return count
+        into += count
+        return into
 
     def adam_update(self, param, grad, m, v, lr_t, beta_1, beta_2, epsilon):
         """In-place Keras Adam step with the bias correction folded into lr_t (epsilon-hat form):
