@@ -14,9 +14,10 @@ def test_cpu_backend_is_numpy_with_fast_kernels_by_default(monkeypatch):
     monkeypatch.delenv("TINYCNN_CONV", raising=False)
     cpu = B.get_backend("cpu")
     assert cpu.xp is np and cpu.name == "cpu"
-    assert cpu.kernels.name == "cpu" and cpu.kernels.conv == "direct"
+    assert cpu.kernels.name == "cpu" and cpu.kernels.conv == "auto"
     text = cpu.describe()
-    assert "cpu" in text and "convolutions: direct" in text and "numba threads" in text
+    assert "cpu" in text and "convolutions: auto (direct; im2col + GEMM from 64 channels" in text
+    assert "numba threads" in text
     assert "OpenMP idle policy" in text and "malloc tuning" in text
 
 
@@ -28,7 +29,7 @@ def test_settings_come_from_the_environment_and_name_the_variable(monkeypatch):
     assert (settings.kernels, settings.conv, settings.numba_threads) == ("reference", "gemm", 1)
     assert B.get_backend("cpu").kernels.name == "reference"
     for variable, value, expected in [("TINYCNN_KERNELS", "turbo", "'fast', 'reference'"),
-                                      ("TINYCNN_CONV", "winograd", "'direct', 'gemm'"),
+                                      ("TINYCNN_CONV", "winograd", "'auto', 'direct', 'gemm'"),
                                       ("TINYCNN_NUMBA_THREADS", "two", "a positive integer"),
                                       ("TINYCNN_MALLOC_TUNING", "maybe", "1 or 0")]:
         monkeypatch.setenv(variable, value)
@@ -45,7 +46,7 @@ def test_scoped_settings_override_the_environment_and_end_with_the_block(monkeyp
         with tc.config.using(kernels="reference"):
             assert tc.config.settings().kernels == "reference" and tc.config.settings().conv == "direct"
     assert tc.config.settings().conv == "gemm"
-    with pytest.raises(tc.ConfigError, match="setting 'conv' must be one of 'direct', 'gemm', got 'fft'"):
+    with pytest.raises(tc.ConfigError, match="setting 'conv' must be one of 'auto', 'direct', 'gemm', got 'fft'"):
         with tc.config.using(conv="fft"):
             pass
     with pytest.raises(tc.ConfigError, match="unknown setting 'threads'"):
@@ -175,7 +176,7 @@ def test_unknown_convolution_algorithm_is_named_on_first_use():
     out = subprocess.run([sys.executable, "-c", "import tinycnn; tinycnn.get_backend('cpu')"], env=env,
                          capture_output=True, text=True)
     assert out.returncode != 0
-    assert "tinycnn.errors.ConfigError: TINYCNN_CONV must be one of 'direct', 'gemm', got 'winograd'" in out.stderr
+    assert "tinycnn.errors.ConfigError: TINYCNN_CONV must be one of 'auto', 'direct', 'gemm', got 'winograd'" in out.stderr
 
 
 def test_importing_tinycnn_changes_nothing_in_the_process():

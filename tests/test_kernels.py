@@ -40,12 +40,14 @@ CONVS = [  # (input shape, kh, kw, stride, pads): the Week2 shapes and the awkwa
 
 @pytest.mark.parametrize("c, filters", [(72, 80), (20, 130)])
 def test_direct_convolution_of_wide_layers_matches_the_reference(c, filters, monkeypatch):
-    """Layers over 64 channels take the direct loops too (several 16-filter blocks, long
-    reductions). With the partials' budget cut to nothing, the filter gradient sums more images
-    per partial (8 partials of 5 images here instead of 10 of 4)."""
+    """The direct loops on layers over 64 channels (several 16-filter blocks, long reductions:
+    TINYCNN_CONV=direct; 'auto' gives the first of these the GEMM). With the partials' budget cut
+    to nothing, the filter gradient sums more images per partial (8 partials of 5 images here
+    instead of 10 of 4)."""
     from tinycnn.kernels import cpu_conv
 
-    k = fast_kernels("cpu")
+    with tc.config.using(conv="direct"):
+        k = fast_kernels("cpu")
     rng = np.random.default_rng(0)
     shape, pads = (40, 6, 7, c), (1, 1, 1, 1)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -65,6 +67,28 @@ def test_direct_convolution_of_wide_layers_matches_the_reference(c, filters, mon
     assert cpu_conv.images_per_partial(40, 10) == 5  # the budget is 1 byte here
     monkeypatch.undo()
     assert cpu_conv.images_per_partial(40, 10) == 4 and cpu_conv.images_per_partial(400, 2 << 20) == 50
+
+
+@pytest.mark.parametrize("c, filters, algorithm", [(16, 16, "direct"), (63, 256, "direct"), (256, 63, "direct"),
+                                                    (64, 64, "gemm"), (72, 80, "gemm"), (256, 256, "gemm")])
+def test_auto_takes_the_gemm_for_wide_layers_only(c, filters, algorithm):
+    """TINYCNN_CONV=auto (the default): im2col + GEMM where the layer has 64 channels or more in
+    and out, the direct loops elsewhere (Week2's layers); the results are the reference's."""
+    with tc.config.using(conv="auto"):
+        k = fast_kernels("cpu")
+    rng = np.random.default_rng(1)
+    shape, pads = (3, 5, 4, c), (1, 1, 1, 1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel2d = rng.standard_normal((9 * c, filters)).astype(np.float32)
+    z, saved = k.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
+    assert saved[0] == algorithm
+    z_ref, saved_ref = R.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
+    _same(z, z_ref, np.float32)
+    dz = rng.standard_normal(z_ref.shape).astype(np.float32)
+    dk, dk_ref = np.empty_like(kernel2d), np.empty_like(kernel2d)
+    _same(k.conv2d_backward(dz, saved, shape, kernel2d, 3, 3, (1, 1), pads, dk, True),
+          R.conv2d_backward(dz, saved_ref, shape, kernel2d, 3, 3, (1, 1), pads, dk_ref, True), np.float32)
+    _same(dk, dk_ref, np.float32)
 
 
 @pytest.mark.parametrize("filters", [1, 5, 10, 15, 16, 21])

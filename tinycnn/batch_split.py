@@ -27,6 +27,8 @@ import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from . import blas_threads
+
 SHARES = 2  # fixed: the split must not depend on the machine
 MIN_ROWS = 32  # smaller batches run whole (each share would be under 16 samples)
 # A batch under this many rows runs whole on one numba thread: a parallel region's fork and join
@@ -180,17 +182,18 @@ def run(share_bounds, work):
     def one(index, start, stop):
         return run_share(split, index, start, stop, threads, work)
 
-    futures = [_workers().submit(one, k, *b) for k, b in enumerate(share_bounds) if k > 0]
     results, errors = [], []
-    try:
-        results.append(one(0, *share_bounds[0]))
-    except BaseException as exc:
-        errors.append(exc)
-    for future in futures:
+    with blas_threads.limited(threads):  # a GEMM in a share: on its own cores, as the share's kernels
+        futures = [_workers().submit(one, k, *b) for k, b in enumerate(share_bounds) if k > 0]
         try:
-            results.append(future.result())
+            results.append(one(0, *share_bounds[0]))
         except BaseException as exc:
             errors.append(exc)
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:
+                errors.append(exc)
     if errors:
         # A share that failed first makes the others fail with BrokenBarrierError: raise its error.
         real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]

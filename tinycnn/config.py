@@ -4,7 +4,7 @@
     |-------------------|-------------------------------------|-----------------------|---------------------------------------|
     | `device`          | `TINYCNN_DEVICE`                    | auto, cpu, gpu        | auto (the GPU if one works)           |
     | `kernels`         | `TINYCNN_KERNELS`                   | fast, reference       | fast (numba / CUDA kernels)           |
-    | `conv`            | `TINYCNN_CONV`                      | direct, gemm          | direct (CPU, every float layer)       |
+    | `conv`            | `TINYCNN_CONV`                      | auto, direct, gemm    | auto (CPU: GEMM for wide layers)      |
     | `numba_threads`   | `TINYCNN_NUMBA_THREADS`             | a positive integer    | numba's default: every core           |
     | `malloc_tuning`   | `TINYCNN_MALLOC_TUNING`             | 1, 0                  | 1                                     |
     | `batch_split`     | `TINYCNN_BATCH_SPLIT`               | 1, 0                  | 1 (CPU: see tinycnn.batch_split)      |
@@ -32,7 +32,7 @@ from .errors import ConfigError, DeviceError
 
 DEVICES = ("auto", "cpu", "gpu")
 KERNEL_CHOICES = ("fast", "reference")
-CONV_CHOICES = ("direct", "gemm")
+CONV_CHOICES = ("auto", "direct", "gemm")
 STEP_CHOICES = ("eager", "static", "graphs")
 
 
@@ -40,7 +40,7 @@ STEP_CHOICES = ("eager", "static", "graphs")
 class Settings:
     device: str = "auto"
     kernels: str = "fast"
-    conv: str = "direct"
+    conv: str = "auto"
     numba_threads: int = None  # None: numba's default (every core)
     malloc_tuning: bool = True
     batch_split: bool = True  # CPU training splits a batch between threads (tinycnn.batch_split)

@@ -41,7 +41,7 @@ import warnings
 
 import numpy as np
 
-from . import batch_split
+from . import batch_split, blas_threads
 from .errors import ShareProcessError
 
 # The control words (int64) at the start of the shared memory.
@@ -242,7 +242,8 @@ class ShareProcess:
         self.sequence += 1
         control[CMD] = self.sequence  # last: the worker starts when it sees it
         split = ProcessSplit(memory, 0, self.alive)
-        own = batch_split.run_share(split, 0, start0, stop0, 1, work)
+        with blas_threads.limited(1):  # the worker has the other core
+            own = batch_split.run_share(split, 0, start0, stop0, 1, work)
         split.wait(DONE, self.sequence)
         split.check_peer()
         predictions = memory.predictions[:rows].copy()
@@ -276,6 +277,7 @@ def _serve(model, plan, memory, parent):
         import numba
 
         numba.set_num_threads(1)
+        blas_threads.set_count(1)
         params = model.params
         sink = params.gradient_share_into(memory.grads)
         control = memory.control

@@ -408,7 +408,7 @@ class Trainer:
         """Whether a first run's compile helper would compile kernels this model's training uses:
         float32 direct convolutions on the numba CPU set (tinycnn.kernels.precompile)."""
         return (self.backend.kernels.name == "cpu" and np.dtype(self.dtype) == np.float32
-                and self.backend.settings.conv == "direct"
+                and self.backend.settings.conv != "gemm"
                 and any(isinstance(layer, (Conv2D, SeparableConv2D)) for layer in self.compute_layers))
 
     def share_step(self, plan, inputs, targets, sample_weight, n, gradients):

@@ -178,6 +178,18 @@ CHUNK_BYTES = 2 << 20
 # network of benchmarks/vgg_scaling.py at batch 64 on a 2-vCPU AVX-512 guest: W = 32 177 -> 122 ms
 # per step, W = 64 476 -> 411 ms, when its layers above 64 channels left the GEMM for the direct
 # loops. TINYCNN_CONV=gemm still picks the GEMM.
+#
+# That was before a split batch's shares each had a core and OpenBLAS one thread (tinycnn.batch_split,
+# tinycnn.share_process, tinycnn.blas_threads). On one thread, 32 images, 3x3 'same', ms of
+# forward / filter gradient / input gradient, direct against GEMM (2-core Zen 3 guest, AVX2):
+# 32x32 64->64 42/45/43 against 35/40/44; 16x16 128->128 43/52/35 against 39/34/46; 8x8 128->256
+# 21/32/22 against 16/19/14; 8x8 256->256 45/71/47 against 30/30/35. The direct loops' 4 x 16
+# register block reuses each input value for 16 filters only, and their weights (K x 16, 147 KB at
+# K = 2304) stream from L2 for every pixel block; OpenBLAS's blocking keeps its panels in L1 and L2.
+# The VGG-style network at W = 64, batch 64, fit's steady state: 680-700 ms direct, 545-580 ms with
+# its layers of 64 channels and more as GEMMs (PyTorch 675 in the same hour). Week2's layers (16
+# channels at most) keep the direct loops, which beat the GEMM there by 2-3x.
+WIDE_CHANNELS = 64
 
 
 def _chunk(bytes_per_image, n):
@@ -656,7 +668,8 @@ def _dropout_backward(dy, keep, scale, dx):
 
 class CPUKernels(ReferenceKernels):
     """numba overrides of the reference set. `conv` chooses the convolution algorithm: 'direct'
-    (register-blocked loops, cpu_conv) where it applies, else 'gemm' (chunked im2col + OpenBLAS)."""
+    (register-blocked loops, cpu_conv) where it applies, 'gemm' (chunked im2col + OpenBLAS), or
+    'auto': the GEMM for wide layers, the direct loops for the rest (see WIDE_CHANNELS)."""
 
     name = "cpu"
     # The BatchNorm kernels read a ReLU's output as max(z, 0) and apply its gradient as they write
@@ -673,11 +686,12 @@ class CPUKernels(ReferenceKernels):
         "relu_batchnorm_forward_train", "relu_batchnorm_backward_train", "dropout_forward", "dropout_backward",
     )
 
-    def __init__(self, conv="direct"):
+    def __init__(self, conv="auto"):
         self.conv = conv
 
     def describe(self):
-        return f"cpu (numba; convolutions: {self.conv})"
+        detail = f" (direct; im2col + GEMM from {WIDE_CHANNELS} channels in and out)" if self.conv == "auto" else ""
+        return f"cpu (numba; convolutions: {self.conv}{detail})"
 
     # -- convolution ----------------------------------------------------------------------------
     def im2col(self, x, kh, kw, stride, pads):
@@ -693,9 +707,12 @@ class CPUKernels(ReferenceKernels):
         return dx
 
     def _conv_algorithm(self, x, kernel2d):
-        """'direct' or 'gemm': the convolution algorithm this set uses for x and kernel2d."""
-        direct = self.conv == "direct" and x.dtype in (np.float32, np.float64)
-        return "direct" if direct else "gemm"
+        """'direct' or 'gemm': the convolution algorithm this set uses for x and kernel2d. 'auto'
+        takes the GEMM for wide layers (WIDE_CHANNELS in and out), the direct loops elsewhere."""
+        if self.conv == "gemm" or x.dtype not in (np.float32, np.float64):
+            return "gemm"
+        wide = x.shape[3] >= WIDE_CHANNELS and kernel2d.shape[1] >= WIDE_CHANNELS
+        return "gemm" if self.conv == "auto" and wide else "direct"
 
     def conv2d_forward(self, x, kernel2d, kh, kw, stride, pads):
         """As the reference; `saved` is (algorithm, input), the algorithm that ran first."""
