@@ -44,10 +44,52 @@ def split_calls(monkeypatch):
     return calls
 
 
-def test_shares_depend_on_the_batch_size_alone():
+def test_shares_depend_on_the_batch_size_and_the_models_work_per_sample():
     assert batch_split.bounds(batch_split.MIN_ROWS - 1) is None
     assert batch_split.bounds(32) == [(0, 16), (16, 32)]
     assert batch_split.bounds(71) == [(0, 36), (36, 71)]
+    # under 32 rows only where each share of 8 or more still has 40 M multiply-adds to do
+    vgg16, week2 = 9_880_192, 1_821_136  # per sample: the plans' counts below
+    assert batch_split.bounds(16, vgg16) == [(0, 8), (8, 16)]
+    assert batch_split.bounds(31, vgg16) == [(0, 16), (16, 31)]
+    assert batch_split.bounds(15, vgg16) is None and batch_split.bounds(15, 10**12) is None  # shares of 7
+    assert batch_split.bounds(31, week2) is None and batch_split.bounds(16, week2) is None
+
+
+def test_a_plan_counts_its_forward_multiply_adds_per_sample():
+    """Each kernel's size times its output's positions: Week2 by hand, conv1 to conv8."""
+    from week2_model import build_week2_model
+
+    model = build_week2_model(device="cpu", seed=0)
+    by_hand = (26 * 26 * 9 * 16 + 24 * 24 * 9 * 16 * 16 + 24 * 24 * 16 * 10 + 10 * 10 * 9 * 10 * 10
+               + 8 * 8 * 9 * 10 * 16 + 6 * 6 * 9 * 16 * 16 + 4 * 4 * 9 * 16 * 16 + 4 * 4 * 16 * 10)
+    assert model.plan(strip_activation="softmax").sample_multiply_adds == by_hand == 1_821_136
+    dense = tc.Sequential([tc.Input((7,)), tc.layers.Dense(5), tc.layers.BatchNormalization()], device="cpu")
+    assert dense.plan().sample_multiply_adds == 35  # BatchNorm's vectors are not kernels
+
+
+def test_a_small_batch_of_a_model_with_enough_work_per_sample_splits(split_calls):
+    """16 samples of two 32 -> 32 convolutions at 20x20 (7.4 M multiply-adds each) run as shares
+    of 8, and train as the whole batch does (to round-off); 14 samples run whole."""
+    def model():
+        m = tc.Sequential([tc.Input((20, 20, 32)), L.Conv2D(32, 3, padding="same"), L.BatchNormalization(),
+                           L.Conv2D(32, 3, padding="same"), L.GlobalAveragePooling2D(),
+                           L.Dense(5, activation="softmax")], device="cpu", seed=4)
+        m.compile(tc.optimizers.Adam(0.01), "categorical_crossentropy")
+        return m
+
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((16, 20, 20, 32)).astype(np.float32), np.eye(5, dtype=np.float32)[rng.integers(0, 5, 16)]
+    losses = []
+    for split in (True, False):
+        with tc.config.using(batch_split=split):
+            losses.append(model().loss_and_gradients(x, y))
+    assert split_calls == [[(0, 8), (8, 16)]]
+    np.testing.assert_allclose(losses[0][0], losses[1][0], rtol=1e-5)
+    for a, b in zip(losses[0][1], losses[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    model().loss_and_gradients(x[:14], y[:14])
+    assert len(split_calls) == 1
 
 
 def test_a_split_batch_has_the_whole_batchs_gradients_and_statistics(split_calls):

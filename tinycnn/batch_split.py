@@ -19,8 +19,8 @@ The split changes nothing a user can see but the time, and in training the float
   call that every share reads: the masks of the unsplit batch.
 - Each share's weight gradients go to a buffer of its own; they are summed in share order.
 - In inference a sample's output does not depend on the rest of its batch: the same bits.
-- Whether and how a batch splits depends on its size alone (SHARES is fixed), never on the
-  thread count, so results are the same on any machine. Only the numba CPU backend splits, and
+- Whether and how a batch splits depends on its size and the model alone (SHARES is fixed), never
+  on the thread count, so results are the same on any machine. Only the numba CPU backend splits, and
   only graphs of tinycnn's own layers (`Layer.thread_safe`); `TINYCNN_BATCH_SPLIT=0` turns it off.
 """
 import contextlib
@@ -30,7 +30,17 @@ from concurrent.futures import ThreadPoolExecutor
 from . import blas_threads
 
 SHARES = 2  # fixed: the split must not depend on the machine
-MIN_ROWS = 32  # smaller batches run whole (each share would be under 16 samples)
+MIN_ROWS = 32  # smaller batches run whole (each share would be under 16 samples)...
+# ...unless each share of 8 samples or more still brings this many multiply-adds (tinycnn.plan's
+# estimate of the forward pass): then the split's per-step costs (the shares' meetings and Python
+# glue) are small against the work. The VGG-style network of benchmarks/vgg_scaling.py at W = 16
+# (9.9 M per sample), batch 16, fit's steady state, 2-core Zen 3 guest, 2 interleaved rounds:
+# 30.6-31.9 ms whole, 12.3-17.7 split (PyTorch 21.7); at W = 64 139-209 -> 123-128 (PyTorch 149).
+# Week2 (1.8 M per sample) gains nothing from shares of 8-12 samples (fit per batch of 16: 8.9-9.3
+# ms whole, 6.4-8.7 split; train_on_batch 10.1-10.6 against 10.5-13.9; predict with batches of 24:
+# 178-180 against 197-252 ms), and stays whole below 32.
+SMALL_SHARE_ROWS = 8
+SMALL_SHARE_MULTIPLY_ADDS = 40_000_000
 # A batch under this many rows runs whole on one numba thread: a parallel region's fork and join
 # cost more than its share of so little work. Week2 on a 2-vCPU AVX-512 guest, ms on two threads
 # / one: inference of 1 image 1.03 / 0.33, 8 images 1.53 / 0.86, 16 images 2.25 / 2.19; a
@@ -39,10 +49,14 @@ MIN_ROWS = 32  # smaller batches run whole (each share would be under 16 samples
 SERIAL_ROWS = 16
 
 
-def bounds(rows):
+def bounds(rows, sample_multiply_adds=0):
     """[(start, stop)] of each share of a batch of `rows` samples (sizes differ by at most one, the
-    larger first), or None when the batch runs whole."""
-    if rows < MIN_ROWS:
+    larger first), or None when the batch runs whole. `sample_multiply_adds`: the model's forward
+    work per sample (tinycnn.plan.Plan.sample_multiply_adds), which lets batches under MIN_ROWS
+    split where each share still has enough to do."""
+    share = rows // SHARES
+    worth_it = share >= SMALL_SHARE_ROWS and share * sample_multiply_adds >= SMALL_SHARE_MULTIPLY_ADDS
+    if rows < MIN_ROWS and not worth_it:
         return None
     base, extra = divmod(rows, SHARES)
     out, start = [], 0

@@ -19,6 +19,8 @@ from the graph alone; the layers know nothing about it:
 walks the tape in reverse, sums gradients where a tensor fans out or a layer is used twice, and
 writes weight gradients into the model's ParameterBuffer.
 """
+import math
+
 from . import activations
 from .layers.base import ActivatedLayer
 from .layers.normalization import BatchNormalization
@@ -199,6 +201,17 @@ class ReluBatchNormStep(FusedStep):
         return " + ".join(layer.name for layer in self.layers) + " (ReLU and BatchNorm fused in training)"
 
 
+def multiply_adds_per_sample(node):
+    """About how many multiply-adds a node's forward pass does per sample: each of its layer's
+    weights of two axes or more (a kernel) times the output's positions (an image's pixels; 1 for
+    a vector). 0 for a layer without such weights, or whose weights are not a plain dict."""
+    weights = getattr(node.layer, "weights", None)
+    if not isinstance(weights, dict):
+        return 0
+    positions = math.prod(node.output.shape[1:-1])
+    return positions * sum(int(w.size) for w in weights.values() if w.ndim >= 2)
+
+
 class Plan:
     """The steps of a graph, ready to run."""
 
@@ -245,8 +258,10 @@ class Plan:
             else:
                 steps.append(LayerStep(node, in_ids, tensor_id(node.output)))
         self.steps = steps
-        # Whether a batch may run as shares in threads (tinycnn.batch_split)
+        # Whether a batch may run as shares in threads (tinycnn.batch_split), and how much work a
+        # sample brings to its share
         self.thread_safe = all(layer.thread_safe for step in steps for layer in step.layers)
+        self.sample_multiply_adds = sum(multiply_adds_per_sample(node) for node in nodes if node.inputs)
         self.output_ids = [tensor_id(t) for t in outputs]
         self.size = len(ids)
 

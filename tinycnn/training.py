@@ -432,7 +432,7 @@ class Trainer:
         split the batches already), and never with TINYCNN_BATCH_SPLIT=0."""
         if self.distribution is not None or self.backend.kernels.name != "cpu" or not plan.thread_safe:
             return None
-        shares = batch_split.bounds(rows)
+        shares = batch_split.bounds(rows, plan.sample_multiply_adds)
         return shares if shares is not None and config.settings().batch_split else None  # settings(): ~25 us
 
     def cpu_threads(self, rows):
