@@ -4,7 +4,7 @@ Why: a split batch (tinycnn.batch_split, tinycnn.share_process) runs one share p
 inside a share (a wide convolution, a Dense layer) would otherwise start OpenBLAS's own threads
 on every core as well, and the shares' threads and OpenBLAS's take turns on the cores: the
 VGG-style network of benchmarks/vgg_scaling.py at W = 64, batch 64, with its wide convolutions as
-GEMMs, took 1305 ms per step so against 550-580 ms with one OpenBLAS thread per share (2-core
+GEMMs, took 1305 ms per step that way against 550-580 ms with one OpenBLAS thread per share (2-core
 Zen 3 guest, fit's steady state; numbers in benchmarks/results/cpu_round2.md).
 
 How: NumPy's OpenBLAS (its wheels bundle one, with prefixed and suffixed names) exports
