@@ -410,3 +410,19 @@ def test_a_metric_subclass_is_summed_from_its_own_values():
     predictions = np.eye(4, dtype=np.float32)
     assert int(tc.metrics.CategoricalAccuracy().total(predictions, predictions, k)) == 4
     assert int(Never().total(predictions, predictions, k)) == 0
+
+
+def test_a_metric_accumulates_an_epochs_sum_in_place_where_it_is_an_array():
+    """Metric.accumulate: the first batch's total becomes the running sum, host scalars add as
+    values, and a 0-d array (a device sum) is added into in place: the same object comes back
+    (the accuracy's GPU kernel counts into it: tests/test_gpu_kernels_on_cpu.py)."""
+    metric = tc.metrics.CategoricalAccuracy()
+    kernels = tc.get_backend("cpu").kernels
+    predictions = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0]]
+    targets = np.eye(4, dtype=np.float32)[[0, 1, 2, 0, 0]]  # 4 hits of 5
+    first = metric.accumulate(0, predictions, targets, kernels)
+    assert int(first) == 4
+    assert int(metric.accumulate(first, predictions, targets, kernels)) == 8
+    running = np.array(3, dtype=np.int64)
+    assert metric.accumulate(running, predictions, targets, kernels) is running and int(running) == 7
+    assert metric.accumulate(running, predictions, targets) is running and int(running) == 11  # no kernels

@@ -35,15 +35,23 @@ class Metric:
     def values(self, predictions, targets):
         raise NotImplementedError
 
-    def total(self, predictions, targets, kernels=None, into=None):
+    def total(self, predictions, targets, kernels=None):
         """The sum of `values` over the batch, on the device; a metric with a kernel of its own
-        (`kernels`: the model's kernel set) overrides this. `into`: a 0-d device array the sum is
-        added into (and returned), as a kernel that counts in place does it without a launch more."""
-        batch_total = self.values(predictions, targets).sum()
-        if into is None:
-            return batch_total
-        into += batch_total
-        return into
+        (`kernels`: the model's kernel set) overrides this."""
+        return self.values(predictions, targets).sum()
+
+    def accumulate(self, running, predictions, targets, kernels=None):
+        """An epoch's running sum with this batch's total added: in place where `running` is a 0-d
+        array (a device sum the loop owns), else as a new value (host scalars; after the first
+        batch's 0, the batch's total itself, which on a GPU the next batches then add into).
+        A metric whose kernel can add into the sum itself overrides this (one launch, not two)."""
+        total = self.total(predictions, targets, kernels)
+        if _is_scalar_array(running, predictions):
+            running += total
+            return running
+        if type(running) is int and running == 0:  # the epoch's first batch: its total is the sum
+            return total
+        return running + total
 
     # -- Keras's stateful API, for direct use -------------------------------------------------
     def reset_state(self):
@@ -75,6 +83,11 @@ class Metric:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def _is_scalar_array(value, like):
+    """Whether `value` is a 0-d array of `like`'s array module (NumPy's 0-d results are scalars)."""
+    return isinstance(value, get_array_module(like).ndarray) and value.ndim == 0
+
+
 class CategoricalAccuracy(Metric):
     """1 where the prediction's largest entry is the target's largest entry."""
 
@@ -84,12 +97,21 @@ class CategoricalAccuracy(Metric):
         xp = get_array_module(predictions)
         return xp.argmax(predictions, axis=-1) == xp.argmax(targets, axis=-1)
 
-    def total(self, predictions, targets, kernels=None, into=None):
-        """The kernel set's count (one launch on the GPU instead of four, adding into `into` itself),
-        for (rows, classes) arrays; a subclass that redefines `values` is summed from its values."""
-        if kernels is None or predictions.ndim != 2 or type(self).values is not CategoricalAccuracy.values:
-            return super().total(predictions, targets, into=into)
-        return kernels.categorical_matches(predictions, targets, into)
+    def total(self, predictions, targets, kernels=None):
+        """The kernel set's count (one launch on the GPU instead of four), for (rows, classes) arrays;
+        a subclass that redefines `values` is summed from its values."""
+        if not self._counted_by(kernels, predictions):
+            return super().total(predictions, targets)
+        return kernels.categorical_matches(predictions, targets)
+
+    def accumulate(self, running, predictions, targets, kernels=None):
+        """The kernel counts straight into a device running sum (no add after it)."""
+        if not (self._counted_by(kernels, predictions) and _is_scalar_array(running, predictions)):
+            return super().accumulate(running, predictions, targets, kernels)
+        return kernels.categorical_matches(predictions, targets, running)
+
+    def _counted_by(self, kernels, predictions):
+        return kernels is not None and predictions.ndim == 2 and type(self).values is CategoricalAccuracy.values
 
 
 class SparseCategoricalAccuracy(CategoricalAccuracy):

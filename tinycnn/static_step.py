@@ -309,7 +309,7 @@ class StaticTraining:
             return
         self.sums[0] += batch_sum
         for total, metric in zip(self.sums[1:], metrics):
-            metric.total(predictions, targets, kernels, into=total)  # the accuracy kernel adds into it
+            metric.accumulate(total, predictions, targets, kernels)  # in place (the accuracy: its kernel)
 
 
 def notice(reason):

@@ -57,13 +57,7 @@ class EpochMetrics:
         self.seen += n
         for i, (metric, weighted) in enumerate(zip(self.metrics, self.weighted)):
             if sample_weight is None or not weighted:
-                running = self.sums[i]
-                if type(running) is int:  # the first batch: its total (new) becomes the running sum
-                    self.sums[i] = metric.total(predictions, targets, self.kernels)
-                elif isinstance(running, get_array_module(predictions).ndarray) and running.ndim == 0:
-                    metric.total(predictions, targets, self.kernels, into=running)  # a device sum: in place
-                else:  # host scalars (NumPy's 0-d results are scalars)
-                    self.sums[i] = running + metric.total(predictions, targets, self.kernels)
+                self.sums[i] = metric.accumulate(self.sums[i], predictions, targets, self.kernels)
                 self.weights[i] = self.weights[i] + n
             else:
                 values = metric.values(predictions, targets)
