@@ -38,6 +38,13 @@ CONVS = [  # (input shape, kh, kw, stride, pads): the Week2 shapes and the awkwa
 ]
 
 
+def _conv3x3_case(seed, shape, filters):
+    """(rng, a float32 NHWC input of `shape`, a 3x3 kernel of `filters` as (9 * C, filters))."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    return rng, x, rng.standard_normal((9 * shape[3], filters)).astype(np.float32)
+
+
 @pytest.mark.parametrize("c, filters", [(72, 80), (20, 130)])
 def test_direct_convolution_of_wide_layers_matches_the_reference(c, filters, monkeypatch):
     """The direct loops on layers over 64 channels (several 16-filter blocks, long reductions:
@@ -48,10 +55,8 @@ def test_direct_convolution_of_wide_layers_matches_the_reference(c, filters, mon
 
     with tc.config.using(conv="direct"):
         k = fast_kernels("cpu")
-    rng = np.random.default_rng(0)
     shape, pads = (40, 6, 7, c), (1, 1, 1, 1)
-    x = rng.standard_normal(shape).astype(np.float32)
-    kernel2d = rng.standard_normal((9 * c, filters)).astype(np.float32)
+    rng, x, kernel2d = _conv3x3_case(0, shape, filters)
     z_ref, saved_ref = R.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
     z, saved = k.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
     assert saved[0] == "direct"
@@ -76,10 +81,8 @@ def test_auto_takes_the_gemm_for_wide_layers_only(c, filters, algorithm):
     and out, the direct loops elsewhere (Week2's layers); the results are the reference's."""
     with tc.config.using(conv="auto"):
         k = fast_kernels("cpu")
-    rng = np.random.default_rng(1)
     shape, pads = (3, 5, 4, c), (1, 1, 1, 1)
-    x = rng.standard_normal(shape).astype(np.float32)
-    kernel2d = rng.standard_normal((9 * c, filters)).astype(np.float32)
+    rng, x, kernel2d = _conv3x3_case(1, shape, filters)
     z, saved = k.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
     assert saved[0] == algorithm
     z_ref, saved_ref = R.conv2d_forward(x, kernel2d, 3, 3, (1, 1), pads)
