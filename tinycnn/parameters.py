@@ -115,6 +115,10 @@ class ParameterBuffer(_GradientSink):
             shares[k] = _GradientShare(self)
         return shares[k]
 
+    def share_gradients(self, shares):
+        """The gradient arrays of shares 1 .. shares-1 (gradient_share), in share order."""
+        return [self.gradient_share(k).grads for k in range(1, shares)]
+
     def gradient_share_into(self, grads):
         """A gradient buffer for another share that writes into `grads` (this buffer's layout; the
         memory a share process hands back, tinycnn.share_process)."""

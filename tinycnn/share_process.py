@@ -327,7 +327,7 @@ class FitShares:
         if self.predictions is None or len(shares) != 2:
             results = batch_split.run(shares, work)
             self.predictions = (results[0][0].shape[1:], results[0][0].dtype)
-            return results, [model.params.gradient_share(k).grads for k in range(1, len(shares))]
+            return results, model.params.share_gradients(len(shares))
         if self.worker is None or not self.worker.fits(model, plan, inputs, targets, weights, rows):
             self.close()
             self.worker = ShareProcess(model, plan, inputs, targets, weights, max(rows, shares[0][1]),

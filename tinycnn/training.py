@@ -384,7 +384,7 @@ class Trainer:
                                                             work)
             else:
                 results = self._run_shares(shares, rows, work)
-                share_grads = [self.params.gradient_share(k).grads for k in range(1, len(results))]
+                share_grads = self.params.share_gradients(len(results))
         for grads in share_grads:  # in share order: the same sum on every machine
             self.params.grads += grads
         predictions = self._joined([p for p, _ in results])
