@@ -1,7 +1,7 @@
 """Run the benchmark of every framework and write the comparison.
 
     python benchmarks/run.py [--frameworks tinycnn,pytorch,keras] [--peer-python PATH]
-                             [--repeats 3] [--steps 50] [--quick] [--skip-epoch]
+                             [--repeats 3] [--steps 50] [--quick] [--skip-epoch] [--vgg]
                              [--device cpu|gpu] [--out benchmarks/results]
 
 With --device gpu the default frameworks are tinycnn (TINYCNN_DEVICE=gpu, eager steps),
@@ -15,6 +15,10 @@ others with ``--peer-python``, default this Python too). Each prints one JSON ob
 ``common.py``). A framework whose script is absent or that exits with ``common.EXIT_MISSING``
 is listed as missing; one that crashes is reported with the tail of its stderr; the run goes
 on either way. Writes ``results.json``, ``RESULTS.md`` and ``step_ratio.png`` to ``--out``.
+
+With --vgg (CPU) it then runs ``vgg_scaling.py``'s grid (the VGG-style network as channels, batch
+and image size grow, tinycnn against PyTorch from --peer-python; about 10 minutes on 2 cores),
+writes ``vgg_scaling.md`` and ``.json`` beside the results and adds its table to ``RESULTS.md``.
 """
 import argparse
 import collections
@@ -65,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke test: tiny counts, no epoch")
     p.add_argument("--skip-epoch", action="store_true")
     p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--vgg", action="store_true",
+                   help="also the VGG-style scaling grid (vgg_scaling.py) against PyTorch, into RESULTS.md")
     p.add_argument("--baseline", default=None,
                    help="framework the ratios are taken from, baseline / peer (default tinycnn)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per framework")
@@ -285,6 +291,10 @@ def render_markdown(report):
             tail = "\n".join("    " + line for line in why.splitlines()[-15:])
             md.append(f"- **{n}**: crashed:\n\n{tail}\n")
         md.append("")
+    if report.get("vgg_scaling"):
+        import vgg_scaling  # beside this script
+
+        md.append("## Scaling: " + vgg_scaling.report(report["vgg_scaling"]).removeprefix("# "))
     return "\n".join(md)
 
 
@@ -397,6 +407,11 @@ def main(argv=None):
             print(f"== {fw}: {status}: {first}", file=sys.stderr, flush=True)
         # after every framework: a run cut short (a borrowed GPU's time limit) keeps what it measured
         os.makedirs(args.out, exist_ok=True)
+        write_atomic(os.path.join(args.out, "results.json"), json.dumps(report, indent=1) + "\n")
+    if args.vgg:
+        import vgg_scaling  # beside this script
+
+        report["vgg_scaling"] = vgg_scaling.driver(args.peer_python, args.threads, args.out)
         write_atomic(os.path.join(args.out, "results.json"), json.dumps(report, indent=1) + "\n")
     return write_reports(report, args.out)
 
