@@ -16,10 +16,8 @@ step, the worker once). Where no OpenBLAS is found (another BLAS, or not Linux) 
 import contextlib
 import ctypes
 import functools
-import threading
 
 _NAMES = [(prefix + "openblas_", suffix) for prefix in ("scipy_", "") for suffix in ("64_", "")]
-_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,14 +59,14 @@ def set_count(threads):
 
 @contextlib.contextmanager
 def limited(threads):
-    """At most `threads` OpenBLAS threads inside the block, the previous count after it."""
-    with _lock:
-        saved = count()
-        if saved is not None and saved > threads:
-            set_count(threads)
+    """At most `threads` OpenBLAS threads inside the block, the previous count after it (a count
+    for the whole process: blocks in two threads at once would restore each other's)."""
+    saved = count()
+    lowered = saved is not None and saved > threads
+    if lowered:
+        set_count(threads)
     try:
         yield
     finally:
-        if saved is not None and saved > threads:
-            with _lock:
-                set_count(saved)
+        if lowered:
+            set_count(saved)

@@ -46,6 +46,11 @@ _PRELUDE = r"""
             for (int d = 0, ox = 0; d < (kw); ++d)                                                          \
                 if ((ox = (x) + (left) - d) >= 0 && ox % (sw) == 0 && (ox /= (sw)) < (ow))
 
+// Element i of an NHWC tensor of (h, w, c) images: declares its image b, row y, column x, channel ch.
+#define TINYCNN_NHWC_POSITION(i, h, w, c, b, y, x, ch)                                                    \
+    const int ch = (int)((i) % (c)), x = (int)(((i) / (c)) % (w)), y = (int)(((i) / ((I)(c) * (w))) % (h)); \
+    const I b = (i) / ((I)(c) * (w) * (h))
+
 __device__ __forceinline__ int tinycnn_max(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int tinycnn_min(int a, int b) { return a < b ? a : b; }
 
@@ -145,8 +150,7 @@ extern "C" __global__ void tinycnn_im2col(const T* x, T* cols, I n, int h, int w
 extern "C" __global__ void tinycnn_col2im(const T* cols, T* dx, I n, int h, int w, int c, int kh, int kw,
                                           int sh, int sw, int top, int left, int oh, int ow) {
     TINYCNN_FOR_EACH(i, n) {
-        const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
-        const I b = i / ((I)c * w * h);
+        TINYCNN_NHWC_POSITION(i, h, w, c, b, y, xx, ch);
         T total = 0;
         TINYCNN_FOR_EACH_COVERING_WINDOW(a, d, oy, ox, y, xx, kh, kw, sh, sw, top, left, oh, ow)
             total += cols[((b * oh + oy) * ow + ox) * ((I)kh * kw * c) + (a * kw + d) * c + ch];
@@ -220,8 +224,7 @@ extern "C" __global__ void tinycnn_conv_input_grad(const T* dz, const T* kernel2
                                                    int kh, int kw, int sh, int sw, int top, int left, int oh,
                                                    int ow, int f) {
     TINYCNN_FOR_EACH(i, n) {
-        const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
-        const I b = i / ((I)c * w * h);
+        TINYCNN_NHWC_POSITION(i, h, w, c, b, y, xx, ch);
         T total = 0;
         TINYCNN_FOR_EACH_COVERING_WINDOW(a, d, oy, ox, y, xx, kh, kw, sh, sw, top, left, oh, ow) {
             const T* g = dz + ((b * oh + oy) * ow + ox) * (I)f;
@@ -240,8 +243,7 @@ extern "C" __global__ void tinycnn_maxpool_forward(const T* x, T* y, int* argmax
                                                    int ph, int pw, int sh, int sw, int top, int left,
                                                    int oh, int ow) {
     TINYCNN_FOR_EACH(i, n) {
-        const int ch = (int)(i % c), ox = (int)((i / c) % ow), oy = (int)((i / ((I)c * ow)) % oh);
-        const I b = i / ((I)c * ow * oh);
+        TINYCNN_NHWC_POSITION(i, oh, ow, c, b, oy, ox, ch);
         const int y0 = oy * sh - top, x0 = ox * sw - left;
         const int a0 = tinycnn_max(0, -y0), a1 = tinycnn_min(ph, h - y0);
         const int d0 = tinycnn_max(0, -x0), d1 = tinycnn_min(pw, w - x0);
@@ -262,8 +264,7 @@ extern "C" __global__ void tinycnn_maxpool_backward(const T* dy, const int* argm
                                                     int c, int ph, int pw, int sh, int sw, int top, int left,
                                                     int oh, int ow) {
     TINYCNN_FOR_EACH(i, n) {
-        const int ch = (int)(i % c), xx = (int)((i / c) % w), y = (int)((i / ((I)c * w)) % h);
-        const I b = i / ((I)c * w * h);
+        TINYCNN_NHWC_POSITION(i, h, w, c, b, y, xx, ch);
         T total = 0;
         TINYCNN_FOR_EACH_COVERING_WINDOW(a, d, oy, ox, y, xx, ph, pw, sh, sw, top, left, oh, ow) {
             const I o = ((b * oh + oy) * ow + ox) * c + ch;
