@@ -657,15 +657,36 @@ def _bn_block_sums(x2d, floor, shift):
     return partial
 
 
-def _bn_stats(x2d, floor):
-    """Mean and biased variance per column (float64) of x2d raised to `floor` (cpu_conv.relu_floor),
-    from sums shifted by the first row (less cancellation); the blocks' sums are added in block order."""
-    m = x2d.shape[0]
+@njit(cache=True, nogil=True)
+def _bn_moments(partial, shift, m, eps, mean, var, inv_std):
+    """mean, var and 1 / sqrt(var + eps) per column, in the arrays' dtype, from the blocks' float64
+    sums of x - shift (added in block order, as NumPy's sum over the first axis adds them). One
+    call instead of ten NumPy operations on arrays of c values (36 us a layer, a Week2 step pays 7)."""
+    c = shift.shape[0]
+    for ch in range(c):
+        s1 = partial[0, 0, ch]
+        s2 = partial[0, 1, ch]
+        for blk in range(1, partial.shape[0]):
+            s1 += partial[blk, 0, ch]
+            s2 += partial[blk, 1, ch]
+        d = s1 / m
+        v = s2 / m - d * d
+        if v < 0.0:  # np.maximum(v, 0): a NaN stays
+            v = 0.0
+        mean[ch] = shift[ch] + d
+        var[ch] = v
+        inv_std[ch] = 1.0 / np.sqrt(v + eps)
+
+
+def _bn_stats(x2d, floor, eps):
+    """Mean, biased variance and 1 / sqrt(variance + eps) per column, in x2d's dtype, of x2d raised
+    to `floor` (cpu_conv.relu_floor), from float64 sums shifted by the first row (less cancellation)."""
+    m, c = x2d.shape
     shift = x2d[0].astype(np.float64)
     shift = np.where(shift < floor, floor, shift)  # the first row as the kernels read it (_raised)
-    s1, s2 = _bn_block_sums(x2d, floor, shift).sum(axis=0)
-    d = s1 / m
-    return shift + d, np.maximum(s2 / m - d * d, 0.0)
+    mean, var, inv_std = (np.empty(c, dtype=x2d.dtype) for _ in range(3))
+    _bn_moments(_bn_block_sums(x2d, floor, shift), shift, m, eps, mean, var, inv_std)
+    return mean, var, inv_std
 
 
 @with_serial_twin
@@ -972,17 +993,17 @@ class CPUKernels(ReferenceKernels):
         dropout mask when rate > 0."""
         x2d = np.ascontiguousarray(x2d)
         floor = cpu_conv.relu_floor(x2d.dtype, relu)
+        dtype = x2d.dtype
         if reduce is None:
-            mean64, var64 = _bn_stats(x2d, floor)
+            mean, var, inv_std = _bn_stats(x2d, floor, eps)
         else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
             c = x2d.shape[1]
             # unshifted: the ranks' sums must add up
             sums = _bn_block_sums(x2d, floor, np.zeros(c)).sum(axis=0)
             totals = reduce(np.concatenate([sums.reshape(-1), [float(x2d.shape[0])]]))
             mean64, var64 = moments_from_sums(totals, c, np.float64)
-        dtype = x2d.dtype
-        mean, var = mean64.astype(dtype), var64.astype(dtype)
-        inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+            mean, var = mean64.astype(dtype), var64.astype(dtype)
+            inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
         y = np.empty_like(x2d)
         use_dropout = rate > 0.0
         keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
