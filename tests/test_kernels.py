@@ -344,6 +344,15 @@ def test_the_unpadded_3x3_depthwise_loops_give_the_padded_loops_bits(shape, stri
     dxpad = k.depthwise_conv2d_backward(dz, saved_padded, xpad.shape, kernel, stride, none, dk_padded, True)
     np.testing.assert_array_equal(dk, dk_padded)
     np.testing.assert_array_equal(dx, dxpad[:, pads[0] : pads[0] + shape[1], pads[2] : pads[2] + shape[2]])
+    # ... and the padded loops' order, spelled out: each output pixel adds its nine products into the
+    # padded input gradient, tap (a, d) by tap (where stride 1 gathers, it must sum in this order)
+    scattered = np.zeros(xpad.shape, np.float32)
+    for i in range(z.shape[1]):
+        for j in range(z.shape[2]):
+            for a in range(3):
+                for d in range(3):
+                    scattered[:, i * stride[0] + a, j * stride[1] + d] += dz[:, i, j] * kernel[a, d, :, 0]
+    np.testing.assert_array_equal(dx, scattered[:, pads[0] : pads[0] + shape[1], pads[2] : pads[2] + shape[2]])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -470,16 +470,20 @@ def _depthwise3x3_forward(x, kernel, sh, sw, top, left, z):
 def _depthwise3x3_backward(x, dz, kernel, sh, sw, top, left, need_dx, partial, dx):
     """_depthwise1_backward for a 3x3 kernel on the unpadded input: partial[b] and dx[b] (unpadded).
     Each tap's products stay a loop of their own (two arrays each: it vectorizes; the nine taps in
-    one loop body touch 20 arrays that may overlap, and ran scalar, 3.5x slower)."""
+    one loop body touch 20 arrays that may overlap, and ran scalar, 3.5x slower). At stride 1, dx
+    is gathered after the image's kernel gradient, each entry's nine products summed in registers
+    and stored once, in the order the scatter adds them (the same bits): 32 images of 28x28x64 on 2
+    threads of a Zen 3 guest, 9 alternating pairs, 1.60-2.09 -> 1.46-1.78 ms (8 of 9 faster)."""
     n, oh, ow, c = dz.shape
     h, w = x.shape[1], x.shape[2]
     xf, dzf, kf = x.reshape(-1), dz.reshape(-1), kernel.reshape(-1)
     pf, dxf = partial.reshape(-1), dx.reshape(-1)
+    scatter = need_dx and not (sh == 1 and sw == 1)
     for b in prange(n):
         po = b * 9 * c
         for e in range(9 * c):
             pf[U(po + e)] = 0.0
-        if need_dx:
+        if scatter:
             for e in range(h * w * c):
                 dxf[U(b * h * w * c + e)] = 0.0
         for i in range(oh):
@@ -493,10 +497,50 @@ def _depthwise3x3_backward(x, dz, kernel, sh, sw, top, left, need_dx, partial, d
                         to = po + (a * 3 + d) * c
                         for ch in range(c):
                             pf[U(to + ch)] += xf[U(xo + ch)] * dzf[U(go + ch)]
-                        if need_dx:
+                        if scatter:
                             ko = (a * 3 + d) * c
                             for ch in range(c):
                                 dxf[U(xo + ch)] += dzf[U(go + ch)] * kf[U(ko + ch)]
+        if need_dx and not scatter:
+            _depthwise3x3_gather_dx(dzf, kf, b, h, w, oh, ow, c, top, left, dxf)
+
+
+@njit(inline="always")
+def _depthwise3x3_gather_dx(dzf, kf, b, h, w, oh, ow, c, top, left, dxf):
+    """Image b's input gradient at stride 1: dx[y, x] sums dz[y + top - a, x + left - d] * k[a, d]
+    over the taps inside, in the scatter's order (a, then d, from 2 down to 0)."""
+    r = ow * c  # one output-gradient row
+    for y in range(h):
+        for xx in range(w):
+            o = ((b * h + y) * w + xx) * c
+            i0, j0 = y + top - 2, xx + left - 2  # the output-gradient pixel of tap (2, 2)
+            if i0 >= 0 and i0 + 2 < oh and j0 >= 0 and j0 + 2 < ow:
+                g0 = ((b * oh + i0) * ow + j0) * c
+                g1, g2 = g0 + r, g0 + 2 * r
+                for ch in range(c):
+                    s = dzf[U(g0 + ch)] * kf[U(8 * c + ch)]
+                    s += dzf[U(g0 + c + ch)] * kf[U(7 * c + ch)]
+                    s += dzf[U(g0 + 2 * c + ch)] * kf[U(6 * c + ch)]
+                    s += dzf[U(g1 + ch)] * kf[U(5 * c + ch)]
+                    s += dzf[U(g1 + c + ch)] * kf[U(4 * c + ch)]
+                    s += dzf[U(g1 + 2 * c + ch)] * kf[U(3 * c + ch)]
+                    s += dzf[U(g2 + ch)] * kf[U(2 * c + ch)]
+                    s += dzf[U(g2 + c + ch)] * kf[U(c + ch)]
+                    s += dzf[U(g2 + 2 * c + ch)] * kf[U(ch)]
+                    dxf[U(o + ch)] = s
+            else:
+                for ch in range(c):
+                    dxf[U(o + ch)] = 0.0
+                for a in range(2, -1, -1):
+                    i = y + top - a
+                    if 0 <= i < oh:
+                        for d in range(2, -1, -1):
+                            j = xx + left - d
+                            if 0 <= j < ow:
+                                go = ((b * oh + i) * ow + j) * c
+                                ko = (a * 3 + d) * c
+                                for ch in range(c):
+                                    dxf[U(o + ch)] += dzf[U(go + ch)] * kf[U(ko + ch)]
 
 
 @with_serial_twin
