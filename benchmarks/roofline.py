@@ -8,8 +8,11 @@ The roofs are measured, not taken from a datasheet:
 - compute: float32 GEMM (OpenBLAS through NumPy, 2048^3, the threads given) - an FMA-bound kernel
   tuned by others; also reported per core;
 - memory: a STREAM-style triad a = b + s * c over 3 x 64 MiB in numba, the threads given.
-Each kernel is timed as `bench_tinycnn.py` times it (Week2 shapes, batch 128, median of runs).
-Its floor is max(FLOPs / compute roof, minimum bytes / memory roof): the bytes are each array read
+Each kernel is timed as `bench_tinycnn.py` times it (Week2 shapes, batch 128), as the best of
+RUNS runs, as the roofs are: on a shared 2-vCPU guest whose speed drifts by 30 % from minute to
+minute, a median compares a kernel on a slow minute with a roof on a fast one; the best of each is
+the least disturbed estimate of both (the medians are kept in roofline.json). Its floor is
+max(FLOPs / compute roof, minimum bytes / memory roof): the bytes are each array read
 or written once (what any implementation must move if it does not fit in cache; the Week2
 activations are 0.1-5.5 MB per tensor against 2 MiB of L2 per core, so most do not).
 Writes benchmarks/results/roofline.md and roofline.json.
@@ -27,6 +30,7 @@ sys.path.insert(0, HERE)
 import common as C  # noqa: E402
 
 F32 = 4
+RUNS = 7  # runs of each kernel and windows of the step; the best of them is reported
 
 
 def gemm_gflops(threads, n=2048, repeats=5):
@@ -116,7 +120,8 @@ def step_floor_ms(peak, bandwidth):
 
 
 def kernel_times(threads):
-    """The kernels' median ms per call, measured as bench_tinycnn.py does, in this process."""
+    """The kernels' ms per call, measured as bench_tinycnn.py does, in this process: (best, median)
+    over RUNS runs."""
     os.environ.setdefault("TINYCNN_NUMBA_THREADS", str(threads))
     import numpy as np
 
@@ -124,9 +129,9 @@ def kernel_times(threads):
     import tinycnn as tc
 
     be = tc.get_backend("cpu")
-    counts = C.Counts()
+    counts = C.Counts(repeats=RUNS)
     times = bench_tinycnn.kernels(np, be, counts, [], None)
-    return {name: s["median"] for name, s in times.items()}
+    return {name: (s["min"], s["median"]) for name, s in times.items()}
 
 
 # The layers a realistic network adds to Week2's (issue 18): MobileNet-style shapes, batch 32, NHWC.
@@ -154,21 +159,22 @@ def other_layers_work():
 
 
 def other_layer_times(threads):
-    """ms per call (median of runs) of the passes of other_layers_work, in this process."""
+    """ms per call, (best, median) over RUNS runs, of the passes of other_layers_work, in this process."""
     os.environ.setdefault("TINYCNN_NUMBA_THREADS", str(threads))
     import numpy as np
 
     import tinycnn as tc
 
     k = tc.get_backend("cpu").kernels
-    counts, same = C.Counts(), (1, 1, 1, 1)
+    counts, same = C.Counts(repeats=RUNS), (1, 1, 1, 1)
     rng = np.random.default_rng(0)
 
     def rand(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
     def t(fn):
-        return C.kernel_stats(fn, counts)["median"]
+        s = C.kernel_stats(fn, counts)
+        return s["min"], s["median"]
 
     out = {}
     x, kern = rand(*DEPTHWISE), rand(3, 3, DEPTHWISE[3], 1)
@@ -192,10 +198,11 @@ def other_layer_times(threads):
 def roofline_rows(work, times, peak, bandwidth, in_step=lambda name: True):
     rows = []
     for name, (flops, nbytes) in work.items():
-        ms = times[name]
+        ms, median_ms = times[name]
         compute_ms, memory_ms = flops / peak / 1e6, nbytes / bandwidth / 1e6
         floor = max(compute_ms, memory_ms)
-        rows.append({"kernel": name, "ms": ms, "gflops": flops / ms / 1e6, "gbs": nbytes / ms / 1e6,
+        rows.append({"kernel": name, "ms": ms, "median_ms": median_ms, "gflops": flops / ms / 1e6,
+                     "gbs": nbytes / ms / 1e6,
                      "intensity": flops / nbytes, "bound": "compute" if compute_ms >= memory_ms else "memory",
                      "floor_ms": floor, "of_floor": ms / floor, "in_step": in_step(name)})
     return rows
@@ -203,7 +210,7 @@ def roofline_rows(work, times, peak, bandwidth, in_step=lambda name: True):
 
 def step_ms(threads, steps=50):
     """The Week2 training step at batch 128: a batch in the steady state of one long model.fit
-    (common.fit_batch_ms, its share process included), median of 3 windows of `steps` batches."""
+    (common.fit_batch_ms, its share process included): (best, median) of RUNS windows of `steps` batches."""
     import numpy as np
 
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
@@ -215,7 +222,8 @@ def step_ms(threads, steps=50):
     rng = np.random.default_rng(0)
     x = rng.random((128, 28, 28, 1), dtype=np.float32)
     y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 128)]
-    return sorted(C.fit_batch_ms(model, x, y, 128, 5, steps, 3))[1]
+    windows = C.fit_batch_ms(model, x, y, 128, 5, steps, RUNS)
+    return min(windows), sorted(windows)[len(windows) // 2]
 
 
 def main():
@@ -223,18 +231,31 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     threads = args.threads
+    def roofs():
+        # str keys: as JSON keeps them
+        return {str(t): gemm_gflops(t) for t in sorted({1, threads})}, triad_gbs(threads)
+
     C.log("roofs")
-    gemm = {str(t): gemm_gflops(t) for t in sorted({1, threads})}  # str keys: as JSON keeps them
-    triad = triad_gbs(threads)
-    peak, bandwidth = gemm[str(threads)], triad
-    C.log(f"GEMM {gemm} GFLOP/s, triad {triad:.1f} GB/s")
+    gemm, triad = roofs()
     times = kernel_times(threads)
-    step = step_ms(threads)
+    step, step_median = step_ms(threads)
+    others_times = other_layer_times(threads)
+    C.log("roofs again")  # a busy minute lowers a roof as it slows a kernel: the best of both measurements
+    gemm_after, triad_after = roofs()
+    gemm = {t: max(v, gemm_after[t]) for t, v in gemm.items()}
+    triad = max(triad, triad_after)
+    # The compute roof: the threads' GEMM rate, or each thread's rate times the threads where that is
+    # higher: the 2-thread GEMM swings from 120 to 190 GFLOP/s with the host's other tenants, the
+    # 1-thread one less; a roof lowered by a busy minute would flatter every kernel.
+    peak, bandwidth = max(gemm[str(threads)], threads * gemm["1"]), triad
+    C.log(f"GEMM {gemm} GFLOP/s, triad {triad:.1f} GB/s")
     rows = roofline_rows(kernel_work(), times, peak, bandwidth, lambda name: name not in NOT_IN_STEP)
-    others = roofline_rows(other_layers_work(), other_layer_times(threads), peak, bandwidth)
+    others = roofline_rows(other_layers_work(), others_times, peak, bandwidth)
     result = {"cpu": C.machine_info()["cpu_model"], "threads": threads, "other_layers": others,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gemm_gflops": gemm,
-              "triad_gbs": triad, "kernels": rows, "step_ms": step, "step_floor_ms": step_floor_ms(peak, bandwidth),
+              "triad_gbs": triad, "peak_gflops": peak, "kernels": rows, "step_ms": step,
+              "step_median_ms": step_median,
+              "step_floor_ms": step_floor_ms(peak, bandwidth),
               "step_gflop": sum(f for k, (f, _) in kernel_work().items()
                                 if k.startswith("conv") and k not in NOT_IN_STEP) / 1e9}
     print(C.write_report("roofline", result, report(result)))
@@ -244,11 +265,15 @@ def report(r):
     t = r["threads"]
     lines = ["# Roofline of the Week2 training step (CPU, batch 128)", "",
              f"`python benchmarks/roofline.py` on {r['cpu']}, {t} threads, {r['date']}.", "",
-             "Roofs, measured here: float32 GEMM (OpenBLAS, 2048^3) "
+             "Roofs, measured here before and after the kernels (the better of the two): float32 GEMM (OpenBLAS, 2048^3) "
              + ", ".join(f"{v:.0f} GFLOP/s on {k} thread(s)" for k, v in r["gemm_gflops"].items())
-             + f"; STREAM-style triad {r['triad_gbs']:.1f} GB/s on {t} threads.", "",
-             "Each kernel's floor is max(FLOPs / GEMM rate, minimum bytes / triad rate); 'x floor' is its time "
-             "over that floor (1.0 would be on the roof). The kernels are timed as `bench_tinycnn.py` times them.",
+             + f"; STREAM-style triad {r['triad_gbs']:.1f} GB/s on {t} threads. The compute roof: "
+             f"{r['peak_gflops']:.0f} GFLOP/s, the larger of the {t}-thread GEMM and {t} x the 1-thread one "
+             "(the former swings with the host's other tenants).", "",
+             "Each kernel's floor is max(FLOPs / compute roof, minimum bytes / triad rate); 'x floor' is its time "
+             "over that floor (1.0 would be on the roof). The kernels are timed as `bench_tinycnn.py` times them, "
+             f"each the best of {RUNS} runs, as the roofs are the best of theirs (the host's speed drifts; "
+             "roofline.json keeps the medians).",
              "", "| kernel | ms | GFLOP/s | GB/s | FLOP/byte | bound | floor ms | x floor |",
              "|---|---:|---:|---:|---:|---|---:|---:|"]
     for k in sorted(r["kernels"], key=lambda k: -k["ms"]):
@@ -265,10 +290,12 @@ def report(r):
         lines.append(f"| `{k['kernel']}` | {k['ms']:.3f} | {k['gflops']:.0f} | {k['gbs']:.1f} | "
                      f"{k['intensity']:.1f} | {k['bound']} | {k['floor_ms']:.3f} | {k['of_floor']:.1f} |")
     lines += ["", f"**The step.** Its convolutions do {r['step_gflop']:.2f} GFLOP: "
-              f"{r['step_gflop'] / r['gemm_gflops'][str(t)] * 1e3:.1f} ms at the GEMM rate. With the BatchNorm(+Dropout) "
-              f"layers at all seven shapes and the max-pool at their minimum traffic, the step's floor is "
-              f"{r['step_floor_ms']:.1f} ms. The step measured {r['step_ms']:.1f} ms, "
-              f"{r['step_ms'] / r['step_floor_ms']:.1f}x that floor (the issue's target: 1.5x).", ""]
+              f"{r['step_gflop'] / r['peak_gflops'] * 1e3:.1f} ms at the compute roof. With the "
+              "BatchNorm(+Dropout) layers at all seven shapes and the max-pool at their minimum traffic, the step's "
+              f"floor is {r['step_floor_ms']:.1f} ms. The step measured {r['step_ms']:.1f} ms, "
+              f"{r['step_ms'] / r['step_floor_ms']:.1f}x that floor (the best of {RUNS} windows of 50 batches in "
+              f"fit; their median {r['step_median_ms']:.1f} ms, {r['step_median_ms'] / r['step_floor_ms']:.1f}x; "
+              "the issue's target: 1.5x).", ""]
     return "\n".join(lines) + "\n"
 
 
