@@ -231,6 +231,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
     threads = args.threads
+
     def roofs():
         # str keys: as JSON keeps them
         return {str(t): gemm_gflops(t) for t in sorted({1, threads})}, triad_gbs(threads)
