@@ -18,8 +18,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import compile_notice, cpu_conv
-from .reference import (ReferenceKernels, global_gradient_sums, moments_from_sums, output_hw, pad_nhwc,
-                        written_into)
+from .reference import ReferenceKernels, global_gradient_sums, output_hw, pad_nhwc, written_into
 from .scratch import scratch_buffer
 from .serial_twin import with_serial_twin
 from ..randomness import dropout_keep_threshold, mask_key
@@ -680,12 +679,24 @@ def _raised(v, floor):
     return floor if v < floor else v
 
 
+@njit(cache=True, inline="always")
+def _blocks_added(partial):
+    """(blocks, 2, c) partial sums -> (2, c), added in block order (no dependence on the threads)."""
+    c = partial.shape[2]
+    total = np.zeros((2, c), dtype=np.float64)
+    for blk in range(partial.shape[0]):
+        for ch in range(c):
+            total[0, ch] += partial[blk, 0, ch]
+            total[1, ch] += partial[blk, 1, ch]
+    return total
+
+
 @with_serial_twin
 @njit(**_JIT)
 def _bn_block_sums(x2d, floor, shift):
-    """Float64 sums of (x - shift) and (x - shift)^2 per column (x raised to `floor`: 0 for a ReLU
-    read inside, -inf for none), one partial row pair per block of rows (the blocks run in parallel;
-    callers add them up in a fixed order)."""
+    """Float64 sums of (x - shift) and (x - shift)^2 per column, (2, c) (x raised to `floor`: 0 for a
+    ReLU read inside, -inf for none): one partial row pair per block of rows (the blocks run in
+    parallel), then added in block order."""
     m, c = x2d.shape
     step = (m + _BLOCKS - 1) // _BLOCKS
     partial = np.zeros((_BLOCKS, 2, c), dtype=np.float64)
@@ -698,23 +709,17 @@ def _bn_block_sums(x2d, floor, shift):
                 v = np.float64(_raised(xf[U(ro + ch)], floor)) - shift[U(ch)]
                 pf[U(po + ch)] += v
                 pf[U(po + c + ch)] += v * v
-    return partial
+    return _blocks_added(partial)
 
 
 @njit(cache=True, nogil=True)
-def _bn_moments(partial, shift, m, eps, mean, var, inv_std):
-    """mean, var and 1 / sqrt(var + eps) per column, in the arrays' dtype, from the blocks' float64
-    sums of x - shift (added in block order, as NumPy's sum over the first axis adds them). One
-    call instead of ten NumPy operations on arrays of c values (36 us a layer, a Week2 step pays 7)."""
-    c = shift.shape[0]
-    for ch in range(c):
-        s1 = partial[0, 0, ch]
-        s2 = partial[0, 1, ch]
-        for blk in range(1, partial.shape[0]):
-            s1 += partial[blk, 0, ch]
-            s2 += partial[blk, 1, ch]
-        d = s1 / m
-        v = s2 / m - d * d
+def _bn_moments(sums, shift, m, eps, mean, var, inv_std):
+    """mean, var and 1 / sqrt(var + eps) per column, in the arrays' dtype, from the float64 sums of
+    x - shift and (x - shift)^2 over m rows. One call instead of ten NumPy operations on arrays of c
+    values (36 us a layer, a Week2 step pays 7)."""
+    for ch in range(shift.shape[0]):
+        d = sums[0, ch] / m
+        v = sums[1, ch] / m - d * d
         if v < 0.0:  # np.maximum(v, 0): a NaN stays
             v = 0.0
         mean[ch] = shift[ch] + d
@@ -772,12 +777,7 @@ def _bn_backward_sums(dy2d, x2d, floor, mean, inv_std, keep, scale, use_mask):
                     g = g * scale if kf[i] else 0.0
                 pf[U(po + ch)] += g
                 pf[U(po + c + ch)] += g * ((_raised(xf[i], floor) - mean[U(ch)]) * inv_std[U(ch)])
-    total = np.zeros((2, c), dtype=np.float64)
-    for blk in range(_BLOCKS):
-        for ch in range(c):
-            total[0, ch] += partial[blk, 0, ch]
-            total[1, ch] += partial[blk, 1, ch]
-    return total
+    return _blocks_added(partial)
 
 
 @with_serial_twin
@@ -1042,12 +1042,11 @@ class CPUKernels(ReferenceKernels):
             mean, var, inv_std = _bn_stats(x2d, floor, eps)
         else:  # the whole batch's moments, from every rank's sums (as the reference's global_moments)
             c = x2d.shape[1]
-            # unshifted: the ranks' sums must add up
-            sums = _bn_block_sums(x2d, floor, np.zeros(c)).sum(axis=0)
+            shift = np.zeros(c)  # unshifted: the ranks' sums must add up
+            sums = _bn_block_sums(x2d, floor, shift)
             totals = reduce(np.concatenate([sums.reshape(-1), [float(x2d.shape[0])]]))
-            mean64, var64 = moments_from_sums(totals, c, np.float64)
-            mean, var = mean64.astype(dtype), var64.astype(dtype)
-            inv_std = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+            mean, var, inv_std = (np.empty(c, dtype=dtype) for _ in range(3))
+            _bn_moments(totals[: 2 * c].reshape(2, c), shift, totals[2 * c], eps, mean, var, inv_std)
         y = np.empty_like(x2d)
         use_dropout = rate > 0.0
         keep = np.empty(x2d.shape if use_dropout else (1, 1), dtype=np.uint8)
