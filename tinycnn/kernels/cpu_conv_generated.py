@@ -5,7 +5,10 @@ The loops of the direct CPU convolution (see tinycnn/kernels/cpu_conv.py, which 
 compiles them with LLVM's SLP vectorizer on). Register blocks of H x 16 accumulators, each a
 scalar variable `a<row>_<lane>`: H output pixels x 16 filters in the forward pass
 (`direct_forward_H`), H kernel elements x 16 filters in the filter gradient
-(`direct_filter_grad_H`), for H in 8, 4.
+(`direct_filter_grad_H`), for H in 8, 4; and 9 taps x 8 channels in the 3x3
+depthwise kernel gradient (`depthwise3x3_filter_grad_rows`) and 9 weights x 8 channels in its input
+gradient (`depthwise3x3_gather_dx_rows`), run by `depthwise3x3_backward_blocks` (called from
+tinycnn/kernels/cpu.py; the depthwise loops read the unpadded input).
 
 Layouts (NHWC, C-contiguous, flattened to 1-D): `xf` is the padded input; `xoff[k]` is the
 offset of kernel element k = (i, j, c) from a window's corner in it; `wf` holds the weights in
@@ -17,7 +20,10 @@ from numba import njit, prange
 U = np.uint64
 LANES = 16
 HEIGHTS = (8, 4)
+DEPTHWISE_LANES = 8
 OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+# without fused multiply-adds: the depthwise loops round each product as the reference kernels do
+EXACT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 
 
 @njit(**OPTIONS)
@@ -1848,3 +1854,645 @@ def direct_filter_grad_4(xf, xoff, dyf, partial, n_img, oh_n, ow_n, nb, fd, sx_n
         n0 = g * group
         n1 = min(n0 + group, n_img)
         filter_grad_group_4(xf, xoff, dyf, partial, g, n0, n1, oh_n, ow_n, nb, fd, sx_n, sx_h, sx_w, strip)
+
+
+@njit(**EXACT)
+def depthwise3x3_filter_grad_rows(xf, dzf, pf, b, r0, r1, h, w, oh, ow, c, sh, sw, top, left):
+    """Image b, output rows r0..r1-1, channels 0..c // DEPTHWISE_LANES * DEPTHWISE_LANES - 1, into pf
+    (added: the caller zeroes it). xf, dzf: the unpadded input and the output gradient, NHWC, flat."""
+    for q in range(c // 8):
+        p = U(b * 9 * c + q * 8)
+        t0_0 = pf[p + U(0 * c + 0)]
+        t0_1 = pf[p + U(0 * c + 1)]
+        t0_2 = pf[p + U(0 * c + 2)]
+        t0_3 = pf[p + U(0 * c + 3)]
+        t0_4 = pf[p + U(0 * c + 4)]
+        t0_5 = pf[p + U(0 * c + 5)]
+        t0_6 = pf[p + U(0 * c + 6)]
+        t0_7 = pf[p + U(0 * c + 7)]
+        t1_0 = pf[p + U(1 * c + 0)]
+        t1_1 = pf[p + U(1 * c + 1)]
+        t1_2 = pf[p + U(1 * c + 2)]
+        t1_3 = pf[p + U(1 * c + 3)]
+        t1_4 = pf[p + U(1 * c + 4)]
+        t1_5 = pf[p + U(1 * c + 5)]
+        t1_6 = pf[p + U(1 * c + 6)]
+        t1_7 = pf[p + U(1 * c + 7)]
+        t2_0 = pf[p + U(2 * c + 0)]
+        t2_1 = pf[p + U(2 * c + 1)]
+        t2_2 = pf[p + U(2 * c + 2)]
+        t2_3 = pf[p + U(2 * c + 3)]
+        t2_4 = pf[p + U(2 * c + 4)]
+        t2_5 = pf[p + U(2 * c + 5)]
+        t2_6 = pf[p + U(2 * c + 6)]
+        t2_7 = pf[p + U(2 * c + 7)]
+        t3_0 = pf[p + U(3 * c + 0)]
+        t3_1 = pf[p + U(3 * c + 1)]
+        t3_2 = pf[p + U(3 * c + 2)]
+        t3_3 = pf[p + U(3 * c + 3)]
+        t3_4 = pf[p + U(3 * c + 4)]
+        t3_5 = pf[p + U(3 * c + 5)]
+        t3_6 = pf[p + U(3 * c + 6)]
+        t3_7 = pf[p + U(3 * c + 7)]
+        t4_0 = pf[p + U(4 * c + 0)]
+        t4_1 = pf[p + U(4 * c + 1)]
+        t4_2 = pf[p + U(4 * c + 2)]
+        t4_3 = pf[p + U(4 * c + 3)]
+        t4_4 = pf[p + U(4 * c + 4)]
+        t4_5 = pf[p + U(4 * c + 5)]
+        t4_6 = pf[p + U(4 * c + 6)]
+        t4_7 = pf[p + U(4 * c + 7)]
+        t5_0 = pf[p + U(5 * c + 0)]
+        t5_1 = pf[p + U(5 * c + 1)]
+        t5_2 = pf[p + U(5 * c + 2)]
+        t5_3 = pf[p + U(5 * c + 3)]
+        t5_4 = pf[p + U(5 * c + 4)]
+        t5_5 = pf[p + U(5 * c + 5)]
+        t5_6 = pf[p + U(5 * c + 6)]
+        t5_7 = pf[p + U(5 * c + 7)]
+        t6_0 = pf[p + U(6 * c + 0)]
+        t6_1 = pf[p + U(6 * c + 1)]
+        t6_2 = pf[p + U(6 * c + 2)]
+        t6_3 = pf[p + U(6 * c + 3)]
+        t6_4 = pf[p + U(6 * c + 4)]
+        t6_5 = pf[p + U(6 * c + 5)]
+        t6_6 = pf[p + U(6 * c + 6)]
+        t6_7 = pf[p + U(6 * c + 7)]
+        t7_0 = pf[p + U(7 * c + 0)]
+        t7_1 = pf[p + U(7 * c + 1)]
+        t7_2 = pf[p + U(7 * c + 2)]
+        t7_3 = pf[p + U(7 * c + 3)]
+        t7_4 = pf[p + U(7 * c + 4)]
+        t7_5 = pf[p + U(7 * c + 5)]
+        t7_6 = pf[p + U(7 * c + 6)]
+        t7_7 = pf[p + U(7 * c + 7)]
+        t8_0 = pf[p + U(8 * c + 0)]
+        t8_1 = pf[p + U(8 * c + 1)]
+        t8_2 = pf[p + U(8 * c + 2)]
+        t8_3 = pf[p + U(8 * c + 3)]
+        t8_4 = pf[p + U(8 * c + 4)]
+        t8_5 = pf[p + U(8 * c + 5)]
+        t8_6 = pf[p + U(8 * c + 6)]
+        t8_7 = pf[p + U(8 * c + 7)]
+        for i in range(r0, r1):
+            a0, a1 = max(0, top - i * sh), min(3, h + top - i * sh)  # the kernel rows inside the input
+            for j in range(ow):
+                d0, d1 = max(0, left - j * sw), min(3, w + left - j * sw)
+                g = U(((b * oh + i) * ow + j) * c + q * 8)
+                g0 = dzf[g + U(0)]
+                g1 = dzf[g + U(1)]
+                g2 = dzf[g + U(2)]
+                g3 = dzf[g + U(3)]
+                g4 = dzf[g + U(4)]
+                g5 = dzf[g + U(5)]
+                g6 = dzf[g + U(6)]
+                g7 = dzf[g + U(7)]
+                xo = ((b * h + i * sh - top) * w + j * sw - left) * c + q * 8  # tap (0, 0)'s corner
+                if a0 == 0 and a1 == 3 and d0 == 0 and d1 == 3:
+                    o = U(xo + (0 * w + 0) * c)
+                    t0_0 += xf[o + U(0)] * g0
+                    t0_1 += xf[o + U(1)] * g1
+                    t0_2 += xf[o + U(2)] * g2
+                    t0_3 += xf[o + U(3)] * g3
+                    t0_4 += xf[o + U(4)] * g4
+                    t0_5 += xf[o + U(5)] * g5
+                    t0_6 += xf[o + U(6)] * g6
+                    t0_7 += xf[o + U(7)] * g7
+                    o = U(xo + (0 * w + 1) * c)
+                    t1_0 += xf[o + U(0)] * g0
+                    t1_1 += xf[o + U(1)] * g1
+                    t1_2 += xf[o + U(2)] * g2
+                    t1_3 += xf[o + U(3)] * g3
+                    t1_4 += xf[o + U(4)] * g4
+                    t1_5 += xf[o + U(5)] * g5
+                    t1_6 += xf[o + U(6)] * g6
+                    t1_7 += xf[o + U(7)] * g7
+                    o = U(xo + (0 * w + 2) * c)
+                    t2_0 += xf[o + U(0)] * g0
+                    t2_1 += xf[o + U(1)] * g1
+                    t2_2 += xf[o + U(2)] * g2
+                    t2_3 += xf[o + U(3)] * g3
+                    t2_4 += xf[o + U(4)] * g4
+                    t2_5 += xf[o + U(5)] * g5
+                    t2_6 += xf[o + U(6)] * g6
+                    t2_7 += xf[o + U(7)] * g7
+                    o = U(xo + (1 * w + 0) * c)
+                    t3_0 += xf[o + U(0)] * g0
+                    t3_1 += xf[o + U(1)] * g1
+                    t3_2 += xf[o + U(2)] * g2
+                    t3_3 += xf[o + U(3)] * g3
+                    t3_4 += xf[o + U(4)] * g4
+                    t3_5 += xf[o + U(5)] * g5
+                    t3_6 += xf[o + U(6)] * g6
+                    t3_7 += xf[o + U(7)] * g7
+                    o = U(xo + (1 * w + 1) * c)
+                    t4_0 += xf[o + U(0)] * g0
+                    t4_1 += xf[o + U(1)] * g1
+                    t4_2 += xf[o + U(2)] * g2
+                    t4_3 += xf[o + U(3)] * g3
+                    t4_4 += xf[o + U(4)] * g4
+                    t4_5 += xf[o + U(5)] * g5
+                    t4_6 += xf[o + U(6)] * g6
+                    t4_7 += xf[o + U(7)] * g7
+                    o = U(xo + (1 * w + 2) * c)
+                    t5_0 += xf[o + U(0)] * g0
+                    t5_1 += xf[o + U(1)] * g1
+                    t5_2 += xf[o + U(2)] * g2
+                    t5_3 += xf[o + U(3)] * g3
+                    t5_4 += xf[o + U(4)] * g4
+                    t5_5 += xf[o + U(5)] * g5
+                    t5_6 += xf[o + U(6)] * g6
+                    t5_7 += xf[o + U(7)] * g7
+                    o = U(xo + (2 * w + 0) * c)
+                    t6_0 += xf[o + U(0)] * g0
+                    t6_1 += xf[o + U(1)] * g1
+                    t6_2 += xf[o + U(2)] * g2
+                    t6_3 += xf[o + U(3)] * g3
+                    t6_4 += xf[o + U(4)] * g4
+                    t6_5 += xf[o + U(5)] * g5
+                    t6_6 += xf[o + U(6)] * g6
+                    t6_7 += xf[o + U(7)] * g7
+                    o = U(xo + (2 * w + 1) * c)
+                    t7_0 += xf[o + U(0)] * g0
+                    t7_1 += xf[o + U(1)] * g1
+                    t7_2 += xf[o + U(2)] * g2
+                    t7_3 += xf[o + U(3)] * g3
+                    t7_4 += xf[o + U(4)] * g4
+                    t7_5 += xf[o + U(5)] * g5
+                    t7_6 += xf[o + U(6)] * g6
+                    t7_7 += xf[o + U(7)] * g7
+                    o = U(xo + (2 * w + 2) * c)
+                    t8_0 += xf[o + U(0)] * g0
+                    t8_1 += xf[o + U(1)] * g1
+                    t8_2 += xf[o + U(2)] * g2
+                    t8_3 += xf[o + U(3)] * g3
+                    t8_4 += xf[o + U(4)] * g4
+                    t8_5 += xf[o + U(5)] * g5
+                    t8_6 += xf[o + U(6)] * g6
+                    t8_7 += xf[o + U(7)] * g7
+                else:
+                    if a0 <= 0 < a1 and d0 <= 0 < d1:
+                        o = U(xo + (0 * w + 0) * c)
+                        t0_0 += xf[o + U(0)] * g0
+                        t0_1 += xf[o + U(1)] * g1
+                        t0_2 += xf[o + U(2)] * g2
+                        t0_3 += xf[o + U(3)] * g3
+                        t0_4 += xf[o + U(4)] * g4
+                        t0_5 += xf[o + U(5)] * g5
+                        t0_6 += xf[o + U(6)] * g6
+                        t0_7 += xf[o + U(7)] * g7
+                    if a0 <= 0 < a1 and d0 <= 1 < d1:
+                        o = U(xo + (0 * w + 1) * c)
+                        t1_0 += xf[o + U(0)] * g0
+                        t1_1 += xf[o + U(1)] * g1
+                        t1_2 += xf[o + U(2)] * g2
+                        t1_3 += xf[o + U(3)] * g3
+                        t1_4 += xf[o + U(4)] * g4
+                        t1_5 += xf[o + U(5)] * g5
+                        t1_6 += xf[o + U(6)] * g6
+                        t1_7 += xf[o + U(7)] * g7
+                    if a0 <= 0 < a1 and d0 <= 2 < d1:
+                        o = U(xo + (0 * w + 2) * c)
+                        t2_0 += xf[o + U(0)] * g0
+                        t2_1 += xf[o + U(1)] * g1
+                        t2_2 += xf[o + U(2)] * g2
+                        t2_3 += xf[o + U(3)] * g3
+                        t2_4 += xf[o + U(4)] * g4
+                        t2_5 += xf[o + U(5)] * g5
+                        t2_6 += xf[o + U(6)] * g6
+                        t2_7 += xf[o + U(7)] * g7
+                    if a0 <= 1 < a1 and d0 <= 0 < d1:
+                        o = U(xo + (1 * w + 0) * c)
+                        t3_0 += xf[o + U(0)] * g0
+                        t3_1 += xf[o + U(1)] * g1
+                        t3_2 += xf[o + U(2)] * g2
+                        t3_3 += xf[o + U(3)] * g3
+                        t3_4 += xf[o + U(4)] * g4
+                        t3_5 += xf[o + U(5)] * g5
+                        t3_6 += xf[o + U(6)] * g6
+                        t3_7 += xf[o + U(7)] * g7
+                    if a0 <= 1 < a1 and d0 <= 1 < d1:
+                        o = U(xo + (1 * w + 1) * c)
+                        t4_0 += xf[o + U(0)] * g0
+                        t4_1 += xf[o + U(1)] * g1
+                        t4_2 += xf[o + U(2)] * g2
+                        t4_3 += xf[o + U(3)] * g3
+                        t4_4 += xf[o + U(4)] * g4
+                        t4_5 += xf[o + U(5)] * g5
+                        t4_6 += xf[o + U(6)] * g6
+                        t4_7 += xf[o + U(7)] * g7
+                    if a0 <= 1 < a1 and d0 <= 2 < d1:
+                        o = U(xo + (1 * w + 2) * c)
+                        t5_0 += xf[o + U(0)] * g0
+                        t5_1 += xf[o + U(1)] * g1
+                        t5_2 += xf[o + U(2)] * g2
+                        t5_3 += xf[o + U(3)] * g3
+                        t5_4 += xf[o + U(4)] * g4
+                        t5_5 += xf[o + U(5)] * g5
+                        t5_6 += xf[o + U(6)] * g6
+                        t5_7 += xf[o + U(7)] * g7
+                    if a0 <= 2 < a1 and d0 <= 0 < d1:
+                        o = U(xo + (2 * w + 0) * c)
+                        t6_0 += xf[o + U(0)] * g0
+                        t6_1 += xf[o + U(1)] * g1
+                        t6_2 += xf[o + U(2)] * g2
+                        t6_3 += xf[o + U(3)] * g3
+                        t6_4 += xf[o + U(4)] * g4
+                        t6_5 += xf[o + U(5)] * g5
+                        t6_6 += xf[o + U(6)] * g6
+                        t6_7 += xf[o + U(7)] * g7
+                    if a0 <= 2 < a1 and d0 <= 1 < d1:
+                        o = U(xo + (2 * w + 1) * c)
+                        t7_0 += xf[o + U(0)] * g0
+                        t7_1 += xf[o + U(1)] * g1
+                        t7_2 += xf[o + U(2)] * g2
+                        t7_3 += xf[o + U(3)] * g3
+                        t7_4 += xf[o + U(4)] * g4
+                        t7_5 += xf[o + U(5)] * g5
+                        t7_6 += xf[o + U(6)] * g6
+                        t7_7 += xf[o + U(7)] * g7
+                    if a0 <= 2 < a1 and d0 <= 2 < d1:
+                        o = U(xo + (2 * w + 2) * c)
+                        t8_0 += xf[o + U(0)] * g0
+                        t8_1 += xf[o + U(1)] * g1
+                        t8_2 += xf[o + U(2)] * g2
+                        t8_3 += xf[o + U(3)] * g3
+                        t8_4 += xf[o + U(4)] * g4
+                        t8_5 += xf[o + U(5)] * g5
+                        t8_6 += xf[o + U(6)] * g6
+                        t8_7 += xf[o + U(7)] * g7
+        pf[p + U(0 * c + 0)] = t0_0
+        pf[p + U(0 * c + 1)] = t0_1
+        pf[p + U(0 * c + 2)] = t0_2
+        pf[p + U(0 * c + 3)] = t0_3
+        pf[p + U(0 * c + 4)] = t0_4
+        pf[p + U(0 * c + 5)] = t0_5
+        pf[p + U(0 * c + 6)] = t0_6
+        pf[p + U(0 * c + 7)] = t0_7
+        pf[p + U(1 * c + 0)] = t1_0
+        pf[p + U(1 * c + 1)] = t1_1
+        pf[p + U(1 * c + 2)] = t1_2
+        pf[p + U(1 * c + 3)] = t1_3
+        pf[p + U(1 * c + 4)] = t1_4
+        pf[p + U(1 * c + 5)] = t1_5
+        pf[p + U(1 * c + 6)] = t1_6
+        pf[p + U(1 * c + 7)] = t1_7
+        pf[p + U(2 * c + 0)] = t2_0
+        pf[p + U(2 * c + 1)] = t2_1
+        pf[p + U(2 * c + 2)] = t2_2
+        pf[p + U(2 * c + 3)] = t2_3
+        pf[p + U(2 * c + 4)] = t2_4
+        pf[p + U(2 * c + 5)] = t2_5
+        pf[p + U(2 * c + 6)] = t2_6
+        pf[p + U(2 * c + 7)] = t2_7
+        pf[p + U(3 * c + 0)] = t3_0
+        pf[p + U(3 * c + 1)] = t3_1
+        pf[p + U(3 * c + 2)] = t3_2
+        pf[p + U(3 * c + 3)] = t3_3
+        pf[p + U(3 * c + 4)] = t3_4
+        pf[p + U(3 * c + 5)] = t3_5
+        pf[p + U(3 * c + 6)] = t3_6
+        pf[p + U(3 * c + 7)] = t3_7
+        pf[p + U(4 * c + 0)] = t4_0
+        pf[p + U(4 * c + 1)] = t4_1
+        pf[p + U(4 * c + 2)] = t4_2
+        pf[p + U(4 * c + 3)] = t4_3
+        pf[p + U(4 * c + 4)] = t4_4
+        pf[p + U(4 * c + 5)] = t4_5
+        pf[p + U(4 * c + 6)] = t4_6
+        pf[p + U(4 * c + 7)] = t4_7
+        pf[p + U(5 * c + 0)] = t5_0
+        pf[p + U(5 * c + 1)] = t5_1
+        pf[p + U(5 * c + 2)] = t5_2
+        pf[p + U(5 * c + 3)] = t5_3
+        pf[p + U(5 * c + 4)] = t5_4
+        pf[p + U(5 * c + 5)] = t5_5
+        pf[p + U(5 * c + 6)] = t5_6
+        pf[p + U(5 * c + 7)] = t5_7
+        pf[p + U(6 * c + 0)] = t6_0
+        pf[p + U(6 * c + 1)] = t6_1
+        pf[p + U(6 * c + 2)] = t6_2
+        pf[p + U(6 * c + 3)] = t6_3
+        pf[p + U(6 * c + 4)] = t6_4
+        pf[p + U(6 * c + 5)] = t6_5
+        pf[p + U(6 * c + 6)] = t6_6
+        pf[p + U(6 * c + 7)] = t6_7
+        pf[p + U(7 * c + 0)] = t7_0
+        pf[p + U(7 * c + 1)] = t7_1
+        pf[p + U(7 * c + 2)] = t7_2
+        pf[p + U(7 * c + 3)] = t7_3
+        pf[p + U(7 * c + 4)] = t7_4
+        pf[p + U(7 * c + 5)] = t7_5
+        pf[p + U(7 * c + 6)] = t7_6
+        pf[p + U(7 * c + 7)] = t7_7
+        pf[p + U(8 * c + 0)] = t8_0
+        pf[p + U(8 * c + 1)] = t8_1
+        pf[p + U(8 * c + 2)] = t8_2
+        pf[p + U(8 * c + 3)] = t8_3
+        pf[p + U(8 * c + 4)] = t8_4
+        pf[p + U(8 * c + 5)] = t8_5
+        pf[p + U(8 * c + 6)] = t8_6
+        pf[p + U(8 * c + 7)] = t8_7
+
+
+@njit(**EXACT)
+def depthwise3x3_gather_dx_rows(dzf, kf, dxf, zero, b, y0, y1, h, w, oh, ow, c, top, left):
+    """Image b, input-gradient rows y0..y1-1, channels 0..c // DEPTHWISE_LANES * DEPTHWISE_LANES - 1, stored
+    into dxf. dzf, kf: the output gradient and the kernel, flat; zero: 0 in their dtype."""
+    r = ow * c  # one output-gradient row
+    for q in range(c // 8):
+        ch = q * 8
+        k0_0 = kf[U(0 * c + ch + 0)]
+        k0_1 = kf[U(0 * c + ch + 1)]
+        k0_2 = kf[U(0 * c + ch + 2)]
+        k0_3 = kf[U(0 * c + ch + 3)]
+        k0_4 = kf[U(0 * c + ch + 4)]
+        k0_5 = kf[U(0 * c + ch + 5)]
+        k0_6 = kf[U(0 * c + ch + 6)]
+        k0_7 = kf[U(0 * c + ch + 7)]
+        k1_0 = kf[U(1 * c + ch + 0)]
+        k1_1 = kf[U(1 * c + ch + 1)]
+        k1_2 = kf[U(1 * c + ch + 2)]
+        k1_3 = kf[U(1 * c + ch + 3)]
+        k1_4 = kf[U(1 * c + ch + 4)]
+        k1_5 = kf[U(1 * c + ch + 5)]
+        k1_6 = kf[U(1 * c + ch + 6)]
+        k1_7 = kf[U(1 * c + ch + 7)]
+        k2_0 = kf[U(2 * c + ch + 0)]
+        k2_1 = kf[U(2 * c + ch + 1)]
+        k2_2 = kf[U(2 * c + ch + 2)]
+        k2_3 = kf[U(2 * c + ch + 3)]
+        k2_4 = kf[U(2 * c + ch + 4)]
+        k2_5 = kf[U(2 * c + ch + 5)]
+        k2_6 = kf[U(2 * c + ch + 6)]
+        k2_7 = kf[U(2 * c + ch + 7)]
+        k3_0 = kf[U(3 * c + ch + 0)]
+        k3_1 = kf[U(3 * c + ch + 1)]
+        k3_2 = kf[U(3 * c + ch + 2)]
+        k3_3 = kf[U(3 * c + ch + 3)]
+        k3_4 = kf[U(3 * c + ch + 4)]
+        k3_5 = kf[U(3 * c + ch + 5)]
+        k3_6 = kf[U(3 * c + ch + 6)]
+        k3_7 = kf[U(3 * c + ch + 7)]
+        k4_0 = kf[U(4 * c + ch + 0)]
+        k4_1 = kf[U(4 * c + ch + 1)]
+        k4_2 = kf[U(4 * c + ch + 2)]
+        k4_3 = kf[U(4 * c + ch + 3)]
+        k4_4 = kf[U(4 * c + ch + 4)]
+        k4_5 = kf[U(4 * c + ch + 5)]
+        k4_6 = kf[U(4 * c + ch + 6)]
+        k4_7 = kf[U(4 * c + ch + 7)]
+        k5_0 = kf[U(5 * c + ch + 0)]
+        k5_1 = kf[U(5 * c + ch + 1)]
+        k5_2 = kf[U(5 * c + ch + 2)]
+        k5_3 = kf[U(5 * c + ch + 3)]
+        k5_4 = kf[U(5 * c + ch + 4)]
+        k5_5 = kf[U(5 * c + ch + 5)]
+        k5_6 = kf[U(5 * c + ch + 6)]
+        k5_7 = kf[U(5 * c + ch + 7)]
+        k6_0 = kf[U(6 * c + ch + 0)]
+        k6_1 = kf[U(6 * c + ch + 1)]
+        k6_2 = kf[U(6 * c + ch + 2)]
+        k6_3 = kf[U(6 * c + ch + 3)]
+        k6_4 = kf[U(6 * c + ch + 4)]
+        k6_5 = kf[U(6 * c + ch + 5)]
+        k6_6 = kf[U(6 * c + ch + 6)]
+        k6_7 = kf[U(6 * c + ch + 7)]
+        k7_0 = kf[U(7 * c + ch + 0)]
+        k7_1 = kf[U(7 * c + ch + 1)]
+        k7_2 = kf[U(7 * c + ch + 2)]
+        k7_3 = kf[U(7 * c + ch + 3)]
+        k7_4 = kf[U(7 * c + ch + 4)]
+        k7_5 = kf[U(7 * c + ch + 5)]
+        k7_6 = kf[U(7 * c + ch + 6)]
+        k7_7 = kf[U(7 * c + ch + 7)]
+        k8_0 = kf[U(8 * c + ch + 0)]
+        k8_1 = kf[U(8 * c + ch + 1)]
+        k8_2 = kf[U(8 * c + ch + 2)]
+        k8_3 = kf[U(8 * c + ch + 3)]
+        k8_4 = kf[U(8 * c + ch + 4)]
+        k8_5 = kf[U(8 * c + ch + 5)]
+        k8_6 = kf[U(8 * c + ch + 6)]
+        k8_7 = kf[U(8 * c + ch + 7)]
+        for y in range(y0, y1):
+            for xx in range(w):
+                o = U(((b * h + y) * w + xx) * c + ch)
+                i0, j0 = y + top - 2, xx + left - 2  # dz's pixel for tap (2, 2)
+                g0 = ((b * oh + i0) * ow + j0) * c + ch
+                if i0 >= 0 and i0 + 2 < oh and j0 >= 0 and j0 + 2 < ow:
+                    g = U(g0 + 0 * r + 0 * c)
+                    s0 = dzf[g + U(0)] * k8_0
+                    s1 = dzf[g + U(1)] * k8_1
+                    s2 = dzf[g + U(2)] * k8_2
+                    s3 = dzf[g + U(3)] * k8_3
+                    s4 = dzf[g + U(4)] * k8_4
+                    s5 = dzf[g + U(5)] * k8_5
+                    s6 = dzf[g + U(6)] * k8_6
+                    s7 = dzf[g + U(7)] * k8_7
+                    g = U(g0 + 0 * r + 1 * c)
+                    s0 += dzf[g + U(0)] * k7_0
+                    s1 += dzf[g + U(1)] * k7_1
+                    s2 += dzf[g + U(2)] * k7_2
+                    s3 += dzf[g + U(3)] * k7_3
+                    s4 += dzf[g + U(4)] * k7_4
+                    s5 += dzf[g + U(5)] * k7_5
+                    s6 += dzf[g + U(6)] * k7_6
+                    s7 += dzf[g + U(7)] * k7_7
+                    g = U(g0 + 0 * r + 2 * c)
+                    s0 += dzf[g + U(0)] * k6_0
+                    s1 += dzf[g + U(1)] * k6_1
+                    s2 += dzf[g + U(2)] * k6_2
+                    s3 += dzf[g + U(3)] * k6_3
+                    s4 += dzf[g + U(4)] * k6_4
+                    s5 += dzf[g + U(5)] * k6_5
+                    s6 += dzf[g + U(6)] * k6_6
+                    s7 += dzf[g + U(7)] * k6_7
+                    g = U(g0 + 1 * r + 0 * c)
+                    s0 += dzf[g + U(0)] * k5_0
+                    s1 += dzf[g + U(1)] * k5_1
+                    s2 += dzf[g + U(2)] * k5_2
+                    s3 += dzf[g + U(3)] * k5_3
+                    s4 += dzf[g + U(4)] * k5_4
+                    s5 += dzf[g + U(5)] * k5_5
+                    s6 += dzf[g + U(6)] * k5_6
+                    s7 += dzf[g + U(7)] * k5_7
+                    g = U(g0 + 1 * r + 1 * c)
+                    s0 += dzf[g + U(0)] * k4_0
+                    s1 += dzf[g + U(1)] * k4_1
+                    s2 += dzf[g + U(2)] * k4_2
+                    s3 += dzf[g + U(3)] * k4_3
+                    s4 += dzf[g + U(4)] * k4_4
+                    s5 += dzf[g + U(5)] * k4_5
+                    s6 += dzf[g + U(6)] * k4_6
+                    s7 += dzf[g + U(7)] * k4_7
+                    g = U(g0 + 1 * r + 2 * c)
+                    s0 += dzf[g + U(0)] * k3_0
+                    s1 += dzf[g + U(1)] * k3_1
+                    s2 += dzf[g + U(2)] * k3_2
+                    s3 += dzf[g + U(3)] * k3_3
+                    s4 += dzf[g + U(4)] * k3_4
+                    s5 += dzf[g + U(5)] * k3_5
+                    s6 += dzf[g + U(6)] * k3_6
+                    s7 += dzf[g + U(7)] * k3_7
+                    g = U(g0 + 2 * r + 0 * c)
+                    s0 += dzf[g + U(0)] * k2_0
+                    s1 += dzf[g + U(1)] * k2_1
+                    s2 += dzf[g + U(2)] * k2_2
+                    s3 += dzf[g + U(3)] * k2_3
+                    s4 += dzf[g + U(4)] * k2_4
+                    s5 += dzf[g + U(5)] * k2_5
+                    s6 += dzf[g + U(6)] * k2_6
+                    s7 += dzf[g + U(7)] * k2_7
+                    g = U(g0 + 2 * r + 1 * c)
+                    s0 += dzf[g + U(0)] * k1_0
+                    s1 += dzf[g + U(1)] * k1_1
+                    s2 += dzf[g + U(2)] * k1_2
+                    s3 += dzf[g + U(3)] * k1_3
+                    s4 += dzf[g + U(4)] * k1_4
+                    s5 += dzf[g + U(5)] * k1_5
+                    s6 += dzf[g + U(6)] * k1_6
+                    s7 += dzf[g + U(7)] * k1_7
+                    g = U(g0 + 2 * r + 2 * c)
+                    s0 += dzf[g + U(0)] * k0_0
+                    s1 += dzf[g + U(1)] * k0_1
+                    s2 += dzf[g + U(2)] * k0_2
+                    s3 += dzf[g + U(3)] * k0_3
+                    s4 += dzf[g + U(4)] * k0_4
+                    s5 += dzf[g + U(5)] * k0_5
+                    s6 += dzf[g + U(6)] * k0_6
+                    s7 += dzf[g + U(7)] * k0_7
+                else:
+                    s0 = zero
+                    s1 = zero
+                    s2 = zero
+                    s3 = zero
+                    s4 = zero
+                    s5 = zero
+                    s6 = zero
+                    s7 = zero
+                    if 0 <= i0 + 0 < oh and 0 <= j0 + 0 < ow:
+                        g = U(g0 + 0 * r + 0 * c)
+                        s0 += dzf[g + U(0)] * k8_0
+                        s1 += dzf[g + U(1)] * k8_1
+                        s2 += dzf[g + U(2)] * k8_2
+                        s3 += dzf[g + U(3)] * k8_3
+                        s4 += dzf[g + U(4)] * k8_4
+                        s5 += dzf[g + U(5)] * k8_5
+                        s6 += dzf[g + U(6)] * k8_6
+                        s7 += dzf[g + U(7)] * k8_7
+                    if 0 <= i0 + 0 < oh and 0 <= j0 + 1 < ow:
+                        g = U(g0 + 0 * r + 1 * c)
+                        s0 += dzf[g + U(0)] * k7_0
+                        s1 += dzf[g + U(1)] * k7_1
+                        s2 += dzf[g + U(2)] * k7_2
+                        s3 += dzf[g + U(3)] * k7_3
+                        s4 += dzf[g + U(4)] * k7_4
+                        s5 += dzf[g + U(5)] * k7_5
+                        s6 += dzf[g + U(6)] * k7_6
+                        s7 += dzf[g + U(7)] * k7_7
+                    if 0 <= i0 + 0 < oh and 0 <= j0 + 2 < ow:
+                        g = U(g0 + 0 * r + 2 * c)
+                        s0 += dzf[g + U(0)] * k6_0
+                        s1 += dzf[g + U(1)] * k6_1
+                        s2 += dzf[g + U(2)] * k6_2
+                        s3 += dzf[g + U(3)] * k6_3
+                        s4 += dzf[g + U(4)] * k6_4
+                        s5 += dzf[g + U(5)] * k6_5
+                        s6 += dzf[g + U(6)] * k6_6
+                        s7 += dzf[g + U(7)] * k6_7
+                    if 0 <= i0 + 1 < oh and 0 <= j0 + 0 < ow:
+                        g = U(g0 + 1 * r + 0 * c)
+                        s0 += dzf[g + U(0)] * k5_0
+                        s1 += dzf[g + U(1)] * k5_1
+                        s2 += dzf[g + U(2)] * k5_2
+                        s3 += dzf[g + U(3)] * k5_3
+                        s4 += dzf[g + U(4)] * k5_4
+                        s5 += dzf[g + U(5)] * k5_5
+                        s6 += dzf[g + U(6)] * k5_6
+                        s7 += dzf[g + U(7)] * k5_7
+                    if 0 <= i0 + 1 < oh and 0 <= j0 + 1 < ow:
+                        g = U(g0 + 1 * r + 1 * c)
+                        s0 += dzf[g + U(0)] * k4_0
+                        s1 += dzf[g + U(1)] * k4_1
+                        s2 += dzf[g + U(2)] * k4_2
+                        s3 += dzf[g + U(3)] * k4_3
+                        s4 += dzf[g + U(4)] * k4_4
+                        s5 += dzf[g + U(5)] * k4_5
+                        s6 += dzf[g + U(6)] * k4_6
+                        s7 += dzf[g + U(7)] * k4_7
+                    if 0 <= i0 + 1 < oh and 0 <= j0 + 2 < ow:
+                        g = U(g0 + 1 * r + 2 * c)
+                        s0 += dzf[g + U(0)] * k3_0
+                        s1 += dzf[g + U(1)] * k3_1
+                        s2 += dzf[g + U(2)] * k3_2
+                        s3 += dzf[g + U(3)] * k3_3
+                        s4 += dzf[g + U(4)] * k3_4
+                        s5 += dzf[g + U(5)] * k3_5
+                        s6 += dzf[g + U(6)] * k3_6
+                        s7 += dzf[g + U(7)] * k3_7
+                    if 0 <= i0 + 2 < oh and 0 <= j0 + 0 < ow:
+                        g = U(g0 + 2 * r + 0 * c)
+                        s0 += dzf[g + U(0)] * k2_0
+                        s1 += dzf[g + U(1)] * k2_1
+                        s2 += dzf[g + U(2)] * k2_2
+                        s3 += dzf[g + U(3)] * k2_3
+                        s4 += dzf[g + U(4)] * k2_4
+                        s5 += dzf[g + U(5)] * k2_5
+                        s6 += dzf[g + U(6)] * k2_6
+                        s7 += dzf[g + U(7)] * k2_7
+                    if 0 <= i0 + 2 < oh and 0 <= j0 + 1 < ow:
+                        g = U(g0 + 2 * r + 1 * c)
+                        s0 += dzf[g + U(0)] * k1_0
+                        s1 += dzf[g + U(1)] * k1_1
+                        s2 += dzf[g + U(2)] * k1_2
+                        s3 += dzf[g + U(3)] * k1_3
+                        s4 += dzf[g + U(4)] * k1_4
+                        s5 += dzf[g + U(5)] * k1_5
+                        s6 += dzf[g + U(6)] * k1_6
+                        s7 += dzf[g + U(7)] * k1_7
+                    if 0 <= i0 + 2 < oh and 0 <= j0 + 2 < ow:
+                        g = U(g0 + 2 * r + 2 * c)
+                        s0 += dzf[g + U(0)] * k0_0
+                        s1 += dzf[g + U(1)] * k0_1
+                        s2 += dzf[g + U(2)] * k0_2
+                        s3 += dzf[g + U(3)] * k0_3
+                        s4 += dzf[g + U(4)] * k0_4
+                        s5 += dzf[g + U(5)] * k0_5
+                        s6 += dzf[g + U(6)] * k0_6
+                        s7 += dzf[g + U(7)] * k0_7
+                dxf[o + U(0)] = s0
+                dxf[o + U(1)] = s1
+                dxf[o + U(2)] = s2
+                dxf[o + U(3)] = s3
+                dxf[o + U(4)] = s4
+                dxf[o + U(5)] = s5
+                dxf[o + U(6)] = s6
+                dxf[o + U(7)] = s7
+
+
+@njit(**EXACT)
+def depthwise3x3_backward_image(xf, dzf, kf, pf, dxf, zero, b, h, w, oh, ow, c, sh, sw, top, left, gather, band):
+    """One task of depthwise3x3_backward_blocks: image b, by bands of `band` output rows: the band's
+    kernel gradient, then the input-gradient rows whose reads the bands so far have brought into
+    cache (row y reads output-gradient rows y + top - 2 .. y + top)."""
+    for e in range(9 * c):
+        pf[U(b * 9 * c + e)] = zero
+    done = 0  # input-gradient rows gathered
+    for r0 in range(0, oh, band):
+        r1 = min(oh, r0 + band)
+        depthwise3x3_filter_grad_rows(xf, dzf, pf, b, r0, r1, h, w, oh, ow, c, sh, sw, top, left)
+        if gather:
+            upto = h if r1 == oh else max(0, min(h, r1 - top))
+            if upto > done:
+                depthwise3x3_gather_dx_rows(dzf, kf, dxf, zero, b, done, upto, h, w, oh, ow, c, top, left)
+                done = upto
+
+
+@njit(parallel=True, **EXACT)
+def depthwise3x3_backward_blocks(xf, dzf, kf, pf, dxf, zero, n, h, w, oh, ow, c, sh, sw, top, left, gather, band):
+    """A 3x3 depthwise convolution's backward (one filter a channel) for the channels in whole blocks
+    of DEPTHWISE_LANES, one task an image: pf[b] = image b's kernel gradient (all of it zeroed first:
+    the caller adds the other channels' sums), and where `gather` (stride 1) dxf[b] = its input
+    gradient."""
+    for b in prange(n):
+        depthwise3x3_backward_image(xf, dzf, kf, pf, dxf, zero, b, h, w, oh, ow, c, sh, sw, top, left, gather, band)
