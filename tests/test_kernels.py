@@ -141,6 +141,48 @@ def test_filter_gradient_from_rows_shorter_than_a_block(filters, images):
     np.testing.assert_array_equal(dk, padded)
 
 
+@pytest.mark.parametrize("shape, kh, kw, pads, filters", [
+    ((3, 12, 12, 10), 3, 3, (0, 0, 0, 0), 10),  # Week2's conv4: rows of 10 output pixels (blocks of 4, 4 and 2)
+    ((2, 6, 7, 16), 3, 3, (0, 0, 0, 0), 16),  # conv7-like, 5 output columns (4 and 1)
+    ((2, 9, 11, 21), 3, 3, (1, 1, 1, 1), 5),  # 'same': the border's kernel elements skipped; 2 channel blocks
+    ((2, 4, 4, 16), 4, 4, (0, 0, 0, 0), 10),  # Week2's conv8: one output pixel
+    ((2, 7, 9, 16), 2, 3, (0, 1, 1, 1), 12),  # even kernel height, asymmetric pads
+])
+def test_the_scattered_input_gradient_gives_the_gathered_bits(shape, kh, kw, pads, filters):
+    """The scatter form of the input gradient adds each entry's terms in the gather's order, so at
+    stride 1 it gives the gather's bits (which form runs is a speed choice, cpu_conv.scatter_beats_gather),
+    at every register block height; and at stride 2, which the gather cannot do, the reference's values."""
+    from tinycnn.kernels import cpu_conv, cpu_conv_generated
+
+    rng = np.random.default_rng(11)
+    n, h, w, c = shape
+    kernel2d = rng.standard_normal((kh * kw * c, filters)).astype(np.float32)
+    for stride in [(1, 1), (2, 2), (2, 1)]:
+        oh = (h + pads[0] + pads[1] - kh) // stride[0] + 1
+        ow = (w + pads[2] + pads[3] - kw) // stride[1] + 1
+        dz = rng.standard_normal((n * oh * ow, filters)).astype(np.float32)
+        reference = R.col2im(dz @ kernel2d.T, shape, kh, kw, stride, pads)
+        for height in cpu_conv_generated.HEIGHTS:
+            dx = cpu_conv.input_grad_scatter(dz, shape, kernel2d, kh, kw, stride, pads, oh, ow, height=height)
+            if stride == (1, 1):
+                np.testing.assert_array_equal(dx, cpu_conv.input_grad(dz, shape, kernel2d, kh, kw, pads, oh, ow))
+            _same(dx, reference, np.float32)
+
+
+def test_week2s_small_late_convolutions_take_the_scatter():
+    """The input gradient's form by shape: the gather where it multiplies few zeros, the scatter
+    where the padded output gradient is mostly zeros (Week2's conv5 to conv8) or has whole channel
+    blocks and 10 % of waste (conv2)."""
+    from tinycnn.kernels import cpu_conv
+
+    week2 = {"conv2": (16, 26, 26, 24, 24), "conv4": (10, 12, 12, 10, 10), "conv5": (10, 10, 10, 8, 8),
+             "conv6": (16, 8, 8, 6, 6), "conv7": (16, 6, 6, 4, 4), "conv8": (16, 4, 4, 1, 1),
+             "same": (16, 14, 14, 14, 14)}
+    chosen = {name: cpu_conv.scatter_beats_gather(*sizes) for name, sizes in week2.items()}
+    assert chosen == {"conv2": True, "conv4": False, "conv5": True, "conv6": True, "conv7": True, "conv8": True,
+                      "same": False}
+
+
 @pytest.mark.parametrize("dtype", [np.float32])  # float64 compiles every height again (a minute of CI) for the same loops
 @pytest.mark.parametrize("shape, kh, kw, stride, pads", CONVS)
 def test_every_register_block_height_gives_the_same_bits(dtype, shape, kh, kw, stride, pads):

@@ -934,11 +934,14 @@ class CPUKernels(ReferenceKernels):
             cpu_conv.filter_grad(x, dz, kh, kw, stride, oh, ow, dkernel2d)
             if not need_dx:
                 return None
-            # The gather form needs stride 1 and pads below the kernel size; with few input channels
-            # its output (padded to 16 channels) wastes more than the GEMM + col2im costs.
-            gather = stride == (1, 1) and max(pads[:2]) < kh and max(pads[2:]) < kw and c >= cpu_conv.LANES // 2
-            if gather:
-                return cpu_conv.input_grad(dz, x_shape, np.ascontiguousarray(kernel2d), kh, kw, pads, oh, ow)
+            # The direct input gradient needs stride 1 and pads below the kernel size; with few input
+            # channels its output (padded to 16 channels) wastes more than the GEMM + col2im costs.
+            # It gathers, or scatters where the gather would multiply many of its padding's zeros.
+            if stride == (1, 1) and max(pads[:2]) < kh and max(pads[2:]) < kw and c >= cpu_conv.LANES // 2:
+                kernel2d = np.ascontiguousarray(kernel2d)
+                if cpu_conv.scatter_beats_gather(c, h, w, oh, ow):
+                    return cpu_conv.input_grad_scatter(dz, x_shape, kernel2d, kh, kw, stride, pads, oh, ow)
+                return cpu_conv.input_grad(dz, x_shape, kernel2d, kh, kw, pads, oh, ow)
             return self._gemm_input_grad(dz, x_shape, kernel2d, kh, kw, stride, pads)
         rows = oh * ow
         chunk = _chunk(rows * kh * kw * c * x.itemsize, n)

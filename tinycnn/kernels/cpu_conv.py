@@ -65,6 +65,8 @@ _direct_forward = {h: with_serial_twin(getattr(generated, f"direct_forward_{h}")
                    for h in generated.HEIGHTS}
 _direct_filter_grad = {h: with_serial_twin(getattr(generated, f"direct_filter_grad_{h}"), SLPKernel)
                        for h in generated.HEIGHTS}
+_input_grad_scatter = {h: with_serial_twin(getattr(generated, f"input_grad_scatter_{h}"), SLPKernel)
+                       for h in generated.HEIGHTS}
 
 
 def _host_height():
@@ -254,3 +256,33 @@ def input_grad(dz2d, x_shape, kernel2d, kh, kw, pads, oh, ow):
         dzp[:, pt : pt + oh, pl : pl + ow, :] = dz2d.reshape(n, oh, ow, f)
     flipped = np.ascontiguousarray(kernel2d.reshape(kh, kw, c, f)[::-1, ::-1].transpose(0, 1, 3, 2))
     return forward(dzp, flipped.reshape(kh * kw * f, c), kh, kw, (1, 1), h, w).reshape(x_shape)
+
+
+def scatter_beats_gather(c, h, w, oh, ow):
+    """Whether input_grad_scatter is the faster input gradient at stride 1. The gather (input_grad)
+    multiplies the zeros around the output gradient too: h*w / (oh*ow) - 1 of its work is waste
+    (0 with 'same' padding). The scatter pays a read-modify-write of its accumulators per kernel
+    element and output pixel block, and with channels not a multiple of LANES a padded result to
+    copy. One thread of a Zen 3 guest, 32-64 images, scatter / gather time: with whole channel
+    blocks, 0.91 at Week2's conv2 (26x26x16, 17 % waste), 0.83 at 12x12x16, 0.58 at 8x8x64 (78 %),
+    1.01-1.03 with 'same' padding at 16 channels (0.90-0.95 at 32-64); with 10 channels, 1.11 at
+    24x24 (19 % waste), 1.14-1.25 at Week2's conv4 (12x12, 44 %), 0.88 at its conv5 (10x10, 56 %),
+    0.57-0.60 at conv7 (125 %). Hence: 10 % of waste with whole blocks, 50 % otherwise."""
+    waste = h * w / (oh * ow) - 1
+    return waste >= (0.1 if c % LANES == 0 else 0.5)
+
+
+def input_grad_scatter(dz2d, x_shape, kernel2d, kh, kw, stride, pads, oh, ow, height=None):
+    """Input gradient of a convolution by scatter: each output pixel's products added into the input
+    pixels it read, and nothing else (the generated loops' docstring says why; at stride 1 the bits
+    of input_grad). height as forward's."""
+    n, h, w, c = x_shape
+    f = kernel2d.shape[1]
+    cp = _blocks(c) * LANES
+    wt = np.zeros((kh, kw, f, cp), dtype=dz2d.dtype)  # (a, d, f, channel): a row of weights per f
+    wt[..., :c] = kernel2d.reshape(kh, kw, c, f).transpose(0, 1, 3, 2)
+    dx = np.empty((n, h, w, cp), dtype=dz2d.dtype)
+    _input_grad_scatter[height or HEIGHT](np.ascontiguousarray(dz2d).reshape(-1), wt.reshape(-1), dx.reshape(-1),
+                                          dz2d.dtype.type(0), n, oh, ow, f, h, w, cp, kh, kw, stride[0], stride[1],
+                                          pads[0], pads[2])
+    return dx if c == cp else np.ascontiguousarray(dx[..., :c])

@@ -211,6 +211,74 @@ def filter_grad_source(rows_per_block):
     return "\n".join(src) + "\n"
 
 
+def input_grad_source(pixels_per_block):
+    """input_grad_image_H: image b's input gradient by scatter, dx[y, x, :] += w[a, d, :, f] * dz[i, j, f]
+    for every output pixel (i, j) and kernel element (a, d) whose input pixel (y, x) = (i*sh + a - top,
+    j*sw + d - left) is inside, every f: only the products a convolution has (the gather form,
+    a forward pass over the output gradient padded by k - 1, also multiplies the padding's zeros:
+    2.3x the work at Week2's conv7, 16x at its 4x4 conv8). H pixels along a row x LANES channels of
+    accumulators, loaded from dx and stored back. Each dx entry takes its terms in the gather's
+    order (output-gradient rows, then columns, ascending; then f), so at stride 1 it gives the
+    gather's bits: the kernel columns d go from last to first, as j then rises."""
+    def block(indent, pixels):
+        s, t = " " * indent, " " * (indent + 4)
+        out = [s + f"o{p} = U(o + {p} * step)" for p in range(1, pixels)] if pixels > 1 else []
+        out.insert(0, s + "o0 = U(o)")
+        out += [s + f"a{p}_{l} = dxf[o{p} + U({l})]" for p in range(pixels) for l in range(LANES)]
+        out += [s + "for f in range(nf):", t + "wk = U(wt0 + f * cp)"]
+        out += _vector_load(indent + 4, "w", "wt", "wk")
+        out += _register_block(indent + 4, pixels, lambda p: f"dzf[U(dz0 + {p} * nf + f)]", "w")
+        out += [s + f"dxf[o{p} + U({l})] = a{p}_{l}" for p in range(pixels) for l in range(LANES)]
+        return out
+
+    h = pixels_per_block
+    src = [
+        "@njit(**OPTIONS)",
+        f"def input_grad_image_{h}(dzf, wt, dxf, zero, b, oh_n, ow_n, nf, h, w, cp, kh, kw, sh, sw, top, left):",
+        '    """Image b of input_grad_scatter: dxf (images, h, w, cp) is zeroed, then each output pixel\'s terms are',
+        "    added. wt: the weights as (kh, kw, nf, cp), channels padded to cp (a multiple of LANES) with zeros;",
+        '    dzf: the output gradient, (images, oh_n, ow_n, nf)."""',
+        "    base = U(b * h * w * cp)",
+        "    for e in range(h * w * cp):",
+        "        dxf[base + U(e)] = zero",
+        "    step = sw * cp  # from one output pixel's input pixel to the next's",
+        "    for i in range(oh_n):",
+        "        for a in range(max(0, top - i * sh), min(kh, h + top - i * sh)):",
+        "            y = i * sh + a - top",
+        "            for d in range(kw - 1, -1, -1):",
+        "                j0 = max(0, (left - d + sw - 1) // sw)  # the output columns whose input column is inside",
+        "                j1 = min(ow_n, (w - 1 + left - d) // sw + 1)",
+        "                for q in range(cp // LANES):",
+        "                    wt0 = ((a * kw + d) * nf * cp) + q * LANES",
+        "                    j = j0",
+        f"                    while j + {h} <= j1:",
+        "                        o = ((b * h + y) * w + j * sw + d - left) * cp + q * LANES",
+        "                        dz0 = ((b * oh_n + i) * ow_n + j) * nf",
+        *block(24, h),
+        f"                        j += {h}",
+    ]
+    part = h // 2
+    while part:  # the row's last pixels: blocks of h/2, h/4, ..., 1, each at most once
+        src += [
+            f"                    if j + {part} <= j1:",
+            "                        o = ((b * h + y) * w + j * sw + d - left) * cp + q * LANES",
+            "                        dz0 = ((b * oh_n + i) * ow_n + j) * nf",
+            *block(24, part),
+            f"                        j += {part}",
+        ]
+        part //= 2
+    src += [
+        "",
+        "",
+        "@njit(parallel=True, **OPTIONS)",
+        f"def input_grad_scatter_{h}(dzf, wt, dxf, zero, n_img, oh_n, ow_n, nf, h, w, cp, kh, kw, sh, sw, top, left):",
+        '    """dxf = the input gradient of every image, one task an image."""',
+        "    for b in prange(n_img):",
+        f"        input_grad_image_{h}(dzf, wt, dxf, zero, b, oh_n, ow_n, nf, h, w, cp, kh, kw, sh, sw, top, left)",
+    ]
+    return "\n".join(src) + "\n"
+
+
 def depthwise_filter_grad_source(lanes=DEPTHWISE_LANES):
     """depthwise3x3_filter_grad_rows: image b's output rows r0..r1-1 added into its partial kernel
     gradient pf[(b*9 + tap)*c + ch], for the channels in whole blocks of `lanes` (the caller sums
@@ -337,7 +405,7 @@ def render():
     """The full text of cpu_conv_generated.py."""
     parts = [HEADER]
     for h in HEIGHTS:
-        parts += [forward_source(h), filter_grad_source(h)]
+        parts += [forward_source(h), filter_grad_source(h), input_grad_source(h)]
     parts += [depthwise_filter_grad_source(), depthwise_gather_source(), DEPTHWISE_DRIVER]
     return "\n\n".join(parts)
 
