@@ -319,6 +319,22 @@ def kernel_stats(fn, counts, sync=None):
                                warmup=counts.kernel_warmup, sync=sync))
 
 
+TIMER_FLOOR_MS = 1e-3  # the least a difference of two timings is reported as (a drifting host can make it <= 0)
+
+
+def paired_runs(fn_a, fn_b, counts, sync=None):
+    """Runs of two kernel benchmarks, alternating run by run (a's first, b's second, ...), so that
+    the i-th runs of each saw the host at about the same speed: (a's ms per call, b's)."""
+    for _ in range(counts.kernel_warmup):
+        fn_a()
+        fn_b()
+    runs_a, runs_b = [], []
+    for _ in range(counts.repeats):
+        runs_a += time_per_call(fn_a, counts.kernel_calls, 1, sync=sync)
+        runs_b += time_per_call(fn_b, counts.kernel_calls, 1, sync=sync)
+    return runs_a, runs_b
+
+
 def compile_seconds(first_step_s, step_ms_stats):
     """First step minus the steady (median) step, in s; never negative."""
     if first_step_s is None or not step_ms_stats:
