@@ -371,9 +371,8 @@ DEPTHWISE = [  # (input shape, kernel (kh, kw, c, m), stride, pads)
 def test_the_unpadded_3x3_depthwise_loops_give_the_padded_loops_bits(shape, stride, pads):
     """The 3x3 multiplier-1 kernels skip the taps outside the image where a padded input adds a
     zero: the same sums in the same order as on the explicitly padded input (random inputs: no
-    zero whose sign could differ). The shapes take the backward's register blocks of 8 channels
-    (16, 24), the channels past them (20, 5), several bands of output rows (9, 10, 11 rows), the
-    gather at stride 1 with and without padding, and the scatter at stride 2."""
+    zero whose sign could differ). The shapes take the input gradient's gather at stride 1 with
+    and without padding and its scatter at strides 2 and (2, 1)."""
     from tinycnn.kernels.cpu import CPUKernels
 
     rng = np.random.default_rng(3)

@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from . import compile_notice, cpu_conv, cpu_conv_generated as generated
+from . import compile_notice, cpu_conv
 from .reference import ReferenceKernels, global_gradient_sums, output_hw, pad_nhwc, written_into
 from .scratch import scratch_buffer
 from .serial_twin import with_serial_twin
@@ -464,27 +464,15 @@ def _depthwise3x3_forward(x, kernel, sh, sw, top, left, z):
                                 zf[U(zo + ch)] += xf[U(xo + ch)] * kf[U(ko + ch)]
 
 
-# The 3x3 backward (one filter a channel) goes in two parts. The channels in whole blocks of 8 run
-# in generated code (cpu_conv_generated.depthwise3x3_backward_blocks), whose registers hold a
-# block's 9 x 8 kernel-gradient sums through a band of output rows, then its 9 x 8 weights while
-# it gathers the input gradient's rows of the band (at stride 1). The loop it replaced did a
-# read-modify-write of the partial sums per tap and pixel, then read x and dz again for the input
-# gradient, loading the weights at every pixel. The rest (channels past the last whole block; the
-# input gradient's scatter at other strides) runs in _depthwise3x3_backward_rest. Both sum in the
-# padded loops' order: the same bits. 32 images of 28x28x64, 'same', 2 threads of a Zen 3 guest,
-# old and new interleaved in one process, 5 runs of 80-100 calls: the backward 1.53-1.66 ->
-# 1.34-1.39 ms (best; medians 1.62-1.80 -> 1.47-1.66), its kernel gradient alone 0.87-0.95 ->
-# 0.72-0.78 (0.50-0.54 when x and dz, 12.8 MB, are still in L3). Bands of 2 to 7 rows measured
-# alike; the whole image as one band was slower by 0.05-0.1 ms.
-DEPTHWISE_BAND = 4  # output rows a band: its rows of x and dz stay in cache between the two passes
-
-
 @with_serial_twin
 @njit(**_JIT)
-def _depthwise3x3_backward_rest(x, dz, kernel, sh, sw, top, left, need_dx, partial, dx, c8):
-    """What depthwise3x3_backward_blocks leaves: channels c8.. of the kernel gradient (added into
-    partial, which it zeroed) and of the input gradient at stride 1 (gathered), and at other
-    strides the whole input gradient (scattered into a zeroed dx)."""
+def _depthwise3x3_backward(x, dz, kernel, sh, sw, top, left, need_dx, partial, dx):
+    """_depthwise1_backward for a 3x3 kernel on the unpadded input: partial[b] and dx[b] (unpadded).
+    Each tap's products stay a loop of their own (two arrays each: it vectorizes; the nine taps in
+    one loop body touch 20 arrays that may overlap, and ran scalar, 3.5x slower). At stride 1, dx
+    is gathered after the image's kernel gradient, each entry's nine products summed in registers
+    and stored once, in the order the scatter adds them (the same bits): 32 images of 28x28x64 on 2
+    threads of a Zen 3 guest, 9 alternating pairs, 1.60-2.09 -> 1.46-1.78 ms (8 of 9 faster)."""
     n, oh, ow, c = dz.shape
     h, w = x.shape[1], x.shape[2]
     xf, dzf, kf = x.reshape(-1), dz.reshape(-1), kernel.reshape(-1)
@@ -492,6 +480,8 @@ def _depthwise3x3_backward_rest(x, dz, kernel, sh, sw, top, left, need_dx, parti
     scatter = need_dx and not (sh == 1 and sw == 1)
     for b in prange(n):
         po = b * 9 * c
+        for e in range(9 * c):
+            pf[U(po + e)] = 0.0
         if scatter:
             for e in range(h * w * c):
                 dxf[U(b * h * w * c + e)] = 0.0
@@ -504,51 +494,52 @@ def _depthwise3x3_backward_rest(x, dz, kernel, sh, sw, top, left, need_dx, parti
                     for d in range(d0, d1):
                         xo = ((b * h + i * sh + a - top) * w + j * sw + d - left) * c
                         to = po + (a * 3 + d) * c
-                        for ch in range(c8, c):
+                        for ch in range(c):
                             pf[U(to + ch)] += xf[U(xo + ch)] * dzf[U(go + ch)]
                         if scatter:
                             ko = (a * 3 + d) * c
                             for ch in range(c):
                                 dxf[U(xo + ch)] += dzf[U(go + ch)] * kf[U(ko + ch)]
         if need_dx and not scatter:
-            _depthwise3x3_gather_dx(dzf, kf, b, h, w, oh, ow, c, top, left, c8, dxf)
+            _depthwise3x3_gather_dx(dzf, kf, b, h, w, oh, ow, c, top, left, dxf)
 
 
 @njit(inline="always")
-def _depthwise3x3_gather_dx(dzf, kf, b, h, w, oh, ow, c, top, left, c0, dxf):
-    """Channels c0.. of image b's input gradient at stride 1: dx[y, x] sums dz[y + top - a, x + left - d]
-    * k[a, d] over the taps inside, in the scatter's order (a, then d, from 2 down to 0)."""
+def _depthwise3x3_gather_dx(dzf, kf, b, h, w, oh, ow, c, top, left, dxf):
+    """Image b's input gradient at stride 1: dx[y, x] sums dz[y + top - a, x + left - d] * k[a, d]
+    over the taps inside, in the scatter's order (a, then d, from 2 down to 0)."""
+    r = ow * c  # one output-gradient row
     for y in range(h):
         for xx in range(w):
             o = ((b * h + y) * w + xx) * c
-            for ch in range(c0, c):
-                dxf[U(o + ch)] = 0.0
-            for a in range(2, -1, -1):
-                i = y + top - a
-                if 0 <= i < oh:
-                    for d in range(2, -1, -1):
-                        j = xx + left - d
-                        if 0 <= j < ow:
-                            go = ((b * oh + i) * ow + j) * c
-                            ko = (a * 3 + d) * c
-                            for ch in range(c0, c):
-                                dxf[U(o + ch)] += dzf[U(go + ch)] * kf[U(ko + ch)]
-
-
-_depthwise3x3_blocks = with_serial_twin(generated.depthwise3x3_backward_blocks, cpu_conv.SLPKernel)
-
-
-def _depthwise3x3_backward(x, dz, kernel, stride, top, left, need_dx, partial, dx):
-    """partial[b], image b's kernel gradient, and (need_dx) dx, the input gradient, of a 3x3 depthwise
-    convolution with one filter a channel, on the unpadded input."""
-    n, oh, ow, c = dz.shape
-    h, w = x.shape[1], x.shape[2]
-    gather = need_dx and tuple(stride) == (1, 1)
-    c8 = c // generated.DEPTHWISE_LANES * generated.DEPTHWISE_LANES  # channels in whole blocks
-    _depthwise3x3_blocks(x.reshape(-1), dz.reshape(-1), kernel.reshape(-1), partial.reshape(-1), dx.reshape(-1),
-                         dz.dtype.type(0), n, h, w, oh, ow, c, stride[0], stride[1], top, left, gather, DEPTHWISE_BAND)
-    if c8 < c or (need_dx and not gather):
-        _depthwise3x3_backward_rest(x, dz, kernel, stride[0], stride[1], top, left, need_dx, partial, dx, c8)
+            i0, j0 = y + top - 2, xx + left - 2  # the output-gradient pixel of tap (2, 2)
+            if i0 >= 0 and i0 + 2 < oh and j0 >= 0 and j0 + 2 < ow:
+                g0 = ((b * oh + i0) * ow + j0) * c
+                g1, g2 = g0 + r, g0 + 2 * r
+                for ch in range(c):
+                    s = dzf[U(g0 + ch)] * kf[U(8 * c + ch)]
+                    s += dzf[U(g0 + c + ch)] * kf[U(7 * c + ch)]
+                    s += dzf[U(g0 + 2 * c + ch)] * kf[U(6 * c + ch)]
+                    s += dzf[U(g1 + ch)] * kf[U(5 * c + ch)]
+                    s += dzf[U(g1 + c + ch)] * kf[U(4 * c + ch)]
+                    s += dzf[U(g1 + 2 * c + ch)] * kf[U(3 * c + ch)]
+                    s += dzf[U(g2 + ch)] * kf[U(2 * c + ch)]
+                    s += dzf[U(g2 + c + ch)] * kf[U(c + ch)]
+                    s += dzf[U(g2 + 2 * c + ch)] * kf[U(ch)]
+                    dxf[U(o + ch)] = s
+            else:
+                for ch in range(c):
+                    dxf[U(o + ch)] = 0.0
+                for a in range(2, -1, -1):
+                    i = y + top - a
+                    if 0 <= i < oh:
+                        for d in range(2, -1, -1):
+                            j = xx + left - d
+                            if 0 <= j < ow:
+                                go = ((b * oh + i) * ow + j) * c
+                                ko = (a * 3 + d) * c
+                                for ch in range(c):
+                                    dxf[U(o + ch)] += dzf[U(go + ch)] * kf[U(ko + ch)]
 
 
 @with_serial_twin
@@ -990,8 +981,8 @@ class CPUKernels(ReferenceKernels):
         partial = np.empty((n,) + kernel.shape, dtype=dz.dtype)
         if not padded:
             dx = np.empty(x_shape if need_dx else (1, 1, 1, 1), dtype=dz.dtype)
-            _depthwise3x3_backward(xpad, np.ascontiguousarray(dz), np.ascontiguousarray(kernel), stride, top, left,
-                                   need_dx, partial, dx)
+            _depthwise3x3_backward(xpad, np.ascontiguousarray(dz), np.ascontiguousarray(kernel), stride[0], stride[1],
+                                   top, left, need_dx, partial, dx)
             dkernel[...] = partial.sum(axis=0)  # a fixed order: no dependence on the thread count
             return dx if need_dx else None
         dxpad = np.empty(xpad.shape if need_dx else (1, 1, 1, 1), dtype=dz.dtype)

@@ -35,7 +35,7 @@ TASKS = 64  # parallel tasks per forward call (a few per thread on any core coun
 L1_BYTES = 16 << 10  # working set of one filter-gradient strip (a third of Zen 5's 48 KiB L1d)
 
 
-class SLPKernel:
+class _SLPKernel:
     """A generated parallel kernel, compiled (or loaded from numba's disk cache) with the SLP
     vectorizer on, the first time it meets each dtype."""
 
@@ -61,11 +61,11 @@ class SLPKernel:
 
 
 # each with its serial twin (tinycnn.kernels.serial_twin), both compiled with SLP on
-_direct_forward = {h: with_serial_twin(getattr(generated, f"direct_forward_{h}"), SLPKernel)
+_direct_forward = {h: with_serial_twin(getattr(generated, f"direct_forward_{h}"), _SLPKernel)
                    for h in generated.HEIGHTS}
-_direct_filter_grad = {h: with_serial_twin(getattr(generated, f"direct_filter_grad_{h}"), SLPKernel)
+_direct_filter_grad = {h: with_serial_twin(getattr(generated, f"direct_filter_grad_{h}"), _SLPKernel)
                        for h in generated.HEIGHTS}
-_input_grad_scatter = {h: with_serial_twin(getattr(generated, f"input_grad_scatter_{h}"), SLPKernel)
+_input_grad_scatter = {h: with_serial_twin(getattr(generated, f"input_grad_scatter_{h}"), _SLPKernel)
                        for h in generated.HEIGHTS}
 
 

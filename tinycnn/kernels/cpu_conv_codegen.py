@@ -28,9 +28,6 @@ LANES = 16  # filters per register block: one AVX-512 register of float32
 # ...); tinycnn.kernels.cpu_conv calls the one for the host's vector registers, and numba compiles
 # only what is called. All heights give the same bits: each accumulator sums in the same order.
 HEIGHTS = (8, 4)
-# Channels per register of the 3x3 depthwise kernel gradient: 9 taps x DEPTHWISE_LANES accumulators
-# (nine AVX2 registers; more would spill on AVX2's sixteen).
-DEPTHWISE_LANES = 8
 
 TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_conv_generated.py")
 
@@ -41,10 +38,8 @@ The loops of the direct CPU convolution (see tinycnn/kernels/cpu_conv.py, which 
 compiles them with LLVM's SLP vectorizer on). Register blocks of H x {LANES} accumulators, each a
 scalar variable `a<row>_<lane>`: H output pixels x {LANES} filters in the forward pass
 (`direct_forward_H`), H kernel elements x {LANES} filters in the filter gradient
-(`direct_filter_grad_H`), for H in {", ".join(map(str, HEIGHTS))}; and 9 taps x {DEPTHWISE_LANES} channels in the 3x3
-depthwise kernel gradient (`depthwise3x3_filter_grad_rows`) and 9 weights x {DEPTHWISE_LANES} channels in its input
-gradient (`depthwise3x3_gather_dx_rows`), run by `depthwise3x3_backward_blocks` (called from
-tinycnn/kernels/cpu.py; the depthwise loops read the unpadded input).
+(`direct_filter_grad_H`), H input pixels x {LANES} channels in the input gradient by scatter
+(`input_grad_scatter_H`), for H in {", ".join(map(str, HEIGHTS))}.
 
 Layouts (NHWC, C-contiguous, flattened to 1-D): `xf` is the padded input; `xoff[k]` is the
 offset of kernel element k = (i, j, c) from a window's corner in it; `wf` holds the weights in
@@ -56,10 +51,7 @@ from numba import njit, prange
 U = np.uint64
 LANES = {LANES}
 HEIGHTS = {HEIGHTS}
-DEPTHWISE_LANES = {DEPTHWISE_LANES}
 OPTIONS = dict(cache=True, nogil=True, fastmath={{"contract"}}, error_model="numpy")
-# without fused multiply-adds: the depthwise loops round each product as the reference kernels do
-EXACT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 '''
 
 
@@ -279,134 +271,11 @@ def input_grad_source(pixels_per_block):
     return "\n".join(src) + "\n"
 
 
-def depthwise_filter_grad_source(lanes=DEPTHWISE_LANES):
-    """depthwise3x3_filter_grad_rows: image b's output rows r0..r1-1 added into its partial kernel
-    gradient pf[(b*9 + tap)*c + ch], for the channels in whole blocks of `lanes` (the caller sums
-    the rest). Each block's 9 x lanes sums stay in registers through the rows, loaded from pf
-    before and stored after; each adds its pixels in (row, column) order and skips the taps that
-    fall outside the unpadded input, as the padded loops add zeros there: the same bits."""
-    def taps(indent, guarded):
-        s, out = " " * indent, []
-        for a in range(3):
-            for d in range(3):
-                t, inner = a * 3 + d, s
-                if guarded:
-                    out.append(s + f"if a0 <= {a} < a1 and d0 <= {d} < d1:")
-                    inner = s + "    "
-                out.append(inner + f"o = U(xo + ({a} * w + {d}) * c)")
-                out += [inner + f"t{t}_{l} += xf[o + U({l})] * g{l}" for l in range(lanes)]
-        return out
-
-    def registers(verb):
-        return [f"            t{t}_{l} = pf[p + U({t} * c + {l})]" if verb == "load" else
-                f"            pf[p + U({t} * c + {l})] = t{t}_{l}" for t in range(9) for l in range(lanes)]
-
-    src = [
-        "@njit(**EXACT)",
-        "def depthwise3x3_filter_grad_rows(xf, dzf, pf, b, r0, r1, h, w, oh, ow, c, sh, sw, top, left):",
-        '    """Image b, output rows r0..r1-1, channels 0..c // DEPTHWISE_LANES * DEPTHWISE_LANES - 1, into pf',
-        '    (added: the caller zeroes it). xf, dzf: the unpadded input and the output gradient, NHWC, flat."""',
-        f"    for q in range(c // {lanes}):",
-        f"        p = U(b * 9 * c + q * {lanes})",
-        *[line[4:] for line in registers("load")],
-        "        for i in range(r0, r1):",
-        "            a0, a1 = max(0, top - i * sh), min(3, h + top - i * sh)  # the kernel rows inside the input",
-        "            for j in range(ow):",
-        "                d0, d1 = max(0, left - j * sw), min(3, w + left - j * sw)",
-        f"                g = U(((b * oh + i) * ow + j) * c + q * {lanes})",
-        *[f"                g{l} = dzf[g + U({l})]" for l in range(lanes)],
-        f"                xo = ((b * h + i * sh - top) * w + j * sw - left) * c + q * {lanes}  # tap (0, 0)'s corner",
-        "                if a0 == 0 and a1 == 3 and d0 == 0 and d1 == 3:",
-        *taps(20, False),
-        "                else:",
-        *taps(20, True),
-        *[line[4:] for line in registers("store")],
-    ]
-    return "\n".join(src) + "\n"
-
-
-def depthwise_gather_source(lanes=DEPTHWISE_LANES):
-    """depthwise3x3_gather_dx_rows: image b's input gradient at stride 1, rows y0..y1-1, for the
-    channels in whole blocks of `lanes`: dx[y, x] = the sum of dz[y + top - a, x + left - d] * k[a, d]
-    over the taps inside dz, in the order the padded loops' scatter adds them (a, then d, from 2
-    down to 0; on the border from zero, as the scatter adds into a zeroed gradient). A block's 9 x
-    lanes weights stay in registers while it passes over the rows (a loop over all channels at each
-    pixel loads them again: 18 loads a vector instead of 9), and the border's sums stay in
-    registers too (a loop there read and wrote dx once per tap)."""
-    order = [(row, col, 8 - (row * 3 + col)) for row in range(3) for col in range(3)]  # dz at g0 + row*r + col*c
-
-    def sums(indent, guarded):
-        s, out = " " * indent, []
-        if guarded:
-            out += [s + f"s{l} = zero" for l in range(lanes)]
-        for n, (row, col, t) in enumerate(order):
-            inner = s
-            if guarded:
-                out.append(s + f"if 0 <= i0 + {row} < oh and 0 <= j0 + {col} < ow:")
-                inner = s + "    "
-            out.append(inner + f"g = U(g0 + {row} * r + {col} * c)")
-            op = "=" if n == 0 and not guarded else "+="
-            out += [inner + f"s{l} {op} dzf[g + U({l})] * k{t}_{l}" for l in range(lanes)]
-        return out
-
-    src = [
-        "@njit(**EXACT)",
-        "def depthwise3x3_gather_dx_rows(dzf, kf, dxf, zero, b, y0, y1, h, w, oh, ow, c, top, left):",
-        '    """Image b, input-gradient rows y0..y1-1, channels 0..c // DEPTHWISE_LANES * DEPTHWISE_LANES - 1, stored',
-        '    into dxf. dzf, kf: the output gradient and the kernel, flat; zero: 0 in their dtype."""',
-        "    r = ow * c  # one output-gradient row",
-        f"    for q in range(c // {lanes}):",
-        f"        ch = q * {lanes}",
-        *[f"        k{t}_{l} = kf[U({t} * c + ch + {l})]" for t in range(9) for l in range(lanes)],
-        "        for y in range(y0, y1):",
-        "            for xx in range(w):",
-        "                o = U(((b * h + y) * w + xx) * c + ch)",
-        "                i0, j0 = y + top - 2, xx + left - 2  # dz's pixel for tap (2, 2)",
-        "                g0 = ((b * oh + i0) * ow + j0) * c + ch",
-        "                if i0 >= 0 and i0 + 2 < oh and j0 >= 0 and j0 + 2 < ow:",
-        *sums(20, False),
-        "                else:",
-        *sums(20, True),
-        *[f"                dxf[o + U({l})] = s{l}" for l in range(lanes)],
-    ]
-    return "\n".join(src) + "\n"
-
-
-DEPTHWISE_DRIVER = '''@njit(**EXACT)
-def depthwise3x3_backward_image(xf, dzf, kf, pf, dxf, zero, b, h, w, oh, ow, c, sh, sw, top, left, gather, band):
-    """One task of depthwise3x3_backward_blocks: image b, by bands of `band` output rows: the band's
-    kernel gradient, then the input-gradient rows whose reads the bands so far have brought into
-    cache (row y reads output-gradient rows y + top - 2 .. y + top)."""
-    for e in range(9 * c):
-        pf[U(b * 9 * c + e)] = zero
-    done = 0  # input-gradient rows gathered
-    for r0 in range(0, oh, band):
-        r1 = min(oh, r0 + band)
-        depthwise3x3_filter_grad_rows(xf, dzf, pf, b, r0, r1, h, w, oh, ow, c, sh, sw, top, left)
-        if gather:
-            upto = h if r1 == oh else max(0, min(h, r1 - top))
-            if upto > done:
-                depthwise3x3_gather_dx_rows(dzf, kf, dxf, zero, b, done, upto, h, w, oh, ow, c, top, left)
-                done = upto
-
-
-@njit(parallel=True, **EXACT)
-def depthwise3x3_backward_blocks(xf, dzf, kf, pf, dxf, zero, n, h, w, oh, ow, c, sh, sw, top, left, gather, band):
-    """A 3x3 depthwise convolution's backward (one filter a channel) for the channels in whole blocks
-    of DEPTHWISE_LANES, one task an image: pf[b] = image b's kernel gradient (all of it zeroed first:
-    the caller adds the other channels' sums), and where `gather` (stride 1) dxf[b] = its input
-    gradient."""
-    for b in prange(n):
-        depthwise3x3_backward_image(xf, dzf, kf, pf, dxf, zero, b, h, w, oh, ow, c, sh, sw, top, left, gather, band)
-'''
-
-
 def render():
     """The full text of cpu_conv_generated.py."""
     parts = [HEADER]
     for h in HEIGHTS:
         parts += [forward_source(h), filter_grad_source(h), input_grad_source(h)]
-    parts += [depthwise_filter_grad_source(), depthwise_gather_source(), DEPTHWISE_DRIVER]
     return "\n\n".join(parts)
 
 
