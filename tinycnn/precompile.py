@@ -3,7 +3,7 @@
     python -m tinycnn.precompile
 
 Why: numba compiles a kernel the first time it runs on a machine, so without this a first Week2
-training step waits about 6 s on a 2-core Zen 3 guest (the generated convolution loops are large;
+training step waits about 9 s on a 2-core Zen 3 guest (the generated convolution loops are large;
 benchmarks/results/cpu_round2.md), inside the first epoch's time. Run after installing, this
 does that compiling up front, on every core, with a line that says so; a later first training
 step then loads the kernels from the cache in well under a second. Running it again is cheap:
@@ -98,7 +98,7 @@ def main(argv=None):
                                         "so that a first training run does not wait for the compiler.").parse_args(argv)
 
     print("tinycnn: compiling the CPU kernels for this machine into numba's cache "
-          f"({len(PARTS)} processes at once; about 10 s on a 2-core machine)...", file=sys.stderr, flush=True)
+          f"({len(PARTS)} processes at once; about 13 s on a 2-core machine)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     env = {**os.environ, helper.HELPER_ENV: "1"}  # no first-run helper inside the workers
     workers = [subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {_ROOT!r}); "

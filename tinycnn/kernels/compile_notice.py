@@ -1,5 +1,5 @@
 """One line on stderr when numba starts compiling tinycnn's CPU kernels, so that a first run's
-long pause (about 6 s for a Week2 training step on a 2-core Zen 3 guest, with
+long pause (about 9 s for a Week2 training step on a 2-core Zen 3 guest, with
 tinycnn.kernels.precompile's helper; the generated convolution loops are large) is explained
 while it happens instead of looking like a hang.
 

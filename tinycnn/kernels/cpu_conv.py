@@ -225,10 +225,17 @@ def filter_grad_dispatchers(height=None):
 def compile_filter_grad():
     """One small float32 filter gradient on one thread: compiles the kernels a split training
     batch's shares run (the serial twins) into numba's disk cache (what the first training run's
-    helper process does, tinycnn.kernels.precompile)."""
+    helper process does, tinycnn.kernels.precompile, and a part of tinycnn.precompile)."""
     numba.set_num_threads(1)
     x = np.zeros((1, 6, 6, 2), dtype=np.float32)
     filter_grad(x, np.zeros((16, 16), dtype=np.float32), 3, 3, (1, 1), 4, 4, np.zeros((18, 16), dtype=np.float32))
+
+
+def compile_input_grad_scatter():
+    """As compile_filter_grad, for the input gradient by scatter (the first run's helper compiles both)."""
+    numba.set_num_threads(1)
+    input_grad_scatter(np.zeros((16, 16), dtype=np.float32), (1, 6, 6, 16), np.zeros((144, 16), dtype=np.float32),
+                       3, 3, (1, 1), (0, 0, 0, 0), 4, 4)
 
 
 def images_per_partial(n, partial_bytes):
@@ -276,6 +283,8 @@ def input_grad_scatter(dz2d, x_shape, kernel2d, kh, kw, stride, pads, oh, ow, he
     """Input gradient of a convolution by scatter: each output pixel's products added into the input
     pixels it read, and nothing else (the generated loops' docstring says why; at stride 1 the bits
     of input_grad). height as forward's."""
+    if numba.get_num_threads() == 1:  # the serial twin: a first run's helper may be compiling it (kernels.precompile)
+        precompile.wait_for_helper(dz2d.dtype.name)
     n, h, w, c = x_shape
     f = kernel2d.shape[1]
     cp = _blocks(c) * LANES
