@@ -65,6 +65,14 @@ def _register_block(indent, count, load_scalar, vector):
     return out
 
 
+def _accumulators(indent, count, place, store=False):
+    """Load (or store) count x LANES accumulators a<i>_<f> from (into) memory: place(i, f) is the
+    element's expression."""
+    if store:
+        return [" " * indent + f"{place(i, f)} = a{i}_{f}" for i in range(count) for f in range(LANES)]
+    return [" " * indent + f"a{i}_{f} = {place(i, f)}" for i in range(count) for f in range(LANES)]
+
+
 def _vector_load(indent, name, array, base):
     return [" " * indent + f"{name}{f} = {array}[{base} + U({f})]" for f in range(LANES)]
 
@@ -157,7 +165,8 @@ def filter_grad_source(rows_per_block):
         s = " " * indent
         out = [s + f"o{r} = xoff[k0 + {r}]" for r in range(rows)]
         out.append(s + "pb = U(((g * nb + b) * K + k0) * LANES)")
-        out += [s + f"a{r}_{f} = partial[pb + U({r * LANES + f})]" for r in range(rows) for f in range(LANES)]
+        partial_at = lambda r, f: f"partial[pb + U({r * LANES + f})]"  # noqa: E731
+        out += _accumulators(indent, rows, partial_at)
         out += [
             s + "for oh in range(r0, r1):",
             s + "    xrow = n * sx_n + oh * sx_h",
@@ -168,7 +177,7 @@ def filter_grad_source(rows_per_block):
         ]
         out += _vector_load(indent + 8, "d", "dyf", "d")
         out += _register_block(indent + 8, rows, lambda r: f"xf[xb + o{r}]", "d")
-        out += [s + f"partial[pb + U({r * LANES + f})] = a{r}_{f}" for r in range(rows) for f in range(LANES)]
+        out += _accumulators(indent, rows, partial_at, store=True)
         return out
 
     h = rows_per_block
@@ -216,11 +225,12 @@ def input_grad_source(pixels_per_block):
         s, t = " " * indent, " " * (indent + 4)
         out = [s + f"o{p} = U(o + {p} * step)" for p in range(1, pixels)] if pixels > 1 else []
         out.insert(0, s + "o0 = U(o)")
-        out += [s + f"a{p}_{l} = dxf[o{p} + U({l})]" for p in range(pixels) for l in range(LANES)]
+        dx_at = lambda p, l: f"dxf[o{p} + U({l})]"  # noqa: E731
+        out += _accumulators(indent, pixels, dx_at)
         out += [s + "for f in range(nf):", t + "wk = U(wt0 + f * cp)"]
         out += _vector_load(indent + 4, "w", "wt", "wk")
         out += _register_block(indent + 4, pixels, lambda p: f"dzf[U(dz0 + {p} * nf + f)]", "w")
-        out += [s + f"dxf[o{p} + U({l})] = a{p}_{l}" for p in range(pixels) for l in range(LANES)]
+        out += _accumulators(indent, pixels, dx_at, store=True)
         return out
 
     h = pixels_per_block
