@@ -35,9 +35,11 @@ def _check(layer, x, device, training=True, **kw):
         (dict(filters=4, kernel_size=(2, 3), activation="relu"), (2, 6, 5, 3)),
         # >= 8 input channels at stride 1: the CPU's direct input gradient (a gather), not col2im
         (dict(filters=18, kernel_size=3, padding="same", use_bias=False), (2, 6, 5, 10)),
+        # ... and 'valid' on a small image, where the padded gather would be mostly zeros: the scatter
+        (dict(filters=6, kernel_size=3, use_bias=False), (2, 6, 5, 10)),
     ],
     ids=["3x3", "3x3-s2-same", "3x3-s2-valid-nobias", "1x1-nobias", "1x1-s2-same", "4x4-nobias", "4x4-s2-same", "2x3-relu",
-         "3x3-same-10ch"],
+         "3x3-same-10ch", "3x3-valid-10ch"],
 )
 def test_conv2d(device, kwargs, shape):
     _check(L.Conv2D(**kwargs), _x(shape), device)
