@@ -178,13 +178,19 @@ def _strip_rows(ow, nb, wp, c, kh, itemsize):
     return max(1, L1_BYTES // per_row - (kh - 1))
 
 
+def _await_compile_helper(dtype):
+    """Before a kernel that a first run's helper process compiles (kernels.precompile): on one numba
+    thread the serial twin runs, which the helper may be writing into the cache; wait for it."""
+    if numba.get_num_threads() == 1:
+        precompile.wait_for_helper(dtype)
+
+
 def filter_grad(xpad, dz2d, kh, kw, stride, oh, ow, dkernel2d, height=None, own_rows=True):
     """dkernel2d[k, f] = sum over output pixels of patch[k] * dz[f], from the padded input; height
     as forward's. own_rows=False: dz2d's rows padded to LANES by a copy even where F < LANES (what
     wider layers take; the tests compare the two)."""
     height = height or HEIGHT
-    if numba.get_num_threads() == 1:  # the serial twin: a first run's helper may be compiling it (kernels.precompile)
-        precompile.wait_for_helper(xpad.dtype.name)
+    _await_compile_helper(xpad.dtype)
     n, _, wp, c = xpad.shape
     f = dz2d.shape[1]
     nb = _blocks(f)
@@ -283,8 +289,7 @@ def input_grad_scatter(dz2d, x_shape, kernel2d, kh, kw, stride, pads, oh, ow, he
     """Input gradient of a convolution by scatter: each output pixel's products added into the input
     pixels it read, and nothing else (the generated loops' docstring says why; at stride 1 the bits
     of input_grad). height as forward's."""
-    if numba.get_num_threads() == 1:  # the serial twin: a first run's helper may be compiling it (kernels.precompile)
-        precompile.wait_for_helper(dz2d.dtype.name)
+    _await_compile_helper(dz2d.dtype)
     n, h, w, c = x_shape
     f = kernel2d.shape[1]
     cp = _blocks(c) * LANES

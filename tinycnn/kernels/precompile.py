@@ -21,6 +21,8 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
+
 HELPER_ENV = "TINYCNN_PRECOMPILE_HELPER"  # set in the helper: it starts no helper itself
 # The directory this tinycnn was imported from: the helper imports the same one, not whatever
 # `tinycnn` its working directory (first on a `python -c` path) happens to hold.
@@ -77,10 +79,11 @@ def start_helper():
 
 
 def wait_for_helper(dtype):
-    """Before a filter gradient or a scatter of `dtype`: let a running helper finish writing numba's cache (it
-    compiles float32). Every caller waits (the two shares of a split batch call at once)."""
+    """Before a filter gradient or a scatter of `dtype` (a NumPy dtype): let a running helper finish
+    writing numba's cache (it compiles float32). Every caller waits (the two shares of a split batch
+    call at once). Without a helper it returns at once (no dtype name looked up: 2-3 us each, 8 a step)."""
     helper = _state["helper"]
-    if helper is None or dtype != "float32":
+    if helper is None or dtype != np.float32:
         return
     try:
         helper.wait(WAIT_SECONDS)  # Popen.wait may be called from several threads
